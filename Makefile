@@ -1,0 +1,46 @@
+# gpo_lit — common tasks. Extra Hydra overrides go straight on the command line:
+#   make train EXP=demo model/pooling=max trainer.max_epochs=5
+VENV   ?= .venv
+PY     ?= $(VENV)/bin/python
+EXP    ?= demo
+# Every command-line `key=value` that is not one of this Makefile's own variables is a Hydra override.
+HYDRA_ARGS = $(filter-out EXP=% CKPT=% VENV=% PY=% ARGS=%,$(MAKEOVERRIDES)) $(ARGS)
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install demo train eval test test-fast lint format bench
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY)  ## venv + torch/torchvision (local files) + gpo_lit and its dev tools
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+
+demo: install  ## set up, generate the demo data, train GPO on it, print the test table
+	$(MAKE) train EXP=demo
+
+train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoint
+	$(PY) -m gpo_lit.train experiment=$(EXP) $(HYDRA_ARGS)
+
+eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true)
+	$(PY) -m gpo_lit.eval ckpt=$(CKPT) $(HYDRA_ARGS)
+
+test:  ## the whole test suite (slow end-to-end tests included)
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+format:
+	$(PY) -m ruff format src tests bench
+	$(PY) -m ruff check --fix src tests bench
+
+bench:  ## speed targets, measured side by side
+	$(PY) bench/pooling_speed.py
+	$(PY) bench/eval_speed.py

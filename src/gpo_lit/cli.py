@@ -1,0 +1,82 @@
+"""What every Hydra entry point shares: one-line errors, loggers and callbacks from config."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from gpo_lit.errors import GpoLitError
+
+log = logging.getLogger("gpo_lit")
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def user_error(err: BaseException) -> GpoLitError | None:
+    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating)."""
+    while err is not None:
+        if isinstance(err, GpoLitError):
+            return err
+        err = err.__cause__ if isinstance(err, InstantiationException) else None
+    return None
+
+
+def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn a GpoLitError into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as err:
+            found = user_error(err)
+            if found is None:
+                raise
+            print(f"error: {found}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` node of a dict-of-nodes group (loggers, callbacks)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node and "_target_" in node]
+
+
+def finish_wandb() -> None:
+    """Close the W&B run so the next job of a multirun starts its own."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table of retrieval metrics, one row per protocol."""
+    cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    head = "| protocol | " + " | ".join(c.replace("_", " ").upper() for c in cols) + " |"
+    rule = "|---" * (len(cols) + 1) + "|"
+    rows = [
+        f"| {p} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |" for p, m in results.items()
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def write_metrics(path: Path, results: dict[str, dict[str, float]]) -> None:
+    """Write metrics as JSON without clobbering: an existing file is never overwritten."""
+    if path.exists():
+        raise GpoLitError(f"{path}: expected a new file, found an existing one (not overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

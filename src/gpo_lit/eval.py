@@ -1,0 +1,64 @@
+"""``gpo-eval``: embed a split with a checkpoint, count ranks, write ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from gpo_lit.cli import CONF_DIR, format_table, report_errors, write_metrics
+from gpo_lit.data.datamodule import PrecompDataModule
+from gpo_lit.errors import GpoLitError
+from gpo_lit.model import load_model
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    out_dir = Path(cfg.paths.output_dir)
+    model, run_cfg = load_model(cfg.ckpt)
+    data_cfg = dict((run_cfg or {}).get("data") or {})
+    data_cfg.pop("_target_", None)
+    data_cfg["demo"] = None  # never regenerate data while evaluating
+    if cfg.data_root:
+        data_cfg["root"] = cfg.data_root
+    if "root" not in data_cfg:
+        raise GpoLitError(
+            f"data_root: expected a folder (the checkpoint {cfg.ckpt} names none), found null"
+        )
+    if cfg.split:
+        data_cfg["test_split"] = cfg.split
+    data_cfg["num_workers"] = cfg.num_workers
+    datamodule = PrecompDataModule(**data_cfg)
+    datamodule.set_tokenizer(model.tokenizer)
+    model.eval_cfg = dict(model.eval_cfg)
+    if cfg.protocols:
+        model.eval_cfg["test_protocols"] = list(cfg.protocols)
+    if cfg.save_embeddings:
+        model.eval_cfg["save_embeddings_to"] = str(out_dir / "embeddings.npz")
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    results = model.test_results
+    write_metrics(out_dir / "metrics.json", results)
+    print(
+        f"\nTest metrics of {cfg.ckpt} on split '{datamodule.splits['test']}':\n"
+        f"{format_table(results)}\n",
+        flush=True,
+    )
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    evaluate_checkpoint(cfg)
+
+
+if __name__ == "__main__":
+    main()

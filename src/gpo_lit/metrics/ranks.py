@@ -1,0 +1,361 @@
+"""Exact retrieval ranks from similarity shards: one matmul pass, no argsort, no full matrix.
+
+A rank is 0-based: the number of candidates scoring STRICTLY above the ground truth (ties count in
+the query's favour). Image→text uses the image's best-scoring ground-truth caption; text→image the
+caption's image. Similarity = inner product; an ensemble (lists of embeddings) averages the models'
+similarity matrices, computed as one matmul of the concatenated, 1/M-scaled embeddings.
+
+Text→image needs, per caption column j, the exact ground-truth value g[j] = S[cap2img[j], j],
+which only the shard holding image cap2img[j] computes. A cheap row-wise dot gives g≈[j] with a
+rigorous floating-point error bound δ[j] (|g − g≈| ≤ δ for any summation order), so every entry
+outside [g≈ − δ, g≈ + δ] is classified in the same pass; the rare entries inside the band are kept
+as (column, value) and compared with the exact g[j] once it is known. Entries are compared with
+the values the shards computed, so the result is exact with respect to them, not up to an epsilon.
+A second pass over the same shards (same shapes, hence the same values) is needed only when the
+band holds too many entries (massive near-ties), when the bound check fails, or when float32
+matmuls run at reduced precision (TF32 / bf16 via ``torch.set_float32_matmul_precision``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gpo_lit.errors import GpoLitError, expect
+
+EmbeddingsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreparedEmbeddings:
+    """Validated inputs of one (ensemble) evaluation, on one device in one float dtype.
+
+    img: [n_img, K] and cap: [n_cap, K] are the models' embeddings concatenated along the width,
+    img pre-scaled by 1/M, so ``img @ cap.T`` is the mean of the M models' similarity matrices.
+    cap2img: int64 [n_cap], every image has ≥ 1 caption.
+    """
+
+    img: Tensor
+    cap: Tensor
+    cap2img: Tensor
+    n_models: int
+
+    @property
+    def n_img(self) -> int:
+        return self.img.shape[0]
+
+    @property
+    def n_cap(self) -> int:
+        return self.cap.shape[0]
+
+    def fold(self, start: int, stop: int) -> PreparedEmbeddings:
+        """Images [start, stop) with their captions (any order), captions re-indexed to the fold."""
+        sel = ((self.cap2img >= start) & (self.cap2img < stop)).nonzero().squeeze(1)
+        return PreparedEmbeddings(
+            self.img[start:stop], self.cap[sel], self.cap2img[sel] - start, self.n_models
+        )
+
+
+def _as_tensor_list(x: Any, name: str) -> list[Tensor]:
+    items = list(x) if isinstance(x, (list, tuple)) else [x]
+    expect(len(items) > 0, name, "a tensor or a non-empty list of tensors", "an empty list")
+    out = []
+    for m, t in enumerate(items):
+        where = name if len(items) == 1 else f"{name}[{m}]"
+        if isinstance(t, np.ndarray):
+            t = torch.from_numpy(t)
+        expect(isinstance(t, Tensor), where, "a tensor or numpy array", type(t).__name__)
+        expect(t.dim() == 2, where, f"a 2-D array [n_{name}, d]", f"shape {tuple(t.shape)}")
+        expect(
+            t.is_floating_point() and not t.is_complex(),
+            where,
+            "a floating-point array",
+            f"dtype {t.dtype}",
+        )
+        out.append(t.detach())
+    return out
+
+
+def _check_finite(t: Tensor, where: str) -> None:
+    # A row sum is NaN/inf whenever an entry is (or, rarely, on overflow): one cheap pass, then
+    # the exact per-entry test only to name the rows.
+    if bool(torch.isfinite(t.sum(dim=1)).all()):
+        return
+    bad = (~torch.isfinite(t)).any(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        raise GpoLitError(
+            f"{where}: expected finite values, found NaN/inf in {rows.numel()} rows "
+            f"(first: row {int(rows[0])})"
+        )
+
+
+def prepare_embeddings(
+    img: EmbeddingsLike, cap: EmbeddingsLike, cap2img: Any
+) -> PreparedEmbeddings:
+    """Validate shapes, dtypes, the caption→image map and finiteness; build the ensemble matmul form.
+
+    img: [n_img, d_m] per model (Tensor, ndarray or a list = ensemble); cap: [n_cap, d_m] likewise;
+    cap2img: integer [n_cap]. Half precision is promoted to float32; float64 is kept. Everything
+    goes to the device of the first image tensor.
+    """
+    imgs, caps = _as_tensor_list(img, "img"), _as_tensor_list(cap, "cap")
+    expect(
+        len(imgs) == len(caps),
+        "img/cap",
+        "the same number of ensemble members",
+        f"{len(imgs)} and {len(caps)}",
+    )
+    n_img, n_cap = imgs[0].shape[0], caps[0].shape[0]
+    expect(n_img > 0, "img", "at least one image", "0 rows")
+    expect(n_cap > 0, "cap", "at least one caption", "0 rows")
+    many = len(imgs) > 1
+    for m, (im, ca) in enumerate(zip(imgs, caps, strict=True)):
+        sfx = f"[{m}]" if many else ""
+        expect(im.shape[0] == n_img, f"img{sfx}", f"{n_img} rows as img[0]", im.shape[0])
+        expect(ca.shape[0] == n_cap, f"cap{sfx}", f"{n_cap} rows as cap[0]", ca.shape[0])
+        expect(
+            ca.shape[1] == im.shape[1],
+            f"cap{sfx}",
+            f"embedding width {im.shape[1]} (as img{sfx})",
+            ca.shape[1],
+        )
+
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in imgs + caps) else torch.float32
+    device = imgs[0].device
+
+    if isinstance(cap2img, np.ndarray):
+        cap2img = torch.from_numpy(cap2img)
+    elif not isinstance(cap2img, Tensor):
+        cap2img = torch.as_tensor(cap2img)
+    expect(
+        not cap2img.is_floating_point()
+        and not cap2img.is_complex()
+        and cap2img.dtype != torch.bool,
+        "cap2img",
+        "an integer array",
+        f"dtype {cap2img.dtype}",
+    )
+    expect(
+        tuple(cap2img.shape) == (n_cap,),
+        "cap2img",
+        f"shape ({n_cap},) (one image index per caption)",
+        f"shape {tuple(cap2img.shape)}",
+    )
+    cap2img = cap2img.to(device=device, dtype=torch.int64)
+    lo, hi = int(cap2img.min()), int(cap2img.max())
+    expect(lo >= 0, "cap2img", f"indices in [0, {n_img})", f"min {lo}")
+    expect(hi < n_img, "cap2img", f"indices in [0, {n_img})", f"max {hi}")
+    missing = (torch.bincount(cap2img, minlength=n_img) == 0).nonzero().squeeze(1)
+    if missing.numel():
+        raise GpoLitError(
+            f"cap2img: expected at least one caption per image, found {missing.numel()} images "
+            f"without (first: image {int(missing[0])})"
+        )
+
+    imgs = [t.to(device=device, dtype=dtype) for t in imgs]
+    caps = [t.to(device=device, dtype=dtype) for t in caps]
+    for m, (im, ca) in enumerate(zip(imgs, caps, strict=True)):
+        sfx = f"[{m}]" if many else ""
+        _check_finite(im, f"img{sfx}")
+        _check_finite(ca, f"cap{sfx}")
+    if many:
+        img_cat = torch.cat(imgs, dim=1).mul_(1.0 / len(imgs))
+        cap_cat = torch.cat(caps, dim=1)
+    else:
+        img_cat, cap_cat = imgs[0], caps[0]
+    return PreparedEmbeddings(img_cat, cap_cat, cap2img, len(imgs))
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of the matmul's arithmetic (float32 may run as TF32/bf16 when allowed)."""
+    if dtype == torch.float64:
+        return 2.0**-53
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except Exception:  # unreadable mix of legacy/new TF32 flags: assume reduced precision
+        precision = "medium"
+    return {"highest": 2.0**-24, "high": 2.0**-11}.get(precision, 2.0**-8)
+
+
+def _gt_estimate(p: PreparedEmbeddings, unit: float) -> tuple[Tensor, Tensor]:
+    """g≈[j] = <img[cap2img[j]], cap[j]> and a bound δ[j] ≥ |g≈[j] − (any fp evaluation of it)|.
+
+    For a K-term dot product evaluated in any order, |fl − exact| ≤ γ_K Σ|a_i b_i| ≤ γ_K ‖a‖‖b‖
+    with γ_K = K u / (1 − K u); the shard value and g≈ may err in opposite directions, hence 2 γ_K,
+    with 1% slack for rounding in the norms and a term for underflow. [n_cap] each.
+    """
+    k = p.img.shape[1]
+    gamma = k * unit / (1.0 - k * unit)
+    tiny = torch.finfo(p.img.dtype).tiny
+    g = torch.empty(p.n_cap, dtype=p.img.dtype, device=p.img.device)
+    chunk = max(1, (1 << 24) // k)  # gathered image rows [chunk, K]: ≤ 64 MiB in float32
+    for c0 in range(0, p.n_cap, chunk):
+        rows = p.img[p.cap2img[c0 : c0 + chunk]]
+        g[c0 : c0 + chunk] = torch.linalg.vecdot(rows, p.cap[c0 : c0 + chunk])
+    norms = torch.linalg.vector_norm(p.img, dim=1)[p.cap2img] * torch.linalg.vector_norm(
+        p.cap, dim=1
+    )
+    if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(norms).all()):
+        raise GpoLitError("img/cap: expected finite similarities, found overflow (huge embeddings)")
+    return g, norms.mul_(2.02 * gamma).add_(4.0 * k * tiny)
+
+
+def _count_true(mask: Tensor, dim: int) -> Tensor:
+    """Number of True along ``dim`` (0 or 1) of mask [r, n] → int32/int64 [n] or [r].
+
+    On CPU: up to 5 halvings with uint8 adds (an entry then counts ≤ 2**5, no overflow), then a
+    sum over the remaining 1/32. torch's bool/uint8 reductions cast element by element and cost several
+    times the comparison that made the mask; contiguous uint8 adds run at memory speed.
+    """
+    if mask.device.type != "cpu":
+        return mask.sum(dim=dim)
+    m = mask.view(torch.uint8)
+    rest: list[Tensor] = []  # odd leftovers, each counting ≤ 2**level
+    for _ in range(5):
+        w = m.shape[dim]
+        if w < 2:
+            break
+        h = w // 2
+        if w % 2:
+            rest.append(m.narrow(dim, w - 1, 1).sum(dim=dim, dtype=torch.int32))
+        m = m.narrow(dim, 0, h) + m.narrow(dim, h, h)
+    total = m.sum(dim=dim, dtype=torch.int32)
+    for r in rest:
+        total += r
+    return total
+
+
+def _flat_nonzero(mask: Tensor) -> Tensor:
+    """Flat indices (int64, ascending) of the nonzero entries of a contiguous uint8 0/1 tensor.
+
+    Scans 8 entries at a time through an int64 view first: for sparse masks that is several
+    times faster than ``nonzero`` over every byte.
+    """
+    flat = mask.reshape(-1)
+    n8 = flat.numel() // 8 * 8
+    words = flat[:n8].view(torch.int64).nonzero().squeeze(1)
+    cand = (words[:, None] * 8 + torch.arange(8, device=flat.device)).reshape(-1)
+    cand = cand[flat[cand] != 0]
+    tail = flat[n8:].nonzero().squeeze(1) + n8
+    return torch.cat([cand, tail])
+
+
+@torch.inference_mode()
+def ranks_from_prepared(p: PreparedEmbeddings, shard_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(i2t_rank [n_img], t2i_rank [n_cap]), int64, on the embeddings' device. See module doc."""
+    expect(
+        isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size >= 1,
+        "shard_size",
+        "a positive integer",
+        shard_size,
+    )
+    img, cap, cap2img = p.img, p.cap, p.cap2img
+    n_img, n_cap, dev = p.n_img, p.n_cap, img.device
+    unit = _unit_roundoff(img.dtype)
+    single_pass = img.shape[1] * unit < 0.01  # else the band would hold nearly everything
+
+    # Captions grouped by image: those of images [s0, s1) are order[ptr[s0]:ptr[s1]].
+    order = torch.argsort(cap2img, stable=True)
+    ptr = [0, *torch.bincount(cap2img, minlength=n_img).cumsum(0).tolist()]
+
+    i2t = torch.empty(n_img, dtype=torch.int64, device=dev)
+    t2i = torch.zeros(n_cap, dtype=torch.int64, device=dev)
+    g = torch.empty(n_cap, dtype=img.dtype, device=dev)  # exact GT values, as the shards compute
+    known = torch.zeros(n_cap, dtype=torch.bool, device=dev)  # g[j] computed already
+    recount = torch.zeros(n_cap, dtype=torch.bool, device=dev)  # columns left to a second pass
+    if single_pass:
+        g_approx, delta = _gt_estimate(p, unit)
+        hi = g_approx + delta
+        # s ≥ g≈ − δ  ⟺  s > the next float below it: both band tests become ``>``
+        lo_open = torch.nextafter(
+            g_approx - delta, torch.tensor(-torch.inf, dtype=img.dtype, device=dev)
+        )
+    pend_cols: list[Tensor] = []  # band entries whose column's exact g is not known yet
+    pend_vals: list[Tensor] = []
+    n_pend, budget = 0, max(4 * n_cap, shard_size * n_cap // 4)
+
+    for s0 in range(0, n_img, shard_size):
+        s1 = min(s0 + shard_size, n_img)
+        sims = img[s0:s1] @ cap.T  # [b, n_cap]: the only similarity computation
+        js = order[ptr[s0] : ptr[s1]]
+        rows = cap2img[js] - s0
+        gt_vals = sims[rows, js]
+        g[js] = gt_vals
+        known[js] = True
+        best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
+        best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
+        i2t[s0:s1] = _count_true(sims > best[:, None], dim=1)
+        if not single_pass:
+            continue
+
+        above = sims > hi
+        t2i += _count_true(above, dim=0)
+        # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0); rare, kept as (col, value).
+        band = (sims > lo_open).view(torch.uint8).sub_(above.view(torch.uint8))
+        del above
+        flat = _flat_nonzero(band)
+        del band
+        if flat.numel() == 0:
+            continue
+        cols = flat % n_cap
+        vals = sims.view(-1)[flat]
+        ok = known[cols]  # resolve now where the exact g is known
+        t2i.index_add_(0, cols[ok], (vals[ok] > g[cols[ok]]).long())
+        wait = ~ok & ~recount[cols]
+        cols, vals = cols[wait], vals[wait]
+        if n_pend + cols.numel() > budget:  # massive near-ties: bound the memory, recount later
+            recount[cols] = True
+            keep = [~recount[c] for c in pend_cols]
+            pend_cols = [c[m] for c, m in zip(pend_cols, keep, strict=True)]
+            pend_vals = [v[m] for v, m in zip(pend_vals, keep, strict=True)]
+            n_pend = sum(c.numel() for c in pend_cols)
+        elif cols.numel():
+            pend_cols.append(cols)
+            pend_vals.append(vals)
+            n_pend += cols.numel()
+
+    if single_pass:
+        if pend_cols:
+            cols, vals = torch.cat(pend_cols), torch.cat(pend_vals)
+            ok = ~recount[cols]
+            t2i.index_add_(0, cols[ok], (vals[ok] > g[cols[ok]]).long())
+        recount |= (g - g_approx).abs() > delta  # the bound must hold: checked, never seen failing
+    else:
+        recount[:] = True
+    if bool(recount.any()):
+        _recount(p, shard_size, g, recount, t2i)
+    return i2t, t2i
+
+
+def _recount(
+    p: PreparedEmbeddings, shard_size: int, g: Tensor, recount: Tensor, t2i: Tensor
+) -> None:
+    """Second pass over the same shards: exact text→image counts for the ``recount`` columns."""
+    cols = recount.nonzero().squeeze(1)
+    whole = cols.numel() == p.n_cap
+    g_cols = g if whole else g[cols]
+    t2i[cols] = 0
+    for s0 in range(0, p.n_img, shard_size):
+        sims = p.img[s0 : s0 + shard_size] @ p.cap.T  # same shapes as the first pass
+        if not whole:
+            sims = sims[:, cols]
+        t2i[cols] += _count_true(sims > g_cols, dim=0)
+
+
+def retrieval_ranks(
+    img: EmbeddingsLike, cap: EmbeddingsLike, cap2img: Any, shard_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """0-based image→text and text→image ranks, exact, from one pass of similarity shards.
+
+    img: [n_img, d] (or a list of them = ensemble, similarity = mean of img_m @ cap_m.T);
+    cap: [n_cap, d] (list likewise); cap2img: int [n_cap], caption → image, ≥ 1 caption per image.
+    Returns i2t_rank [n_img] (captions strictly above the image's best GT caption) and
+    t2i_rank [n_cap] (images strictly above the caption's image), int64 on the input device.
+    """
+    return ranks_from_prepared(prepare_embeddings(img, cap, cap2img), shard_size)

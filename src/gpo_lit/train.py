@@ -1,0 +1,88 @@
+"""``gpo-train``: fit with per-epoch validation, keep the best checkpoint by val rsum, test it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gpo_lit.cli import (
+    CONF_DIR,
+    finish_wandb,
+    format_table,
+    instantiate_group,
+    report_errors,
+    write_metrics,
+)
+from gpo_lit.data.vocab import Vocabulary
+from gpo_lit.errors import GpoLitError
+
+log = logging.getLogger("gpo_lit.train")
+
+
+def build_vocab(cfg: DictConfig, datamodule) -> list[str] | None:
+    """The BiGRU vocabulary (from a JSON file or counted over train+dev captions), or None."""
+    tok = cfg.model.text.tokenizer
+    if tok.kind != "vocab":
+        return None
+    if tok.get("path"):
+        return Vocabulary.load(tok.path).idx2word
+    return Vocabulary.build(datamodule.vocabulary_captions, min_count=tok.min_count).idx2word
+
+
+def check_feature_width(cfg: DictConfig, datamodule) -> None:
+    """The visual encoder's input width must match the feature files (one line if not)."""
+    in_dim = cfg.model.visual.get("in_dim")
+    split = datamodule.split(datamodule.splits["train"])
+    if in_dim is not None and split.feat_dim != in_dim:
+        raise GpoLitError(
+            f"model.visual.in_dim: expected {split.feat_dim} (the feature width of {split.path}), "
+            f"found {in_dim}"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Run one training job; returns the test metrics per protocol (empty if not tested)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    check_feature_width(cfg, datamodule)
+    vocab = build_vocab(cfg, datamodule)
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    datamodule.set_tokenizer(model.tokenizer)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+    )
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        results: dict[str, dict[str, float]] = {}
+        if cfg.test_after_fit:
+            trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+            results = model.test_results
+            if trainer.is_global_zero:
+                best = trainer.checkpoint_callback.best_model_path
+                write_metrics(out_dir / "metrics.json", results)
+                print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
+        return results
+    finally:
+        finish_wandb()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    # The value a Hydra sweeper optimises: the first test protocol's rsum.
+    return next(iter(results.values()))["rsum"] if results else None
+
+
+if __name__ == "__main__":
+    main()

