@@ -248,8 +248,8 @@ def main() -> None:
     print(f"\n{'method':34s} {'wall s':>8s} {'(median)':>9s} {'cpu s':>8s} {'peak MiB':>9s}  note")
     for name, w, wm, c, pk, note in rows:
         pk_s = f"{pk:9.0f}" if pk is not None else f"{'-':>9s}"
-        wm_s = f"{wm:9.2f}" if wm == wm else f"{'':9s}"
-        print(f"{name:34s} {w:8.2f} {wm_s} {c:8.2f} {pk_s}  {note}")
+        wm_s = f"{wm:9.4f}" if wm == wm else f"{'':9s}"
+        print(f"{name:34s} {w:8.4f} {wm_s} {c:8.3f} {pk_s}  {note}")
     print(
         f"naive subset measured: {mm_i:.2f} s + {mm_t:.2f} s numpy matmuls, "
         f"{sort_i:.2f} s for {args.naive_img} image argsorts, {sort_t:.2f} s for "

