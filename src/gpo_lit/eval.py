@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from gpo_lit.cli import CONF_DIR, format_table, report_errors, write_metrics
-from gpo_lit.data.datamodule import PrecompDataModule
+from gpo_lit.data.datamodule import RetrievalDataModule
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 
@@ -29,7 +29,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.split:
         data_cfg["test_split"] = cfg.split
     data_cfg["num_workers"] = cfg.num_workers
-    datamodule = PrecompDataModule(**data_cfg)
+    datamodule = RetrievalDataModule(**data_cfg)
     datamodule.set_tokenizer(model.tokenizer)
     model.eval_cfg = dict(model.eval_cfg)
     if cfg.protocols:
