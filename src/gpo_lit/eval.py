@@ -6,10 +6,10 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gpo_lit.cli import CONF_DIR, format_table, report_errors, write_metrics
-from gpo_lit.data.datamodule import RetrievalDataModule
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 
@@ -18,7 +18,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
     out_dir = Path(cfg.paths.output_dir)
     model, run_cfg = load_model(cfg.ckpt)
     data_cfg = dict((run_cfg or {}).get("data") or {})
-    data_cfg.pop("_target_", None)
     data_cfg["demo"] = None  # never regenerate data while evaluating
     if cfg.data_root:
         data_cfg["root"] = cfg.data_root
@@ -29,7 +28,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.split:
         data_cfg["test_split"] = cfg.split
     data_cfg["num_workers"] = cfg.num_workers
-    datamodule = RetrievalDataModule(**data_cfg)
+    data_cfg.setdefault("_target_", "gpo_lit.data.datamodule.RetrievalDataModule")
+    datamodule = instantiate(data_cfg)
     datamodule.set_tokenizer(model.tokenizer)
     model.eval_cfg = dict(model.eval_cfg)
     if cfg.protocols:

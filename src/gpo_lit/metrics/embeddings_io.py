@@ -20,7 +20,8 @@ KEYS = ("img", "cap", "cap2img")
 
 def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     return np.asarray(x)
 
 

@@ -6,19 +6,21 @@ caption's image. Similarity = inner product; an ensemble (lists of embeddings) a
 similarity matrices, computed as one matmul of the concatenated, 1/M-scaled embeddings.
 
 Text→image needs, per caption column j, the exact ground-truth value g[j] = S[cap2img[j], j],
-which only the shard holding image cap2img[j] computes. A cheap row-wise dot gives g≈[j] with a
-rigorous floating-point error bound δ[j] (|g − g≈| ≤ δ for any summation order), so every entry
-outside [g≈ − δ, g≈ + δ] is classified in the same pass; the rare entries inside the band are kept
-as (column, value) and compared with the exact g[j] once it is known. Entries are compared with
-the values the shards computed, so the result is exact with respect to them, not up to an epsilon.
-A second pass over the same shards (same shapes, hence the same values) is needed only when the
-band holds too many entries (massive near-ties), when the bound check fails, or when float32
-matmuls run at reduced precision (TF32 / bf16 via ``torch.set_float32_matmul_precision``).
+which only the shard holding image cap2img[j] computes. A cheap row-wise dot gives g≈[j] and a
+tolerance δ[j] (a few hundred ulps of Σ|a_i b_i|), so every entry outside [g≈ − δ, g≈ + δ] is
+classified in the same pass; the rare entries inside that band are kept as (column, value) and
+compared with the exact g[j] at the end. Afterwards every g[j] is checked to lie inside its band,
+which is all the classification needs: the result is exact with respect to the values the shards
+computed, not up to an epsilon. A second pass over the same shards (same shapes, hence the same
+values) runs only for the columns where that check fails (not seen in practice), where near-ties
+are so massive that the band outgrows its memory budget, or for all columns when float32 matmuls
+run at reduced precision (TF32 / bf16 via ``torch.set_float32_matmul_precision``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,12 +215,10 @@ def _gt_estimate(p: PreparedEmbeddings, unit: float) -> tuple[Tensor, Tensor]:
 def _count_true_(mask: Tensor, dim: int) -> Tensor:
     """Number of True along ``dim`` (0 or 1) of mask [r, n] → [n] or [r]; may overwrite ``mask``.
 
-    On CPU: up to 5 in-place halvings with uint8 adds (an entry then counts ≤ 2**5, no overflow),
-    then a sum over the remaining 1/32. torch's bool/uint8 reductions cast element by element and
-    cost several times the comparison that made the mask; contiguous uint8 adds run at memory speed.
+    Up to 5 in-place halvings with uint8 adds (an entry then counts ≤ 2**5, no overflow), then a
+    sum over the remaining 1/32. ``mask.sum()`` would first copy the whole mask to int64 (8 bytes
+    per entry, on CPU and CUDA alike) and cost several times the comparison that made it.
     """
-    if mask.device.type != "cpu":
-        return mask.sum(dim=dim)
     m = mask.view(torch.uint8)
     rest: list[Tensor] = []  # odd leftovers, each counting ≤ 2**level
     for _ in range(5):
@@ -256,11 +256,13 @@ def _flat_nonzero(mask: Tensor) -> Tensor:
 def ranks_from_prepared(p: PreparedEmbeddings, shard_size: int = 1024) -> tuple[Tensor, Tensor]:
     """(i2t_rank [n_img], t2i_rank [n_cap]), int64, on the embeddings' device. See module doc."""
     expect(
-        isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size >= 1,
+        isinstance(shard_size, numbers.Integral) and not isinstance(shard_size, bool),
         "shard_size",
         "a positive integer",
-        shard_size,
+        repr(shard_size),
     )
+    shard_size = int(shard_size)
+    expect(shard_size >= 1, "shard_size", "a positive integer", shard_size)
     img, cap, cap2img = p.img, p.cap, p.cap2img
     n_img, n_cap, dev = p.n_img, p.n_cap, img.device
     unit = _unit_roundoff(img.dtype)
@@ -326,7 +328,8 @@ def ranks_from_prepared(p: PreparedEmbeddings, shard_size: int = 1024) -> tuple[
         if pend_cols:
             cols, vals = torch.cat(pend_cols), torch.cat(pend_vals)
             t2i.index_add_(0, cols, (vals > g[cols]).long())  # recount columns are reset anyway
-        recount |= (g - g_approx).abs() > delta  # the tolerance must have held: checked exactly
+        # The classification above is right iff lo_open ≤ g ≤ hi: checked exactly, per column.
+        recount |= (g > hi) | (g < lo_open)
     else:
         recount[:] = True
     if bool(recount.any()):
