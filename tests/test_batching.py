@@ -18,10 +18,12 @@ def test_pad_sets_and_ids() -> None:
 
 
 def test_collate_mixed_items() -> None:
-    batch = Collate(pad_id=9)([
-        {"img": torch.zeros(2, 3), "cap": [1, 2], "img_idx": 4, "cap_idx": 20},
-        {"img": torch.zeros(1, 3), "cap": [5], "img_idx": 0, "cap_idx": 1},
-    ])
+    batch = Collate(pad_id=9)(
+        [
+            {"img": torch.zeros(2, 3), "cap": [1, 2], "img_idx": 4, "cap_idx": 20},
+            {"img": torch.zeros(1, 3), "cap": [5], "img_idx": 0, "cap_idx": 1},
+        ]
+    )
     assert batch["cap"].tolist() == [[1, 2], [5, 9]]
     assert batch["img_len"].tolist() == [2, 1] and batch["img_idx"].tolist() == [4, 0]
 

@@ -31,7 +31,12 @@ def test_region_encoder_init_and_checkpoint_layout() -> None:
     assert enc.fc.weight.abs().max() <= r and torch.all(enc.fc.bias == 0)
     keys = set(enc.state_dict())
     # The released checkpoint's names: fc.*, mlp.layers.{0,1}.*, mlp.bns.{0,1}.*
-    assert {"fc.weight", "mlp.layers.0.weight", "mlp.layers.1.weight", "mlp.bns.1.running_mean"} <= keys
+    assert {
+        "fc.weight",
+        "mlp.layers.0.weight",
+        "mlp.layers.1.weight",
+        "mlp.bns.1.running_mean",
+    } <= keys
     assert enc.mlp.layers[0].weight.shape == (512, 2048)
 
 
@@ -79,7 +84,10 @@ def test_hf_encoder_tiny_random_bert_uses_every_token(tmp_path) -> None:
     from gpo_lit.encoders import HFTextEncoder
 
     BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
         intermediate_size=32,
     ).save_pretrained(tmp_path)
     torch.manual_seed(0)

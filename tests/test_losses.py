@@ -149,8 +149,15 @@ def test_hardest_for_epoch():
     ]
 
 
-def test_rejects_bad_shapes_and_gather():
+def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="shape"):
         TripletLoss()(torch.zeros(3, 4), torch.zeros(2, 4))
-    with pytest.raises(NotImplementedError):
-        TripletLoss(gather=True)
+
+
+def test_gather_is_identity_in_one_process():
+    torch.manual_seed(0)
+    img, cap = torch.randn(6, 4), torch.randn(6, 4)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])
+    plain = TripletLoss(mask_same_image=True)(img, cap, ids)
+    assert torch.equal(TripletLoss(mask_same_image=True, gather=True)(img, cap, ids), plain)
+    assert TripletLoss(gather=True).negative_pool(6) == 5

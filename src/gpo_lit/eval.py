@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -9,13 +10,15 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gpo_lit.cli import CONF_DIR, format_table, report_errors, write_metrics
+from gpo_lit.cli import CONF_DIR, ensure_new, format_table, report_errors
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
     out_dir = Path(cfg.paths.output_dir)
+    results_path = out_dir / "metrics.json"
+    ensure_new(results_path)
     model, run_cfg = load_model(cfg.ckpt)
     data_cfg = dict((run_cfg or {}).get("data") or {})
     data_cfg["demo"] = None  # never regenerate data while evaluating
@@ -43,9 +46,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, dict[str, float]]:
         enable_checkpointing=False,
         enable_model_summary=False,
     )
+    model.eval_cfg["results_to"] = str(results_path)
     trainer.test(model, datamodule=datamodule, verbose=False)
-    results = model.test_results
-    write_metrics(out_dir / "metrics.json", results)
+    results = json.loads(results_path.read_text())
     print(
         f"\nTest metrics of {cfg.ckpt} on split '{datamodule.splits['test']}':\n"
         f"{format_table(results)}\n",

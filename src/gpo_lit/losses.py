@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gpo_lit.dist import gather_no_grad, gather_with_grad
+
 
 class TripletLoss(nn.Module):
     """Bidirectional hinge triplet loss with margin, summed over the batch.
@@ -27,8 +29,11 @@ class TripletLoss(nn.Module):
         mask_same_image: also exclude off-diagonal pairs whose images are the same (two captions
             of one image in a batch) — they are positives, not negatives. Off by default because
             the released code does not do it; needs ``img_ids`` in ``forward``.
-        gather: reserved for negatives gathered across DDP ranks (with gradients); only ``False``
-            is implemented.
+        gather: under DDP, gather embeddings (with gradients) and image ids from every rank so
+            negatives come from the *global* batch, as the paper's single-process DataParallel
+            training does; every rank then computes the same loss over the global batch (see
+            :func:`gpo_lit.dist.gather_with_grad` for why the gradients come out exact). False:
+            each rank's negatives are its local batch only.
     """
 
     def __init__(
@@ -39,14 +44,16 @@ class TripletLoss(nn.Module):
         gather: bool = False,
     ) -> None:
         super().__init__()
-        if gather:
-            raise NotImplementedError(
-                "TripletLoss(gather=True): cross-rank negatives are not implemented yet"
-            )
         self.margin = float(margin)
         self.all_negatives_epochs = int(all_negatives_epochs)
         self.mask_same_image = bool(mask_same_image)
         self.gather = gather
+
+    def negative_pool(self, local_batch: int) -> int:
+        """Negatives per query: the global batch minus one when gathering, else the local one."""
+        from gpo_lit.dist import world_size
+
+        return (local_batch * (world_size() if self.gather else 1)) - 1
 
     def hardest_for_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) uses hardest negatives; earlier epochs use all negatives."""
@@ -74,7 +81,11 @@ class TripletLoss(nn.Module):
             raise ValueError(
                 f"TripletLoss: expected img and cap of equal shape [B, d], got {tuple(img.shape)} and {tuple(cap.shape)}"
             )
-        scores = img @ cap.t()  # [B, B]
+        if self.gather:
+            img, cap = gather_with_grad(img), gather_with_grad(cap)
+            if img_ids is not None:
+                img_ids = gather_no_grad(img_ids.to(img.device))
+        scores = img @ cap.t()  # [B, B] (B global when gathering)
         pos = scores.diagonal()
         cost_cap = (self.margin + scores - pos.unsqueeze(1)).clamp(min=0)  # row i: image i's query
         cost_img = (self.margin + scores - pos.unsqueeze(0)).clamp(

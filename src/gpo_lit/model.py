@@ -98,6 +98,7 @@ class VSEModel(pl.LightningModule):
         loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
         self.log("train/hardest_negatives", float(hardest), batch_size=img.shape[0])
+        self.log("train/negative_pool", float(self.loss_fn.negative_pool(img.shape[0])))
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -184,13 +185,21 @@ class VSEModel(pl.LightningModule):
             self._eval_buffers = [[], []]
             return
         (metrics,) = self._finish_eval("val").values()
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "rsum"})
-        self.log("val/rsum", metrics["rsum"], prog_bar=True)
+        # Every rank computed the same numbers from the gathered embeddings.
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "rsum"}, sync_dist=True)
+        self.log("val/rsum", metrics["rsum"], prog_bar=True, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._finish_eval("test")
         for protocol, metrics in self.test_results.items():
-            self.log_dict({f"test/{protocol}/{k}": v for k, v in metrics.items()})
+            self.log_dict({f"test/{protocol}/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        # Written here, not by the caller: under ddp_spawn the caller's copy of the model never
+        # sees the results. Logged values are float32; the file keeps full precision.
+        path = self.eval_cfg.get("results_to")
+        if path and self.trainer.is_global_zero:
+            from gpo_lit.cli import write_metrics
+
+            write_metrics(Path(path), self.test_results)
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

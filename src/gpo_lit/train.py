@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from gpo_lit.cli import (
     format_table,
     instantiate_group,
     report_errors,
-    write_metrics,
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
@@ -65,11 +65,12 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         results: dict[str, dict[str, float]] = {}
         if cfg.test_after_fit:
+            results_path = out_dir / "metrics.json"
+            model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
             trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
-            results = model.test_results
             if trainer.is_global_zero:
+                results = json.loads(results_path.read_text())
                 best = trainer.checkpoint_callback.best_model_path
-                write_metrics(out_dir / "metrics.json", results)
                 print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
         return results
     finally:

@@ -32,6 +32,8 @@ class MLP(nn.Module):
             nn.Linear(i, o) for i, o in zip([in_dim] + hidden, hidden + [out_dim], strict=True)
         )
         self.bns = nn.ModuleList(nn.BatchNorm1d(o) for o in hidden + [out_dim])
+        # The last BatchNorm is never applied: freeze it so DDP finds no unused parameters.
+        self.bns[-1].requires_grad_(False)
         self.out_dim = out_dim
         self.mask_batchnorm = mask_batchnorm
 
