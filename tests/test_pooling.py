@@ -87,11 +87,11 @@ def make(name: str, **kw) -> Pooling:
 
 # ---- registry and configs ------------------------------------------------------------------------
 def test_registry_names_and_unknown_name_error():
-    assert available_poolings() == ["gpo", "kmax", "max", "mean"]
+    assert {"gpo", "kmax", "max", "mean"} <= set(available_poolings())
     with pytest.raises(GpoLitError) as err:
         create_pooling("foo", dim=4)
     msg = str(err.value)
-    assert "\n" not in msg and "'foo'" in msg and "['gpo', 'kmax', 'max', 'mean']" in msg
+    assert "\n" not in msg and "'foo'" in msg and str(available_poolings()) in msg
     with pytest.raises(GpoLitError, match="kk"):
         create_pooling("kmax", dim=4, kk=3)
 
@@ -173,7 +173,7 @@ def test_permutation_invariant_within_valid_part(name):
 def test_lengths_may_live_elsewhere_and_be_int32():
     x, lengths = make_batch()
     for name in available_poolings():
-        pool = make(name)
+        pool = make(name).eval()  # eval: sequence models may use dropout in training
         torch.testing.assert_close(pool(x, lengths.int()), pool(x, lengths))
 
 

@@ -45,6 +45,17 @@ def check_feature_width(cfg: DictConfig, datamodule) -> None:
         )
 
 
+def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "last":
+        last = out_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None  # nothing saved yet: start afresh
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise GpoLitError(f"ckpt_path: expected a checkpoint file, found no file at {ckpt}")
+    return ckpt
+
+
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run one training job; returns the test metrics per protocol (empty if not tested)."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -62,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         callbacks=instantiate_group(cfg.get("callbacks")),
     )
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
         results: dict[str, dict[str, float]] = {}
         if cfg.test_after_fit:
             results_path = out_dir / "metrics.json"

@@ -1,0 +1,139 @@
+"""Weights & Biases: one run per job, grouped by sweep, tagged with the Hydra choices.
+
+``conf/logger/wandb.yaml`` builds a plain :class:`~pytorch_lightning.loggers.WandbLogger`;
+:func:`instantiate_loggers` fills in what only the running Hydra job knows (group, tags, name and
+the resolved config) wherever that file leaves them ``null``. The mode comes from ``WANDB_MODE``
+(offline unless set), never from ``offline=True``, which leaks into every later run of the
+process. The entry point closes the run at the end of each job (:func:`gpo_lit.cli.finish_wandb`)
+so that the jobs of a multirun never share one run.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+MAX_TAG = 64  # W&B rejects longer tags
+SETTINGS = ("group", "tags", "name", "config")
+
+
+def _hydra_config() -> DictConfig | None:
+    """The running job's ``hydra`` node, or None outside a Hydra job (compose API, tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _tags(hc: DictConfig) -> list[str]:
+    """``group=option`` per Hydra choice (Hydra's own left out) then each job override not
+    already there; longer than W&B allows are dropped (they are in the config anyway)."""
+    choices = OmegaConf.to_container(hc.runtime.choices)
+    tags = [
+        f"{k}={v}"
+        for k, v in choices.items()
+        if v is not None and k != "hydra" and not k.startswith("hydra/")
+    ]
+    tags += [str(o) for o in hc.overrides.task]
+    out: list[str] = []
+    for tag in tags:
+        if tag not in out and len(tag) <= MAX_TAG:
+            out.append(tag)
+    return out
+
+
+def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
+    """``group``, ``tags``, ``name`` and ``config`` of this job's W&B run.
+
+    - group: the sweep folder's name for a multirun (all jobs of one sweep share it, whatever the
+      experiment of each), else the experiment ``name``;
+    - tags: the Hydra choices (``model/pooling=gpo``, ``experiment=demo``, …) and the overrides;
+    - name: ``<experiment>-<job number>`` in a multirun, else ``<experiment>-<time>``;
+    - config: the resolved job config as plain containers.
+    """
+    from hydra.types import RunMode
+
+    hc = _hydra_config()
+    name = str(cfg.get("name") or "run")
+    multirun = hc is not None and hc.mode == RunMode.MULTIRUN
+    if hc is not None:
+        name = str(hc.runtime.choices.get("experiment") or name)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return {
+        "group": Path(str(hc.sweep.dir)).name if multirun else str(cfg.get("name") or name),
+        "tags": _tags(hc) if hc is not None else [],
+        "name": f"{name}-{hc.job.num}" if multirun else f"{name}-{stamp}",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def is_wandb_node(node: Any) -> bool:
+    """Whether a ``_target_`` node builds a :class:`WandbLogger` (or a subclass)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    target = node.get("_target_") if node else None
+    if not target:
+        return False
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - a function target or an unimportable one: not ours to judge
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    """Every logger of ``cfg.logger``; a W&B logger gets the settings of
+    :func:`wandb_settings_from_hydra` for each of ``group``/``tags``/``name``/``config`` that its
+    node leaves ``null`` or out (a value set in the node wins).
+
+    A W&B node is built by calling its class with the resolved node as keyword arguments (the
+    config holds ``_target_`` nodes that ``hydra.utils.instantiate`` would build, and ``config``
+    is the name of instantiate's own first argument).
+    """
+    group = cfg.get("logger")
+    if not group:
+        return []
+    loggers = []
+    for node in group.values():
+        if not node or "_target_" not in node:
+            continue
+        if not is_wandb_node(node):
+            loggers.append(instantiate(node))
+            continue
+        os.environ.setdefault("WANDB_MODE", "offline")
+        kwargs = OmegaConf.to_container(node, resolve=True)
+        settings = wandb_settings_from_hydra(cfg)
+        kwargs.update({k: settings[k] for k in SETTINGS if kwargs.get(k) is None})
+        cls = get_class(kwargs.pop("_target_"))
+        loggers.append(cls(**{k: v for k, v in kwargs.items() if not k.startswith("_")}))
+    return loggers
+
+
+def wandb_loggers(trainer: Any) -> list[Any]:
+    """The trainer's W&B loggers (empty when none is attached or wandb is not installed)."""
+    try:
+        from pytorch_lightning.loggers import WandbLogger
+    except ImportError:  # pragma: no cover - ships with pytorch_lightning
+        return []
+    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)]
+
+
+def log_final_summary(trainer: Any, results: dict[str, dict[str, float]]) -> None:
+    """Put the final test metrics in the run summary as ``test/<protocol>/<metric>`` (full
+    precision: the logged history holds float32), with the checkpoint they came from."""
+    if not results or not getattr(trainer, "is_global_zero", True):
+        return
+    summary: dict[str, Any] = {
+        f"test/{protocol}/{metric}": float(value)
+        for protocol, metrics in results.items()
+        for metric, value in metrics.items()
+    }
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
+        summary["test/checkpoint"] = str(ckpt.best_model_path)
+    for logger in wandb_loggers(trainer):
+        logger.experiment.summary.update(summary)

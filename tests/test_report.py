@@ -1,0 +1,328 @@
+"""The sweep report: collecting jobs, aggregating seeds, the table, the plots, the CLI, the notebook."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from gpo_lit import report as rp
+from gpo_lit.cli import CONF_DIR
+from gpo_lit.errors import GpoLitError
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
+POOL = {
+    "gpo": {"name": "gpo", "d_pe": 32, "d_hidden": 32, "temperature": 0.1},
+    "max": {"name": "max"},
+    "mean": {"name": "mean"},
+}
+
+
+def metrics_for(base: float) -> dict[str, float]:
+    """Distinct per-metric numbers: i2t_r1 = base, i2t_r5 = base + 1, ...; rsum their sum."""
+    m = {k: base + i for i, k in enumerate(METRICS)}
+    m["rsum"] = sum(m.values())
+    m.update(i2t_medr=1.0, i2t_meanr=2.0, t2i_medr=1.0, t2i_meanr=3.0)
+    return m
+
+
+def write_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    seed: int,
+    pooling: dict,
+    visual_pooling: dict | None = None,
+    text_pooling: dict | None = None,
+    base: float | None = None,
+    ckpt: dict | None = None,
+) -> Path:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    config = {
+        "seed": seed,
+        "name": "demo",
+        "paths": {"data_dir": "data", "output_dir": "${hydra:runtime.output_dir}"},
+        "data": {"root": "${paths.data_dir}/demo", "demo": {"n_regions": 36, "feat_dim": 6}},
+        "model": {
+            "_target_": "gpo_lit.model.VSEModel",
+            "pooling": pooling,
+            "visual_pooling": visual_pooling,
+            "text_pooling": text_pooling,
+            "visual": {"_target_": "gpo_lit.encoders.RegionEncoder"},
+            "text": {"encoder": {"_target_": "gpo_lit.encoders.BiGRUTextEncoder"}},
+        },
+    }
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
+    (job / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    if base is not None:
+        results = {"full": metrics_for(base), "other": metrics_for(base - 10)}
+        (job / "metrics.json").write_text(json.dumps(results))
+    if ckpt is not None:
+        (job / "checkpoints").mkdir()
+        torch.save(ckpt, job / "checkpoints" / "best-epoch003.ckpt")
+    return job
+
+
+def tiny_checkpoint(seed: int) -> tuple[dict, torch.nn.Module]:
+    """A real (tiny) GPO model saved in Lightning's checkpoint layout, and the model."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=demo",
+                "paths.output_dir=unused",
+                "model.embed_dim=8",
+                "data.demo.feat_dim=6",
+                "model.visual.mlp_hidden=4",
+            ],
+        )
+    torch.manual_seed(seed)
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS).eval()
+    return {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, model
+
+
+KMAX = ["+model/pooling@model.visual_pooling=kmax", "+model/pooling@model.text_pooling=kmax"]
+# (visual K, text K, rsum base per seed): a 2 × 2 grid; the (1, 2) cell has 2 seeds.
+GRID = [(1, 2, [30.0, 32.0]), (1, 100000, [25.0]), (100000, 2, [20.0]), (100000, 100000, [15.0])]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """gpo × 2 seeds (tiny real checkpoints), max × 2, mean × 2 (seed 1 unfinished), a K-max grid."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    common = ["+sweep=pooling", "experiment=demo"]
+    num = 0
+    for seed, base in ((0, 40.0), (1, 44.0)):
+        ckpt, _ = tiny_checkpoint(seed)
+        write_job(
+            sweep, num, [*common, "model/pooling=gpo"], seed, POOL["gpo"], base=base, ckpt=ckpt
+        )
+        num += 1
+    for seed, base in ((0, 35.0), (1, 36.0)):
+        write_job(sweep, num, [*common, "model/pooling=max"], seed, POOL["max"], base=base)
+        num += 1
+    write_job(sweep, num, [*common, "model/pooling=mean"], 0, POOL["mean"], base=10.0)
+    write_job(sweep, num + 1, [*common, "model/pooling=mean"], 1, POOL["mean"])  # unfinished
+    num += 2
+    for vk, tk, bases in GRID:
+        over = [*common, *KMAX, f"model.visual_pooling.k={vk}", f"model.text_pooling.k={tk}"]
+        for seed, base in enumerate(bases):
+            nodes = {"name": "kmax", "k": vk}, {"name": "kmax", "k": tk}
+            write_job(sweep, num, over, seed, POOL["gpo"], *nodes, base=base)
+            num += 1
+    return sweep
+
+
+def rsum_of(base: float) -> float:
+    return metrics_for(base)["rsum"]
+
+
+# ---- collecting and aggregating -------------------------------------------------------------------
+def test_collect_finds_every_job_and_reports_the_unfinished(sweep: Path) -> None:
+    jobs = rp.collect_jobs(sweep)
+    assert [j.name for j in jobs] == [str(i) for i in range(len(jobs))]  # natural order
+    assert len(jobs) == 6 + 5
+    (missing,) = [j for j in jobs if not j.finished]
+    assert missing.name == "5" and "no metrics.json" in missing.problem
+    assert jobs[0].seed == 0 and jobs[1].seed == 1
+    assert jobs[0].key == jobs[1].key  # seeds group together
+    assert "seed=0" not in jobs[0].key
+
+
+def test_collect_refuses_a_folder_without_jobs(tmp_path: Path) -> None:
+    with pytest.raises(GpoLitError, match="no such folder"):
+        rp.collect_jobs(tmp_path / "nope")
+    with pytest.raises(GpoLitError, match="found none") as info:
+        rp.collect_jobs(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_aggregate_means_and_stds_by_hand(sweep: Path) -> None:
+    protocol, rows = rp.aggregate(rp.collect_jobs(sweep))
+    assert protocol == "full"  # the first protocol of metrics.json
+    by = {(r.config.visual, r.config.text): r for r in rows}
+    gpo = by[("gpo", "gpo")]
+    assert gpo.n == 2 and gpo.seeds == [0, 1]
+    assert gpo.mean["i2t_r1"] == pytest.approx(42.0)  # (40 + 44) / 2
+    assert gpo.std["i2t_r1"] == pytest.approx(statistics.stdev([40.0, 44.0]))  # 2·sqrt(2)
+    assert gpo.mean["t2i_r10"] == pytest.approx(47.0)
+    assert gpo.mean["rsum"] == pytest.approx((rsum_of(40) + rsum_of(44)) / 2)
+    assert gpo.std["rsum"] == pytest.approx(statistics.stdev([rsum_of(40), rsum_of(44)]))
+    mx = by[("max", "max")]
+    assert mx.mean["i2t_r5"] == pytest.approx(36.5) and mx.std["i2t_r5"] == pytest.approx(
+        math.sqrt(0.5)
+    )
+    mean = by[("mean", "mean")]
+    assert mean.n == 1 and len(mean.missing) == 1
+    assert mean.mean["rsum"] == pytest.approx(rsum_of(10)) and math.isnan(mean.std["rsum"])
+    # Sorted by mean rsum, best first.
+    rsums = [r.mean["rsum"] for r in rows]
+    assert rsums == sorted(rsums, reverse=True)
+    assert rows[0] is gpo and rows[-1] is mean
+    # Another protocol on request; an unknown one is one line.
+    _, other = rp.aggregate(rp.collect_jobs(sweep), protocol="other")
+    assert other[0].mean["i2t_r1"] == pytest.approx(32.0)
+    with pytest.raises(GpoLitError, match="protocol: expected one of"):
+        rp.aggregate(rp.collect_jobs(sweep), protocol="coco_5k")
+
+
+def test_configurations_render_pooling_k_and_common_overrides(sweep: Path) -> None:
+    jobs = rp.collect_jobs(sweep)
+    configs = rp.describe(jobs)
+    assert len(configs) == 3 + len(GRID)
+    labels = {(c.visual, c.text) for c in configs.values()}
+    assert {("kmax(k=1)", "kmax(k=2)"), ("kmax(k=N)", "kmax(k=N)"), ("gpo", "gpo")} <= labels
+    assert {c.group for c in configs.values()} == {"demo"}
+    assert all(c.other == "" for c in configs.values())  # only pooling and common overrides vary
+    assert rp.common_overrides(jobs) == ["+sweep=pooling", "experiment=demo"]
+    # A set size given explicitly changes what counts as N.
+    small = rp.describe(jobs, {"visual": None, "text": 2})
+    assert ("kmax(k=1)", "kmax(k=N)") in {(c.visual, c.text) for c in small.values()}
+
+
+def test_table_bolds_the_best_mean_per_column(sweep: Path) -> None:
+    _, rows = rp.aggregate(rp.collect_jobs(sweep))
+    table = rp.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| experiment | visual pooling | text pooling | n | i2t R@1")
+    gpo_line = lines[2]
+    assert "| gpo | gpo | 2 |" in gpo_line
+    std = statistics.stdev([40.0, 44.0])
+    assert f"**42.00 ± {std:.2f}**" in gpo_line
+    assert gpo_line.count("**") == 2 * 7  # best in every column
+    assert "| mean | mean | 1 (+1 missing) |" in table
+    assert f"| {rsum_of(10):.2f} |" in table  # one seed: the mean alone
+    # A tie for best bolds both.
+    assert rp.format_cell(1.0, math.nan, bold=True) == "**1.00**"
+    assert rp.format_cell(math.nan, math.nan) == "–"
+
+
+def test_kmax_grid_detection(sweep: Path) -> None:
+    _, rows = rp.aggregate(rp.collect_jobs(sweep))
+    (grid,) = rp.kmax_grids(rows)
+    assert grid.visual_k == [1, 100000] and grid.text_k == [2, 100000]
+    assert grid.k_labels("visual") == ["1", "N"] and grid.k_labels("text") == ["2", "N"]
+    assert grid.mean[0, 0] == pytest.approx((rsum_of(30) + rsum_of(32)) / 2)
+    assert grid.mean[1, 1] == pytest.approx(rsum_of(15))
+    assert grid.n.tolist() == [[2, 1], [1, 1]]
+    assert grid.gpo_rsum == pytest.approx((rsum_of(40) + rsum_of(44)) / 2)
+    no_grid = [r for r in rows if r.config.visual != r.config.text or "kmax" not in r.config.visual]
+    assert rp.kmax_grids([r for r in no_grid if "kmax" not in r.config.visual]) == []
+
+
+def test_theta_is_the_seed_average_of_the_checkpoints(sweep: Path) -> None:
+    _, rows = rp.aggregate(rp.collect_jobs(sweep))
+    curves, notes = rp.theta_curves(rows, {"visual": None, "text": 5})
+    assert notes == []
+    by = {c.modality: c for c in curves}
+    assert set(by) == {"visual", "text"} and by["visual"].size == 36 and by["text"].size == 5
+    models = [tiny_checkpoint(seed)[1] for seed in (0, 1)]
+    with torch.no_grad():
+        for modality, size in (("visual", 36), ("text", 5)):
+            pools = [getattr(m, f"{modality}_pool") for m in models]
+            thetas = torch.stack([p.weights_for_length(size) for p in pools]).numpy()
+            c = by[modality]
+            assert c.n == 2
+            assert c.mean == pytest.approx(thetas.mean(0), abs=1e-6)
+            assert c.std == pytest.approx(thetas.std(0, ddof=1), abs=1e-6)
+            assert c.mean.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_build_and_write_report_refuses_to_overwrite(sweep: Path, tmp_path: Path) -> None:
+    report = rp.build_report(sweep)
+    assert set(report.figures) == {"rsum.png", "kmax_grid.png", "gpo_theta.png"}
+    out = tmp_path / "out"
+    written = rp.write_report(report, out)
+    assert {p.name for p in written} == {
+        "report.md",
+        "summary.csv",
+        "rsum.png",
+        "kmax_grid.png",
+        "gpo_theta.png",
+    }
+    for p in written:
+        assert p.stat().st_size > 0
+    assert (out / "rsum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "## Missing results" in md and "`5`" in md and "![kmax_grid](kmax_grid.png)" in md
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("experiment,visual_pooling,text_pooling,other,overrides,n,")
+    assert csv_lines[1].startswith("demo,gpo,gpo,,") and ",2,0,0 1," in csv_lines[1]
+    with pytest.raises(GpoLitError, match="report.md: expected a new file") as info:
+        rp.write_report(report, out)
+    assert "\n" not in str(info.value)
+    rp.write_report(report, out, overwrite=True)
+
+
+def test_cli_end_to_end(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "gpo_lit.report", f"sweep_dir={sweep}", f"out_dir={out}"]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "| gpo | gpo | 2 |" in run.stdout  # the table is printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpo_theta.png",
+        "kmax_grid.png",
+        "report.md",
+        "rsum.png",
+        "summary.csv",
+    ]
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert again.returncode == 2
+    assert (
+        again.stderr.strip().count("\n") == 0 and "report.md: expected a new file" in again.stderr
+    )
+    # A sweep folder that does not exist: one line, and no empty folders left behind.
+    gone = tmp_path / "no_sweep"
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpo_lit.report", f"sweep_dir={gone}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert bad.returncode == 2 and "found none" in bad.stderr
+    assert not gone.exists()
+
+
+# ---- the notebook ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_notebook_runs_on_a_sweep(sweep: Path, tmp_path: Path, monkeypatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # A kernel that runs this interpreter (the venv's), whatever kernels the machine has.
+    spec = tmp_path / "jupyter" / "kernels" / "gpo-lit-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("SWEEP_DIR", str(sweep))
+    nb = nbformat.read(ROOT / "notebooks" / "pooling_sweep.ipynb", as_version=4)
+    assert "SWEEP_DIR" in nb.cells[0].source
+    client = nbclient.NotebookClient(
+        nb, kernel_name="gpo-lit-test", timeout=120, resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = json.dumps([o.get("data", {}) for o in outputs])
+    assert "| gpo | gpo | 2 |" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
+    assert not (sweep / "report").exists()  # the notebook writes nothing
