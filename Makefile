@@ -4,11 +4,12 @@ VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
 EXP    ?= demo
 # Every command-line `key=value` that is not one of this Makefile's own variables is a Hydra override.
-HYDRA_ARGS = $(filter-out EXP=% CKPT=% VENV=% PY=% ARGS=%,$(MAKEOVERRIDES)) $(ARGS)
+SWEEP  ?= pooling
+HYDRA_ARGS = $(filter-out EXP=% CKPT=% SWEEP=% SWEEP_DIR=% VENV=% PY=% ARGS=%,$(MAKEOVERRIDES)) $(ARGS)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo train eval test test-fast lint format bench
+.PHONY: install demo train eval sweep report wandb-sync test test-fast lint format bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +27,15 @@ train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoin
 
 eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true)
 	$(PY) -m gpo_lit.eval ckpt=$(CKPT) $(HYDRA_ARGS)
+
+sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP (launcher: hydra/launcher=parallel, cluster=slurm)
+	$(PY) -m gpo_lit.train -m experiment=$(EXP) +sweep=$(SWEEP) $(HYDRA_ARGS)
+
+report:  ## table (mean ± std over seeds) and plots of a sweep folder
+	$(PY) -m gpo_lit.report sweep_dir=$(SWEEP_DIR) $(HYDRA_ARGS)
+
+wandb-sync:  ## upload offline W&B runs under logs/
+	find logs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
 
 test:  ## the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from gpo_lit import report as rp
 from gpo_lit.cli import CONF_DIR
@@ -77,6 +79,7 @@ def write_job(
     return job
 
 
+@functools.cache
 def tiny_checkpoint(seed: int) -> tuple[dict, torch.nn.Module]:
     """A real (tiny) GPO model saved in Lightning's checkpoint layout, and the model."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
@@ -221,8 +224,34 @@ def test_kmax_grid_detection(sweep: Path) -> None:
     assert grid.mean[1, 1] == pytest.approx(rsum_of(15))
     assert grid.n.tolist() == [[2, 1], [1, 1]]
     assert grid.gpo_rsum == pytest.approx((rsum_of(40) + rsum_of(44)) / 2)
-    no_grid = [r for r in rows if r.config.visual != r.config.text or "kmax" not in r.config.visual]
-    assert rp.kmax_grids([r for r in no_grid if "kmax" not in r.config.visual]) == []
+    assert rp.kmax_grids([r for r in rows if "kmax" not in r.config.visual]) == []
+    one_cell = [r for r in rows if r.config.visual in ("gpo", "kmax(k=N)")][:2]
+    assert rp.kmax_grids(one_cell) == []  # a single K-max cell is no grid
+
+
+def fake_job(num: int, overrides: list[str], **config) -> rp.Job:
+    cfg = OmegaConf.create({"seed": 0, "name": "demo", **config})
+    return rp.Job(Path(str(num)), str(num), tuple(overrides), cfg, {"full": metrics_for(num)})
+
+
+def test_other_varying_overrides_and_lookalike_configurations() -> None:
+    model = {"pooling": {"name": "gem", "p": 3.0, "eps": 1e-6}, "visual": {"_target_": "a.B"}}
+    jobs = [
+        fake_job(0, ["experiment=demo", "loss.margin=0.1", "seed=0"], model=model),
+        fake_job(1, ["experiment=demo", "loss.margin=0.2", "seed=0"], model=model),
+        # Same rendering as job 0 except for an override the labels do not cover.
+        fake_job(2, ["experiment=demo", "loss.margin=0.1", "+x=1", "seed=0"], model=model),
+        # GeM with another p: p varies, so it is shown; eps does not.
+        fake_job(3, ["experiment=demo", "model.pooling.p=2"], model={**model, "pooling": {
+            "name": "gem", "p": 2.0, "eps": 1e-6}}),
+    ]  # fmt: skip
+    configs = rp.describe(jobs)
+    got = {c.key: (c.visual, c.other) for c in configs.values()}
+    assert got[jobs[0].key] == ("gem(p=3)", "loss.margin=0.1")
+    assert got[jobs[1].key] == ("gem(p=3)", "loss.margin=0.2")
+    assert got[jobs[2].key] == ("gem(p=3)", "loss.margin=0.1, +x=1")
+    assert got[jobs[3].key] == ("gem(p=2)", "")
+    assert rp.common_overrides(jobs) == ["experiment=demo"]
 
 
 def test_theta_is_the_seed_average_of_the_checkpoints(sweep: Path) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import hydra
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.cli import CONF_DIR, report_errors
@@ -592,8 +593,9 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
         gpo = [r for r in rs if r.n and all(_is_gpo(r.config.node(m)) for m in MODALITIES)]
         for r in rs:
             vis, txt = r.config.node("visual"), r.config.node("text")
-            if r.n and vis.get("name") == "kmax" == txt.get("name"):
-                by_other.setdefault(r.config.other, {})[(int(vis["k"]), int(txt["k"]))] = r
+            ks = vis.get("k"), txt.get("k")
+            if r.n and vis.get("name") == "kmax" == txt.get("name") and None not in ks:
+                by_other.setdefault(r.config.other, {})[(int(ks[0]), int(ks[1]))] = r
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
             tks = sorted({t for _, t in cells})
@@ -636,11 +638,11 @@ def plot_kmax_grids(grids: Sequence[KGrid]) -> Figure | None:
                 if np.isfinite(g.std[i, j]):
                     text += f"\n±{g.std[i, j]:.1f}"
                 dark = hi > lo and (g.mean[i, j] - lo) / (hi - lo) < 0.6
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")  # fmt: skip
+                color = "white" if dark else "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
         bi, bj = np.unravel_index(np.nanargmax(g.mean), g.mean.shape)
         ax.add_patch(
-            _rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+            Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
         )
         title = f"K-max grid, rsum: {g.group}\nbest {g.mean[bi, bj]:.1f} at visual K = "
         title += f"{g.k_labels('visual')[bi]}, text K = {g.k_labels('text')[bj]}"
@@ -648,12 +650,6 @@ def plot_kmax_grids(grids: Sequence[KGrid]) -> Figure | None:
             title += f"; GPO (no search): {g.gpo_rsum:.1f}"
         ax.set_title(title, fontsize=9)
     return fig
-
-
-def _rectangle(*args: Any, **kwargs: Any) -> Any:
-    from matplotlib.patches import Rectangle
-
-    return Rectangle(*args, **kwargs)
 
 
 @dataclass
@@ -772,9 +768,8 @@ def plot_theta(curves: Sequence[ThetaCurve]) -> Figure | None:
             label += f" (n={c.n}" + (f", N={c.size})" if len(sizes) > 1 else ")")
             (line,) = ax.plot(k, c.mean, marker="o", markersize=3, label=label)
             if c.n > 1:
-                ax.fill_between(
-                    k, c.mean - c.std, c.mean + c.std, color=line.get_color(), alpha=0.2
-                )
+                low = np.clip(c.mean - c.std, 0.0, None)  # θ >= 0
+                ax.fill_between(k, low, c.mean + c.std, color=line.get_color(), alpha=0.2)
         size = f" (N = {next(iter(sizes))})" if len(sizes) == 1 else ""
         ax.set_title(f"{m} GPO weights{size}")
         ax.set_xlabel("rank k (1 = largest)")
@@ -843,20 +838,26 @@ def write_report(report: Report, out_dir: str | Path | None = None, overwrite: b
     """Write ``report.md``, ``summary.csv`` and the figures into ``out_dir`` (default
     ``<sweep_dir>/report``). Refuses, before writing anything, if one of them exists."""
     out_dir = Path(out_dir) if out_dir is not None else report.sweep_dir / "report"
-    targets = [out_dir / n for n in ("report.md", "summary.csv", *report.figures)]
+    names = ("report.md", "summary.csv", *report.figures)
     if not overwrite:
-        for path in targets:
-            if path.exists():
-                raise GpoLitError(
-                    f"{path}: expected a new file, found an existing one (not overwritten; "
-                    "pass overwrite=true or another out_dir)"
-                )
+        check_new(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, fig in report.figures.items():
         fig.savefig(out_dir / name, dpi=120)
     write_csv(report.rows, out_dir / "summary.csv")
     (out_dir / "report.md").write_text(report.markdown)
-    return targets
+    return [out_dir / n for n in names]
+
+
+def check_new(out_dir: str | Path, names: Iterable[str] = OUTPUT_FILES) -> None:
+    """Refuse (one line naming the file) if one of the report's files exists in ``out_dir``."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.exists():
+            raise GpoLitError(
+                f"{path}: expected a new file, found an existing one (not overwritten; pass "
+                "overwrite=true or another out_dir)"
+            )
 
 
 def _sizes(node: Any) -> dict[str, int | None]:
@@ -877,6 +878,8 @@ def _remove_if_empty(out_dir: Path, sweep_dir: Path) -> None:
 @report_errors
 def main(cfg: DictConfig) -> None:
     sweep_dir, out_dir = Path(cfg.sweep_dir), Path(cfg.out_dir or Path(cfg.sweep_dir) / "report")
+    if not cfg.overwrite:
+        check_new(out_dir)  # before reading the sweep: a refusal costs nothing
     try:
         report = build_report(
             sweep_dir, cfg.protocol, _sizes(cfg.theta_sizes), _sizes(cfg.set_sizes), skip=out_dir

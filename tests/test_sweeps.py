@@ -1,0 +1,68 @@
+"""Sweep and cluster configs compose into what the launchers and Lightning need."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gpo_lit.cli import CONF_DIR
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_job_matches_lightning_devices() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose_train(
+        "experiment=demo", "cluster=slurm", "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu",
+        "+hydra.launcher.additional_parameters.account=vision",
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert launcher.partition == "gpu" and launcher.additional_parameters.account == "vision"
+    HydraConfig.instance().set_config(cfg)  # what a launched job sees
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 4, "ddp")
+    plugins = [p._target_ for p in cfg.trainer.plugins]
+    assert "lightning_fabric.plugins.environments.SLURMEnvironment" in plugins
+    assert "gpo_lit.checkpoint_io.AtomicCheckpointIO" in plugins
+
+
+def test_cfg_hydra_prints_the_slurm_job() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "gpo_lit.train", "experiment=demo", "cluster=slurm",
+         "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    launcher = OmegaConf.create(res.stdout).hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "key", "n_values"),
+    [
+        ("pooling", "model/pooling@model.visual_pooling", 4),
+        ("kmax_grid", "model.visual_pooling.k", 6),
+        ("zoo", "model/pooling@model.visual_pooling", 12),
+    ],
+)
+def test_sweeps_compose(sweep: str, key: str, n_values: int) -> None:
+    cfg = compose_train("experiment=demo", f"+sweep={sweep}")
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert len(str(cfg.hydra.sweeper.params[key]).split(",")) == n_values
+    if sweep == "kmax_grid":
+        assert cfg.model.visual_pooling.name == cfg.model.text_pooling.name == "kmax"
+    if sweep == "zoo":
+        from gpo_lit.pooling import available_poolings
+
+        names = set(str(cfg.hydra.sweeper.params[key]).split(","))
+        assert names <= set(available_poolings())
