@@ -236,21 +236,24 @@ def fake_job(num: int, overrides: list[str], **config) -> rp.Job:
 
 def test_other_varying_overrides_and_lookalike_configurations() -> None:
     model = {"pooling": {"name": "gem", "p": 3.0, "eps": 1e-6}, "visual": {"_target_": "a.B"}}
+    gem2 = {**model, "pooling": {"name": "gem", "p": 2.0, "eps": 1e-6}}
     jobs = [
         fake_job(0, ["experiment=demo", "loss.margin=0.1", "seed=0"], model=model),
-        fake_job(1, ["experiment=demo", "loss.margin=0.2", "seed=0"], model=model),
-        # Same rendering as job 0 except for an override the labels do not cover.
-        fake_job(2, ["experiment=demo", "loss.margin=0.1", "+x=1", "seed=0"], model=model),
+        fake_job(1, ["experiment=demo", "loss.margin=0.2", "+x=1", "seed=0"], model=model),
         # GeM with another p: p varies, so it is shown; eps does not.
-        fake_job(3, ["experiment=demo", "model.pooling.p=2"], model={**model, "pooling": {
-            "name": "gem", "p": 2.0, "eps": 1e-6}}),
+        fake_job(2, ["experiment=demo", "model.pooling.p=2"], model=gem2),
+        # Two Ks at or above the set size both read kmax(k=N): the overrides tell them apart.
+        fake_job(3, ["experiment=demo", "model/pooling=kmax", "model.pooling.k=64"],
+                 model={"pooling": {"name": "kmax", "k": 64}}),
+        fake_job(4, ["experiment=demo", "model/pooling=kmax", "model.pooling.k=99"],
+                 model={"pooling": {"name": "kmax", "k": 99}}),
     ]  # fmt: skip
-    configs = rp.describe(jobs)
-    got = {c.key: (c.visual, c.other) for c in configs.values()}
+    got = {c.key: (c.visual, c.other) for c in rp.describe(jobs).values()}
     assert got[jobs[0].key] == ("gem(p=3)", "loss.margin=0.1")
-    assert got[jobs[1].key] == ("gem(p=3)", "loss.margin=0.2")
-    assert got[jobs[2].key] == ("gem(p=3)", "loss.margin=0.1, +x=1")
-    assert got[jobs[3].key] == ("gem(p=2)", "")
+    assert got[jobs[1].key] == ("gem(p=3)", "loss.margin=0.2, +x=1")
+    assert got[jobs[2].key] == ("gem(p=2)", "")
+    assert got[jobs[3].key] == ("kmax(k=N)", "model.pooling.k=64")
+    assert got[jobs[4].key] == ("kmax(k=N)", "model.pooling.k=99")
     assert rp.common_overrides(jobs) == ["experiment=demo"]
 
 

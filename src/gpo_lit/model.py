@@ -63,7 +63,7 @@ class VSEModel(pl.LightningModule):
         vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run config is logged whole instead
         self.tokenizer = build_tokenizer(text["tokenizer"], vocab)
         self.visual_encoder = instantiate(visual)
         encoder_cfg = dict(text["encoder"])
@@ -174,6 +174,8 @@ class VSEModel(pl.LightningModule):
         )
         shard = self.eval_cfg.get("shard_size", 1024)
         results = {p: evaluate(img, cap, cap2img, protocol=p, shard_size=shard) for p in protocols}
+        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples).
+        self.last_eval = (img, cap, cap2img, stage)
         if self.eval_cfg.get("save_embeddings_to") and stage == "test":
             from gpo_lit.metrics import save_embeddings
 

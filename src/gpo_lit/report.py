@@ -306,8 +306,9 @@ def describe(
             sizes.append(n)
         other = [
             o
-            for o in key
-            if o not in common
+            for o in job.overrides  # in the order given
+            if o in key
+            and o not in common
             and not override_key(o).startswith(_POOLING_KEYS)
             and override_key(o) not in _GROUP_KEYS
         ]
@@ -322,7 +323,7 @@ def describe(
         if len(keys) > 1:
             shared = set.intersection(*(set(k) for k in keys))
             for key in keys:
-                extra = ", ".join(o for o in key if o not in shared)
+                extra = ", ".join(o for o in first[key].overrides if o in key and o not in shared)
                 c = out[key]
                 other = f"{c.other}, {extra}" if c.other else extra
                 out[key] = Configuration(
@@ -874,10 +875,27 @@ def _remove_if_empty(out_dir: Path, sweep_dir: Path) -> None:
         pass
 
 
+def _report_dir(*, _root_: DictConfig) -> str:
+    """``hydra.run.dir``: ``out_dir``, else ``<sweep_dir>/report``; ``.`` without a sweep_dir (so
+    that Hydra starts and :func:`main` answers in one line)."""
+    if OmegaConf.is_missing(_root_, "sweep_dir") or _root_.sweep_dir is None:
+        return "."
+    return str(_root_.out_dir or Path(str(_root_.sweep_dir)) / "report")
+
+
+if not OmegaConf.has_resolver("gpo_lit.report_dir"):
+    OmegaConf.register_new_resolver("gpo_lit.report_dir", _report_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    sweep_dir, out_dir = Path(cfg.sweep_dir), Path(cfg.out_dir or Path(cfg.sweep_dir) / "report")
+    if OmegaConf.is_missing(cfg, "sweep_dir") or cfg.sweep_dir is None:
+        raise GpoLitError(
+            "sweep_dir: expected a Hydra multirun folder (sweep_dir=logs/train/<name>/multirun_…), "
+            "found none given"
+        )
+    sweep_dir, out_dir = Path(cfg.sweep_dir), Path(_report_dir(_root_=cfg))
     if not cfg.overwrite:
         check_new(out_dir)  # before reading the sweep: a refusal costs nothing
     try:

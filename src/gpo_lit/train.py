@@ -20,6 +20,7 @@ from gpo_lit.cli import (
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
 
@@ -69,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule.set_tokenizer(model.tokenizer)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        logger=instantiate_group(cfg.get("logger")) or False,
+        logger=instantiate_loggers(cfg) or False,
         callbacks=instantiate_group(cfg.get("callbacks")),
     )
     try:
@@ -82,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             if trainer.is_global_zero:
                 results = json.loads(results_path.read_text())
                 best = trainer.checkpoint_callback.best_model_path
+                log_final_summary(trainer, results)
                 print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
         return results
     finally:
