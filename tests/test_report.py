@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -304,8 +303,7 @@ def test_build_and_write_report_refuses_to_overwrite(sweep: Path, tmp_path: Path
 def test_cli_end_to_end(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "gpo_lit.report", f"sweep_dir={sweep}", f"out_dir={out}"]
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "| gpo | gpo | 2 |" in run.stdout  # the table is printed
     assert sorted(p.name for p in out.iterdir()) == [
@@ -315,7 +313,7 @@ def test_cli_end_to_end(sweep: Path, tmp_path: Path) -> None:
         "rsum.png",
         "summary.csv",
     ]
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 2
     assert (
         again.stderr.strip().count("\n") == 0 and "report.md: expected a new file" in again.stderr
@@ -327,10 +325,15 @@ def test_cli_end_to_end(sweep: Path, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env,
     )
     assert bad.returncode == 2 and "found none" in bad.stderr
     assert not gone.exists()
+    unset = subprocess.run(
+        [sys.executable, "-m", "gpo_lit.report"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert unset.returncode == 2 and unset.stderr.startswith("error: sweep_dir: expected")
+    for given in ("???", None, "", " "):  # `make report` without SWEEP_DIR passes sweep_dir=
+        assert not rp._sweep_dir_given(OmegaConf.create({"sweep_dir": given}))
 
 
 # ---- the notebook ---------------------------------------------------------------------------------
@@ -349,7 +352,10 @@ def test_notebook_runs_on_a_sweep(sweep: Path, tmp_path: Path, monkeypatch) -> N
     nb = nbformat.read(ROOT / "notebooks" / "pooling_sweep.ipynb", as_version=4)
     assert "SWEEP_DIR" in nb.cells[0].source
     client = nbclient.NotebookClient(
-        nb, kernel_name="gpo-lit-test", timeout=120, resources={"metadata": {"path": str(ROOT)}}
+        nb,
+        kernel_name="gpo-lit-test",
+        timeout=120,
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -30,7 +30,10 @@ def test_slurm_job_matches_lightning_devices() -> None:
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert launcher.partition == "gpu" and launcher.additional_parameters.account == "vision"
     HydraConfig.instance().set_config(cfg)  # what a launched job sees
-    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 4, "ddp")
+    try:
+        assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 4, "ddp")
+    finally:
+        HydraConfig.instance().cfg = None  # global state: leave none for later tests
     plugins = [p._target_ for p in cfg.trainer.plugins]
     assert "lightning_fabric.plugins.environments.SLURMEnvironment" in plugins
     assert "gpo_lit.checkpoint_io.AtomicCheckpointIO" in plugins

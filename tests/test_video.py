@@ -518,7 +518,11 @@ def train(tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_demo_video_trains_through_the_entry_point(tmp_path: Path) -> None:
-    sequence = "sequence" in Path(gpo_lit.pooling.__file__).read_text()
+    # the sequence poolers once gpo_lit.pooling registers them on import (a fresh process)
+    probe = "import gpo_lit.pooling as p; print('temporal_transformer' in p.available_poolings())"
+    sequence = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=120
+    ).stdout.strip() == "True"
     extra = ["+model/pooling@model.visual_pooling=temporal_transformer"] if sequence else []
     m = train(
         tmp_path, "experiment=demo_video", f"paths.data_dir={tmp_path / 'data'}",

@@ -1,7 +1,12 @@
-"""``gpo-report``: summarise a Hydra multirun sweep — a table, a CSV and plots.
+"""Summarise a Hydra multirun sweep: a table, a CSV and plots.
 
     python -m gpo_lit.report sweep_dir=logs/train/demo/multirun_2026-01-01_12-00-00
-    make report SWEEP_DIR=logs/train/demo/multirun_…        (options: conf/report.yaml)
+    make report SWEEP_DIR=logs/train/demo/multirun_… [protocol=coco_5k] [overwrite=true]
+
+A Hydra entry point like ``train`` and ``eval`` (options in ``conf/report.yaml``: ``out_dir``,
+``protocol``, ``theta_sizes``, ``set_sizes``, ``overwrite``), so it takes the same ``key=value``
+overrides and answers user errors in one line (exit status 2). ``hydra.run.dir`` is the report
+folder itself; Hydra writes nothing else there (no ``.hydra/``, no log file).
 
 A *job* is a folder of the sweep holding ``.hydra/`` (Hydra writes ``<sweep_dir>/<job_num>/``); it
 is finished when it holds ``metrics.json``. A *configuration* is a job's overrides minus ``seed``,
@@ -595,8 +600,9 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
         for r in rs:
             vis, txt = r.config.node("visual"), r.config.node("text")
             ks = vis.get("k"), txt.get("k")
-            if r.n and vis.get("name") == "kmax" == txt.get("name") and None not in ks:
-                by_other.setdefault(r.config.other, {})[(int(ks[0]), int(ks[1]))] = r
+            both_kmax = vis.get("name") == "kmax" == txt.get("name")
+            if r.n and both_kmax and all(isinstance(k, int) for k in ks):
+                by_other.setdefault(r.config.other, {})[ks] = r
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
             tks = sorted({t for _, t in cells})
@@ -875,10 +881,15 @@ def _remove_if_empty(out_dir: Path, sweep_dir: Path) -> None:
         pass
 
 
+def _sweep_dir_given(cfg: DictConfig) -> bool:
+    """``sweep_dir`` is set (not ``???``, null or empty, as ``make report`` without it gives)."""
+    return not OmegaConf.is_missing(cfg, "sweep_dir") and bool(str(cfg.sweep_dir or "").strip())
+
+
 def _report_dir(*, _root_: DictConfig) -> str:
     """``hydra.run.dir``: ``out_dir``, else ``<sweep_dir>/report``; ``.`` without a sweep_dir (so
     that Hydra starts and :func:`main` answers in one line)."""
-    if OmegaConf.is_missing(_root_, "sweep_dir") or _root_.sweep_dir is None:
+    if not _sweep_dir_given(_root_):
         return "."
     return str(_root_.out_dir or Path(str(_root_.sweep_dir)) / "report")
 
@@ -890,7 +901,7 @@ if not OmegaConf.has_resolver("gpo_lit.report_dir"):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "sweep_dir") or cfg.sweep_dir is None:
+    if not _sweep_dir_given(cfg):
         raise GpoLitError(
             "sweep_dir: expected a Hydra multirun folder (sweep_dir=logs/train/<name>/multirun_…), "
             "found none given"
