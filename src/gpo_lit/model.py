@@ -77,6 +77,7 @@ class VSEModel(pl.LightningModule):
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
+        self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
 
     # -- embedding -------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class VSEModel(pl.LightningModule):
         img = self.embed_images(batch["img"], batch["img_len"])
         cap = self.embed_captions(batch["cap"], batch["cap_len"])
         hardest = self.loss_fn.hardest_for_epoch(self.current_epoch)
-        loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest)
+        loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest) * self.loss_scale
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
         self.log("train/hardest_negatives", float(hardest), batch_size=img.shape[0])
         self.log("train/negative_pool", float(self.loss_fn.negative_pool(img.shape[0])))

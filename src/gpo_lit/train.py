@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
+from pytorch_lightning.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.cli import (
@@ -68,11 +69,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule.set_tokenizer(model.tokenizer)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        logger=instantiate_loggers(cfg) or False,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-    )
+    loggers = instantiate_loggers(cfg)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # nothing to report learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
         results: dict[str, dict[str, float]] = {}
