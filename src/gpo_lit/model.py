@@ -106,7 +106,9 @@ class VSEModel(pl.LightningModule):
         cfg = self.optim_cfg
         lr = cfg["lr"]
         mults: dict[str, float] = dict(cfg.get("lr_mults") or {})
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # Every parameter, frozen ones included: schedules unfreeze backbones later, and AdamW
+        # skips parameters without gradients.
+        named = list(self.named_parameters())
         for prefix in mults:
             if not any(n.startswith(prefix) for n, _ in named):
                 raise GpoLitError(
