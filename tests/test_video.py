@@ -24,7 +24,7 @@ from gpo_lit.metrics import evaluate
 from gpo_lit.pooling import create_pooling
 from gpo_lit.pooling.sequence import LSTMPooling, TemporalTransformerPooling
 
-WORDS = "a red ball moves to the left while blue cube appears then disappears".split()
+WORDS = ["a", "red", "ball", "moves", "to", "the", "left", "while", "blue", "cube", "appears", "then", "disappears"]
 
 
 def captions_for(vid: str, k: int) -> list[str]:
@@ -441,7 +441,9 @@ def test_sequence_pooling_registry_and_limits() -> None:
     bad(lambda: p(torch.zeros(1, 65, 128), torch.tensor([65])), "max_len=64", "65")
     bad(lambda: create_pooling("temporal_transformer", dim=30, n_heads=4), "n_heads", "dim 30")
     bad(lambda: create_pooling("lstm", dim=8, n_layers=0), "n_layers")
-    bad(lambda: create_pooling("lstm", dim=8)(torch.zeros(2, 3, 8), torch.tensor([0, 3])), "lengths")
+    bad(
+        lambda: create_pooling("lstm", dim=8)(torch.zeros(2, 3, 8), torch.tensor([0, 3])), "lengths"
+    )
 
 
 # -- the video protocol --------------------------------------------------------------------
@@ -489,6 +491,13 @@ def test_demo_video_is_deterministic_idempotent_and_readable(tmp_path: Path) -> 
     generate_demo_video(a, seed=3, **kw)  # same meta: nothing rewritten
     assert (a / "captions.json").stat().st_mtime_ns == stamp
     bad(lambda: generate_demo_video(a, seed=4, **kw), "demo_video_meta.json", "overwrite")
+    # an interrupted run (meta still marked incomplete) is finished by the next call
+    meta = json.loads((a / "demo_video_meta.json").read_text())
+    (a / "demo_video_meta.json").write_text(json.dumps({**meta, "complete": False}))
+    (a / "captions.json").unlink()
+    generate_demo_video(a, seed=3, **kw)
+    assert (a / "captions.json").read_bytes() == (b / "captions.json").read_bytes()
+    assert json.loads((a / "demo_video_meta.json").read_text())["complete"] is True
     s = FrameNpySplit(a, "train")
     assert (s.n_images, s.n_captions, s.feat_dim) == (12, 36, 64)
     assert 8 <= s.lengths.min() <= s.lengths.max() <= 16
@@ -520,9 +529,12 @@ def train(tmp_path: Path, *args: str) -> dict:
 def test_demo_video_trains_through_the_entry_point(tmp_path: Path) -> None:
     # the sequence poolers once gpo_lit.pooling registers them on import (a fresh process)
     probe = "import gpo_lit.pooling as p; print('temporal_transformer' in p.available_poolings())"
-    sequence = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=120
-    ).stdout.strip() == "True"
+    sequence = (
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=120
+        ).stdout.strip()
+        == "True"
+    )
     extra = ["+model/pooling@model.visual_pooling=temporal_transformer"] if sequence else []
     m = train(
         tmp_path, "experiment=demo_video", f"paths.data_dir={tmp_path / 'data'}",

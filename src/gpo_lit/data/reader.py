@@ -1,0 +1,33 @@
+"""The interface every split reader offers (precomp regions, video frame stores, …)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class SplitReader(Protocol):
+    """One split of a retrieval data set: items ("images": images or videos) and their captions.
+
+    Readers validate their files on open (one-line :class:`gpo_lit.errors.GpoLitError`, a
+    :class:`gpo_lit.errors.MissingFileError` for absent files), open large arrays lazily in each
+    process, and are cheap to pickle.
+    """
+
+    path: Path  # the main feature file (named in errors)
+    n_images: int
+    n_captions: int
+    cap2img: np.ndarray  # int64 [n_captions]: caption → item index
+    feat_dim: int
+    captions: list[str]
+
+    def image(self, i: int) -> np.ndarray:
+        """Features of item ``i``: float32 ``[n, D]`` (regions, grid cells or frames)."""
+        ...
+
+    def caption(self, j: int) -> str:
+        """Caption ``j``."""
+        ...

@@ -1,0 +1,260 @@
+"""Grid features from a timm CNN backbone, trained end to end (REFERENCE §2, §4).
+
+The last feature map ``[B, C, H, W]`` is flattened row-major to a set ``[B, H·W, C]`` of grid
+cells, projected by one ``Linear(C → d)`` (``fc``); pooling and l2-normalisation happen in the
+model. BatchNorm statistics of the backbone stay frozen (eval mode) throughout; their affine
+parameters train whenever the block trains. In training, "size augmentation" drops grid cells
+(per image with p = 0.8, each cell with a per-image rate ~ U(0.04, 0.2]), packs the kept cells to
+the front and returns the new lengths.
+
+Weights never come from the network at run time: ``pretrained=True`` reads timm's weights from
+the local Hugging Face cache (``HF_HUB_OFFLINE=1``), ``checkpoint_path`` reads a local file (e.g.
+the BUTD detector's ResNet-101 converted to a torchvision-style state dict).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gpo_lit.errors import GpoLitError
+
+
+def grid_size_augment(
+    feats: Tensor,
+    p: float = 0.8,
+    min_rate: float = 0.04,
+    max_rate: float = 0.2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Randomly drop grid cells of each image; kept cells packed to the front, in order.
+
+    Args:
+        feats: ``[B, N, C]`` full grids (every image has all N cells).
+        p: probability that an image is augmented at all.
+        min_rate, max_rate: an augmented image drops each cell with a rate drawn uniformly in
+            ``(min_rate, max_rate]`` (the released code: ``0.2 · u`` with ``u ~ U(0.2, 1]``).
+        generator: optional RNG (on ``feats.device``); default the global torch RNG.
+
+    Returns:
+        (``[B, max length, C]`` zero-padded, ``lengths [B]`` int64). An image whose cells would
+        all be dropped keeps them all.
+    """
+    b, n, _ = feats.shape
+    dev = feats.device
+    augmented = torch.rand(b, device=dev, generator=generator) < p
+    # rate in (min_rate, max_rate]: 1 - U[0, 1) lies in (0, 1]
+    u = 1.0 - torch.rand(b, device=dev, generator=generator)
+    rate = min_rate + (max_rate - min_rate) * u
+    drop = torch.rand(b, n, device=dev, generator=generator) < rate[:, None]
+    keep = ~(drop & augmented[:, None])
+    keep[keep.sum(1) == 0] = True  # never an empty set
+    lengths = keep.sum(1)
+    # stable sort puts kept cells first, in their original (row-major) order
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    packed = torch.gather(feats, 1, order[..., None].expand_as(feats))
+    max_len = int(lengths.max())
+    packed = packed[:, :max_len]
+    valid = torch.arange(max_len, device=dev)[None, :] < lengths[:, None]
+    packed = packed * valid[..., None].to(packed.dtype)  # padding is exactly zero
+    return packed, lengths
+
+
+def _missing_weights(backbone: str, err: Exception) -> GpoLitError:
+    cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return GpoLitError(
+        f"model.visual.backbone: expected pretrained weights of '{backbone}' in the local Hugging "
+        f"Face cache ({cache}/hub; no network is used), found none ({type(err).__name__}); "
+        f"download them once with `huggingface-cli download timm/{backbone}`, or set "
+        f"model.visual.checkpoint_path=<local .pth/.safetensors file>"
+    )
+
+
+def load_state_file(path: Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` or torch file (``weights_only=True``), unwrapped from
+    ``{"state_dict": …}`` / ``{"model": …}`` containers."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = (str(err).splitlines() or [""])[0][:160]
+        raise GpoLitError(
+            f"{path}: expected a state dict readable with weights_only=True, found "
+            f"{type(err).__name__}: {first}"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise GpoLitError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+# prefixes stripped from checkpoint keys (DataParallel, the authors' grid checkpoints, timm wraps)
+_PREFIXES = ("module.", "backbone.resnet.", "resnet.", "backbone.", "model.")
+
+
+def _strip(key: str) -> str:
+    """``key`` without any leading wrapper prefixes (``module.backbone.resnet.conv1.weight``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def load_backbone_weights(model: nn.Module, path: Path, backbone: str) -> None:
+    """Load ``path`` into ``model`` (a features-only timm model): every backbone tensor must be
+    found (classifier and other extra keys are ignored)."""
+    sd = load_state_file(path)
+    want = model.state_dict()
+    stripped = {_strip(k): v for k, v in sd.items()}
+    if sum(k in want for k in stripped) > sum(k in want for k in sd):  # only when it helps
+        sd = stripped
+    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
+    bad = [k for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or bad:
+        what = f"{len(missing)} missing (e.g. {missing[0]})" if missing else ""
+        what += ("; " if what else "") + (
+            f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else ""
+        )
+        raise GpoLitError(
+            f"{path}: expected the weights of timm '{backbone}' ({len(want)} tensors), found {what}"
+        )
+    model.load_state_dict({k: sd[k] for k in want if k in sd}, strict=False)
+
+
+def create_backbone(
+    backbone: str,
+    pretrained: bool,
+    checkpoint_path: str | None,
+    out_index: int,
+    backbone_kwargs: dict | None,
+    weights_hint: str = "",
+) -> nn.Module:
+    """A timm model returning one feature map (``features_only``), weights from local files only."""
+    import timm
+
+    kwargs = dict(backbone_kwargs or {})
+    from_hub = pretrained and checkpoint_path is None
+    try:
+        model = timm.create_model(
+            backbone, pretrained=from_hub, features_only=True, out_indices=(out_index,), **kwargs
+        )
+    except (RuntimeError, OSError, ValueError) as err:
+        if from_hub and "Unknown model" not in str(err):
+            raise _missing_weights(backbone, err) from None
+        raise GpoLitError(
+            f"model.visual.backbone: expected a timm model name, found {err}"
+        ) from None
+    except Exception as err:  # hub errors (LocalEntryNotFoundError, ...) when offline
+        if from_hub:
+            raise _missing_weights(backbone, err) from None
+        raise
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise GpoLitError(
+                f"model.visual.checkpoint_path: expected a weights file for '{backbone}', found "
+                f"no such file at {path}" + (f"; {weights_hint}" if weights_hint else "")
+            )
+        load_backbone_weights(model, path, backbone)
+    return model
+
+
+class GridEncoder(nn.Module):
+    """CNN grid cells → ``Linear(C → d)`` set (REFERENCE §2), with size augmentation (§4).
+
+    Args:
+        backbone: timm model name (default the WSL ResNeXt-101 32×8d of the paper).
+        embed_dim: joint embedding width d.
+        pretrained: load timm's pretrained weights from the local HF cache.
+        checkpoint_path: load the backbone from this local file instead (torchvision / timm
+            state dict; implies ``pretrained``).
+        backbone_kwargs: extra ``timm.create_model`` kwargs (tests pass tiny sizes).
+        size_augment: drop grid cells in training (REFERENCE §4).
+        freeze_bn: keep the backbone's BatchNorm statistics frozen (eval mode) always.
+        channels_last: run the backbone in channels-last memory format (faster with bf16 on GPU).
+        grad_checkpointing: recompute backbone activations in backward (saves memory).
+        out_index: which feature level (-1 = the last, stride 32 = layer4).
+        augment_p, augment_min_rate, augment_max_rate: size augmentation parameters.
+        weights_hint: appended to a missing ``checkpoint_path`` error (where the file comes from).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
+        embed_dim: int = 1024,
+        pretrained: bool = True,
+        checkpoint_path: str | None = None,
+        backbone_kwargs: dict | None = None,
+        size_augment: bool = True,
+        freeze_bn: bool = True,
+        channels_last: bool = False,
+        grad_checkpointing: bool = False,
+        out_index: int = -1,
+        augment_p: float = 0.8,
+        augment_min_rate: float = 0.04,
+        augment_max_rate: float = 0.2,
+        weights_hint: str = "",
+    ) -> None:
+        super().__init__()
+        self.backbone = create_backbone(
+            backbone, pretrained, checkpoint_path, out_index, backbone_kwargs, weights_hint
+        )
+        self.out_dim = int(self.backbone.feature_info.channels()[-1])
+        self.reduction = int(self.backbone.feature_info.reduction()[-1])
+        self.fc = nn.Linear(self.out_dim, embed_dim)
+        self.backbone_name = backbone
+        self.size_augment = size_augment
+        self.freeze_bn = freeze_bn
+        self.channels_last = channels_last
+        self.augment = (augment_p, augment_min_rate, augment_max_rate)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        if freeze_bn:
+            self._bn_eval()
+
+    def _bn_eval(self) -> None:
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def train(self, mode: bool = True) -> GridEncoder:
+        super().train(mode)
+        if self.freeze_bn:
+            self._bn_eval()
+        return self
+
+    def grid(self, images: Tensor) -> Tensor:
+        """images ``[B, 3, H, W]`` → backbone cells ``[B, h·w, C]`` in row-major order."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        fmap = self.backbone(images)[-1]
+        if fmap.ndim == 3:  # token models: already a set
+            return fmap
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward(self, images: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """images ``[B, 3, H, W]`` (``lengths`` is ignored: every image is whole) →
+        (``[B, N, d]`` zero-padded cells, ``lengths [B]``)."""
+        cells = self.grid(images)
+        b, n, _ = cells.shape
+        if self.training and self.size_augment:
+            p, lo, hi = self.augment
+            cells, out_len = grid_size_augment(cells, p, lo, hi)
+            out = self.fc(cells)
+            valid = torch.arange(out.shape[1], device=out.device)[None, :] < out_len[:, None]
+            return out * valid[..., None].to(out.dtype), out_len
+        return self.fc(cells), torch.full((b,), n, dtype=torch.long, device=cells.device)
