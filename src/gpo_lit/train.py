@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -61,6 +62,8 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run one training job; returns the test metrics per protocol (empty if not tested)."""
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
