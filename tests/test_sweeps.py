@@ -21,8 +21,11 @@ def test_slurm_job_matches_lightning_devices() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     cfg = compose_train(
-        "experiment=demo", "cluster=slurm", "hydra.launcher.nodes=2",
-        "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu",
+        "experiment=demo",
+        "cluster=slurm",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.partition=gpu",
         "+hydra.launcher.additional_parameters.account=vision",
     )
     launcher = cfg.hydra.launcher
@@ -41,9 +44,20 @@ def test_slurm_job_matches_lightning_devices() -> None:
 
 def test_cfg_hydra_prints_the_slurm_job() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "gpo_lit.train", "experiment=demo", "cluster=slurm",
-         "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gpo_lit.train",
+            "experiment=demo",
+            "cluster=slurm",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=4",
+            "--cfg",
+            "hydra",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     launcher = OmegaConf.create(res.stdout).hydra.launcher

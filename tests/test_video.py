@@ -24,7 +24,21 @@ from gpo_lit.metrics import evaluate
 from gpo_lit.pooling import create_pooling
 from gpo_lit.pooling.sequence import LSTMPooling, TemporalTransformerPooling
 
-WORDS = ["a", "red", "ball", "moves", "to", "the", "left", "while", "blue", "cube", "appears", "then", "disappears"]
+WORDS = [
+    "a",
+    "red",
+    "ball",
+    "moves",
+    "to",
+    "the",
+    "left",
+    "while",
+    "blue",
+    "cube",
+    "appears",
+    "then",
+    "disappears",
+]
 
 
 def captions_for(vid: str, k: int) -> list[str]:

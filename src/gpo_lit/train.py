@@ -10,8 +10,8 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from gpo_lit.cli import (
     CONF_DIR,

@@ -13,7 +13,7 @@ from gpo_lit.pooling.basic import KMaxPooling, MaxPooling, MeanPooling
 from gpo_lit.pooling.gpo import GPO, positional_encoding, sorted_weighted_sum
 
 # Importing these registers them: the pooling zoo, GPO's ablation variants, sequence models.
-from gpo_lit.pooling import gpo_variants, zoo  # noqa: E402,F401  isort: skip
+from gpo_lit.pooling import gpo_variants, sequence, zoo  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "GPO",
