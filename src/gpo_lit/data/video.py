@@ -99,7 +99,7 @@ def _caption_table(data: Any, path: Path) -> dict[str, Any]:
 
 
 class _VideoSplit:
-    """What both readers share once their tables are built: sampling, checks, access, pickling.
+    """What both readers share once their tables are built: sampling, checks and access.
 
     Subclasses set ``path``, ``video_ids``, ``n_total_frames`` (frames stored per video),
     ``feat_dim``, ``captions``, ``cap2img`` and implement ``_read(i)`` (all frames of video i).
