@@ -64,12 +64,16 @@ def finish_wandb() -> None:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table of retrieval metrics, one row per protocol."""
-    cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    head = "| protocol | " + " | ".join(c.replace("_", " ").upper() for c in cols) + " |"
-    rule = "|---" * (len(cols) + 1) + "|"
+    """Markdown table of retrieval metrics, one row per protocol (i2t = image/video → text)."""
+    cols = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")]
+    names = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "MdR", "meanr": "MnR"}
+    head = (
+        "| protocol | " + " | ".join(f"{c[:3].upper()} {names[c[4:]]}" for c in cols) + " | RSUM |"
+    )
+    rule = "|---" * (len(cols) + 2) + "|"
     rows = [
-        f"| {p} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |" for p, m in results.items()
+        f"| {p} | " + " | ".join(f"{m[c]:.2f}" for c in [*cols, "rsum"]) + " |"
+        for p, m in results.items()
     ]
     return "\n".join([head, rule, *rows])
 
