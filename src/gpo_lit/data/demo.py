@@ -237,6 +237,26 @@ def _kv(d: dict, keys: list[str]) -> str:
     return ", ".join(f"{k}={d.get(k)}" for k in keys)
 
 
+def is_generated(meta_path: Path, meta: dict, files: list[Path], overwrite: bool) -> bool:
+    """True when ``meta_path`` records exactly ``meta`` and every file exists (nothing to do).
+
+    A different recorded meta is an error unless ``overwrite``: a demo is never clobbered.
+    """
+    if overwrite or not meta_path.is_file():
+        return False
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = "unreadable"
+    if old != meta:
+        want, have = _diff(meta, old)
+        raise GpoLitError(
+            f"{meta_path}: expected a demo with {want} (use another root or overwrite=True), "
+            f"found {have}"
+        )
+    return all(f.is_file() for f in files)
+
+
 def generate_demo(
     root: str | Path,
     seed: int = 0,
@@ -277,20 +297,9 @@ def generate_demo(
     }
     files = [root / f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt", "ids.txt")]
     meta_path = root / META_FILE
-    if meta_path.is_file() and not overwrite:
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            old = "unreadable"
-        if old == meta and all(f.is_file() for f in files):
-            return root
-        if old != meta:
-            want, have = _diff(meta, old)
-            raise GpoLitError(
-                f"{meta_path}: expected a demo with {want} (use another root or overwrite=True), "
-                f"found {have}"
-            )
-    elif not overwrite:
+    if is_generated(meta_path, meta, files, overwrite):
+        return root
+    if not overwrite and not meta_path.is_file():
         clash = [f.name for f in files if f.exists()]
         expect(not clash, root, f"no precomp files without {META_FILE} (or overwrite=True)", clash)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.data.demo import COLOURS, SPLITS, _diff, _write, demo_scenes
+from gpo_lit.data.demo import COLOURS, SPLITS, _write, demo_scenes, is_generated
 from gpo_lit.errors import GpoLitError, expect
 
 GENERATOR_VERSION = 1
@@ -132,20 +132,9 @@ def generate_demo_images(
     meta_path = root / META_FILE
     text_files = [root / "precomp" / f"{s}_{k}.txt" for s in SPLITS for k in ("ids", "caps")]
     files = [*text_files, root / "id_mapping.json"]
-    if meta_path.is_file() and not overwrite:
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            old = "unreadable"
-        if old == meta and all(f.is_file() for f in files):
-            return root
-        if old != meta:
-            want, have = _diff(meta, old)
-            raise GpoLitError(
-                f"{meta_path}: expected a demo with {want} (use another root or overwrite=True), "
-                f"found {have}"
-            )
-    elif not overwrite:
+    if is_generated(meta_path, meta, files, overwrite):
+        return root
+    if not overwrite and not meta_path.is_file():
         clash = [str(f.relative_to(root)) for f in files if f.exists()]
         if (root / "images").is_dir() and any((root / "images").iterdir()):
             clash.append("images/")
