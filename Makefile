@@ -9,7 +9,7 @@ HYDRA_ARGS = $(filter-out EXP=% CKPT=% SWEEP=% SWEEP_DIR=% VENV=% PY=% ARGS=%,$(
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo train eval sweep report wandb-sync test test-fast lint format bench
+.PHONY: install demo train features eval sweep report wandb-sync test test-fast lint format bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: install  ## set up, generate the demo data, train GPO on it, print the tes
 
 train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoint
 	$(PY) -m gpo_lit.train experiment=$(EXP) $(HYDRA_ARGS)
+
+features:  ## precompute grid features of a grid experiment's backbone (default EXP=demo_grid)
+	$(PY) -m gpo_lit.extract experiment=$(if $(filter command line,$(origin EXP)),$(EXP),demo_grid) $(HYDRA_ARGS)
 
 eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true)
 	$(PY) -m gpo_lit.eval ckpt=$(CKPT) $(HYDRA_ARGS)

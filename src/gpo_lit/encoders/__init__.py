@@ -1,8 +1,8 @@
 """Encoders: each returns a *set* of features ``[B, N, d]`` plus lengths, never a pooled vector."""
 
-from gpo_lit.encoders.grid import GridEncoder
+from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
 from gpo_lit.encoders.region import RegionEncoder
 from gpo_lit.encoders.text_gru import BiGRUTextEncoder
 from gpo_lit.encoders.text_hf import HFTextEncoder
 
-__all__ = ["BiGRUTextEncoder", "GridEncoder", "HFTextEncoder", "RegionEncoder"]
+__all__ = ["BiGRUTextEncoder", "GridCellEncoder", "GridEncoder", "HFTextEncoder", "RegionEncoder"]

@@ -171,7 +171,49 @@ def create_backbone(
     return model
 
 
-class GridEncoder(nn.Module):
+class GridCellEncoder(nn.Module):
+    """Grid cells ``[B, N, C]`` → ``Linear(C → d)`` set, with size augmentation in training.
+
+    The head of :class:`GridEncoder`, and on its own the visual encoder for grid cells
+    precomputed by ``make features`` (``model/visual=grid_precomp``): the same ``fc`` and the same
+    cell dropping as end to end, the backbone fixed.
+
+    Args:
+        in_dim: cell width C.
+        embed_dim: joint embedding width d.
+        size_augment: drop grid cells in training (REFERENCE §4).
+        augment_p, augment_min_rate, augment_max_rate: size augmentation parameters.
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 2048,
+        embed_dim: int = 1024,
+        size_augment: bool = True,
+        augment_p: float = 0.8,
+        augment_min_rate: float = 0.04,
+        augment_max_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.fc = nn.Linear(in_dim, embed_dim)
+        self.size_augment = size_augment
+        self.augment = (augment_p, augment_min_rate, augment_max_rate)
+
+    def forward(self, cells: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cells ``[B, N, C]`` (whole grids; ``lengths`` is ignored) → (``[B, N', d]``
+        zero-padded, ``lengths [B]``)."""
+        b, n, _ = cells.shape
+        if self.training and self.size_augment:
+            p, lo, hi = self.augment
+            cells, out_len = grid_size_augment(cells, p, lo, hi)
+            out = self.fc(cells)
+            valid = torch.arange(out.shape[1], device=out.device)[None, :] < out_len[:, None]
+            return out * valid[..., None].to(out.dtype), out_len
+        return self.fc(cells), torch.full((b,), n, dtype=torch.long, device=cells.device)
+
+
+class GridEncoder(GridCellEncoder):
     """CNN grid cells → ``Linear(C → d)`` set (REFERENCE §2), with size augmentation (§4).
 
     Args:
@@ -207,18 +249,19 @@ class GridEncoder(nn.Module):
         augment_max_rate: float = 0.2,
         weights_hint: str = "",
     ) -> None:
-        super().__init__()
-        self.backbone = create_backbone(
+        net = create_backbone(
             backbone, pretrained, checkpoint_path, out_index, backbone_kwargs, weights_hint
         )
-        self.out_dim = int(self.backbone.feature_info.channels()[-1])
-        self.reduction = int(self.backbone.feature_info.reduction()[-1])
-        self.fc = nn.Linear(self.out_dim, embed_dim)
+        channels = int(net.feature_info.channels()[-1])
+        super().__init__(
+            channels, embed_dim, size_augment, augment_p, augment_min_rate, augment_max_rate
+        )
+        self.backbone = net
+        self.out_dim = channels
+        self.reduction = int(net.feature_info.reduction()[-1])
         self.backbone_name = backbone
-        self.size_augment = size_augment
         self.freeze_bn = freeze_bn
         self.channels_last = channels_last
-        self.augment = (augment_p, augment_min_rate, augment_max_rate)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         if grad_checkpointing:
@@ -237,24 +280,27 @@ class GridEncoder(nn.Module):
             self._bn_eval()
         return self
 
-    def grid(self, images: Tensor) -> Tensor:
-        """images ``[B, 3, H, W]`` → backbone cells ``[B, h·w, C]`` in row-major order."""
+    def grid(self, images: Tensor, pool_grid: int | None = None) -> Tensor:
+        """images ``[B, 3, H, W]`` → backbone cells ``[B, h·w, C]`` in row-major order.
+
+        ``pool_grid=g`` average-pools the feature map to g×g cells first (fixed-count features
+        for the extractor); the model itself always uses every cell.
+        """
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         fmap = self.backbone(images)[-1]
         if fmap.ndim == 3:  # token models: already a set
+            if pool_grid is not None:
+                raise GpoLitError(
+                    f"pool_grid: expected a CNN feature map [B, C, H, W] to pool, found tokens "
+                    f"{tuple(fmap.shape)} from '{self.backbone_name}'"
+                )
             return fmap
+        if pool_grid is not None:
+            fmap = nn.functional.adaptive_avg_pool2d(fmap, pool_grid)
         return fmap.flatten(2).transpose(1, 2)
 
     def forward(self, images: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """images ``[B, 3, H, W]`` (``lengths`` is ignored: every image is whole) →
         (``[B, N, d]`` zero-padded cells, ``lengths [B]``)."""
-        cells = self.grid(images)
-        b, n, _ = cells.shape
-        if self.training and self.size_augment:
-            p, lo, hi = self.augment
-            cells, out_len = grid_size_augment(cells, p, lo, hi)
-            out = self.fc(cells)
-            valid = torch.arange(out.shape[1], device=out.device)[None, :] < out_len[:, None]
-            return out * valid[..., None].to(out.dtype), out_len
-        return self.fc(cells), torch.full((b,), n, dtype=torch.long, device=cells.device)
+        return super().forward(self.grid(images))

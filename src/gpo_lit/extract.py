@@ -1,0 +1,264 @@
+"""``gpo-extract`` (``make features``): a timm backbone over raw-image splits → SCAN precomp files.
+
+The backbone, its weights and the image pipeline come from an experiment, so the features are
+exactly what that experiment's grid encoder sees on the fly (evaluation view, frozen BN):
+
+    make features EXP=demo_grid                      # the demo images, tiny random backbone
+    make features EXP=f30k_wsl                       # WSL ResNeXt-101 at 512 px (paper)
+    make features EXP=f30k_wsl model.visual.backbone=convnext_base.fb_in22k extract.pool_grid=6
+    make features EXP=f30k_wsl extract.ckpt=logs/…/best.ckpt   # a fine-tuned gpo_lit backbone
+
+Per split it writes ``{split}_ims.npy`` float32 ``(N_images, cells, C)`` (all h·w cells row-major,
+or ``pool_grid``² average-pooled cells), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
+``extract.out_dir``, plus ``features_meta.json``. Rows stream into a memory-mapped
+``{split}_ims.partial.npy``; ``{split}_ims.progress.json`` records the rows safely on disk, so a
+rerun after an interruption continues where it stopped (with the same settings only). A finished
+feature file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from gpo_lit.cli import CONF_DIR, report_errors
+from gpo_lit.encoders.grid import GridEncoder
+from gpo_lit.errors import GpoLitError, expect
+
+log = logging.getLogger("gpo_lit.extract")
+
+
+class EvalImages(Dataset):
+    """Images ``start … n_images−1`` of a raw-image split in their evaluation view."""
+
+    def __init__(self, split: Any, start: int = 0) -> None:
+        self.split, self.start = split, start
+
+    def __len__(self) -> int:
+        return self.split.n_images - self.start
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return torch.from_numpy(self.split.image(self.start + k))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` atomically (temp file + fsync + rename): a crash leaves old or new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Write ``lines`` to ``path``, or check that an existing ``path`` holds exactly them."""
+    text = "".join(f"{ln}\n" for ln in lines)
+    if path.exists():
+        expect(
+            path.read_text(encoding="utf-8") == text,
+            path,
+            f"the {len(lines)} lines of the split being extracted (never overwritten)",
+            "a different file; remove it or choose another extract.out_dir",
+        )
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract_split(
+    encoder: GridEncoder,
+    split: Any,
+    out_dir: Path,
+    *,
+    settings: dict[str, Any],
+    pool_grid: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    flush_every: int = 20,
+    progress: bool = True,
+) -> Path:
+    """Write the precomp files of one split; resume an interrupted run with the same ``settings``.
+
+    Args:
+        encoder: a grid encoder (only its backbone runs, in eval mode).
+        split: an :class:`~gpo_lit.data.images.ImageSplit` (or any reader with ``image(i)``).
+        out_dir: destination folder (created).
+        settings: what determines the features (backbone, weights, image pipeline, pooling);
+            stored with the progress and in ``features_meta.json``; a resume must match it.
+        pool_grid: average-pool the feature map to ``pool_grid × pool_grid`` cells.
+        flush_every: flush rows and record progress every this many batches.
+
+    Returns:
+        the path of ``{split}_ims.npy``.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = split.split
+    final = out_dir / f"{name}_ims.npy"
+    partial = out_dir / f"{name}_ims.partial.npy"
+    state_path = out_dir / f"{name}_ims.progress.json"
+    if final.exists():
+        raise GpoLitError(
+            f"{final}: expected no feature file (finished features are never overwritten), "
+            f"found one; remove it or choose another extract.out_dir"
+        )
+    encoder.eval().to(device)
+    dtype = torch.bfloat16 if bf16 else None
+
+    def cells(x: torch.Tensor) -> np.ndarray:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=bf16):
+            out = encoder.grid(x, pool_grid)
+        return out.float().cpu().numpy()
+
+    probe = cells(torch.from_numpy(split.image(0))[None])
+    shape = (split.n_images, *probe.shape[1:])
+    key = {"settings": settings, "split": name, "shape": list(shape)}
+
+    start = 0
+    if partial.exists():
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        expect(
+            {k: state.get(k) for k in key} == key,
+            partial,
+            f"an interrupted extraction with the same settings ({state_path.name}) to resume",
+            "other settings or no progress file; remove it to start again",
+        )
+        mm = np.lib.format.open_memmap(partial, mode="r+")
+        start = int(state["done"])
+        log.info("%s: resuming at image %d of %d", partial, start, shape[0])
+    else:
+        mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        _write_json(state_path, {**key, "done": 0})
+
+    loader = DataLoader(
+        EvalImages(split, start),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    row = start
+    bar = tqdm(
+        total=shape[0], initial=start, unit="img", desc=f"{name} features", disable=not progress
+    )
+    for b, images in enumerate(loader, 1):
+        feats = cells(images)
+        mm[row : row + len(feats)] = feats
+        row += len(feats)
+        bar.update(len(feats))
+        if b % flush_every == 0:
+            mm.flush()  # rows on disk before the progress file says so
+            _write_json(state_path, {**key, "done": row})
+    bar.close()
+    mm.flush()
+    del mm
+    expect(row == shape[0], partial, f"{shape[0]} rows written", row)
+    _write_lines(out_dir / f"{name}_caps.txt", list(split.captions))
+    if split.image_ids is not None:
+        _write_lines(out_dir / f"{name}_ids.txt", list(split.image_ids))
+    os.replace(partial, final)
+    state_path.unlink()
+    return final
+
+
+def build_encoder(cfg: DictConfig) -> GridEncoder:
+    """The experiment's grid encoder, or the fine-tuned one of a gpo_lit checkpoint."""
+    if cfg.extract.ckpt:
+        from gpo_lit.model import load_model
+
+        encoder = load_model(cfg.extract.ckpt)[0].visual_encoder
+        source = f"extract.ckpt ({cfg.extract.ckpt})"
+    else:
+        encoder = instantiate(cfg.model.visual)
+        source = "model.visual"
+    if not isinstance(encoder, GridEncoder):
+        raise GpoLitError(
+            f"{source}: expected a grid visual encoder (an experiment with model/visual=grid, "
+            f"e.g. EXP=f30k_wsl or demo_grid), found {type(encoder).__name__}"
+        )
+    return encoder
+
+
+def extract(cfg: DictConfig) -> dict[str, Path]:
+    """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``."""
+    ex = cfg.extract
+    if ex.get("num_threads"):
+        torch.set_num_threads(ex.num_threads)
+    if ex.pool_grid is not None:
+        expect(int(ex.pool_grid) >= 1, "extract.pool_grid", "a grid side ≥ 1 or null", ex.pool_grid)
+    device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # the demo images are rendered on first use
+    torch.manual_seed(cfg.seed)  # random-init backbones (demo) are reproducible
+    encoder = build_encoder(cfg)
+    out_dir = Path(ex.out_dir)
+    reader_cfg = OmegaConf.to_container(cfg.data.reader, resolve=True)
+    settings = {
+        "backbone": encoder.backbone_name,
+        "weights": str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")
+        or ("timm pretrained" if cfg.model.visual.get("pretrained") else "random init"),
+        "out_index": cfg.model.visual.get("out_index"),
+        "pool_grid": ex.pool_grid,
+        "bf16": bool(ex.bf16),
+        "image": {k: v for k, v in reader_cfg.items() if not k.startswith("_")},
+        "seed": cfg.seed,
+    }
+    written: dict[str, Path] = {}
+    meta: dict[str, Any] = {**settings, "splits": {}}
+    for name in ex.splits:
+        split = datamodule.split(name, ex.max_images)
+        path = extract_split(
+            encoder,
+            split,
+            out_dir,
+            settings=settings,
+            pool_grid=ex.pool_grid,
+            batch_size=ex.batch_size,
+            num_workers=ex.num_workers,
+            device=device,
+            bf16=ex.bf16,
+            flush_every=ex.flush_every,
+            progress=ex.progress,
+        )
+        shape = np.load(path, mmap_mode="r").shape
+        meta["splits"][name] = {"images": shape[0], "cells": shape[1], "dim": shape[2]}
+        written[name] = path
+        print(f"{path}: {shape[0]} images × {shape[1]} cells × {shape[2]}", flush=True)
+    meta_path = out_dir / "features_meta.json"
+    if meta_path.exists():  # earlier splits of the same extraction stay listed
+        old = json.loads(meta_path.read_text())
+        meta["splits"] = {**old.get("splits", {}), **meta["splits"]}
+    _write_json(meta_path, meta)
+    dim = meta["splits"][next(iter(written))]["dim"] if written else "C"
+    print(
+        f"Train on them: make train EXP=<experiment> data.root={out_dir} "
+        f"model/visual=grid_precomp model.visual.in_dim={dim}",
+        flush=True,
+    )
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="extract")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    extract(cfg)
+
+
+if __name__ == "__main__":
+    main()

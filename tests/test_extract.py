@@ -1,0 +1,207 @@
+"""Feature extraction (``make features``): precomp files that reproduce the on-the-fly grid path,
+resumable after an interruption, never clobbering finished files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from gpo_lit.cli import CONF_DIR
+from gpo_lit.data.images import ImageSplit
+from gpo_lit.data.precomp import PrecompSplit
+from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
+from gpo_lit.errors import GpoLitError
+from gpo_lit.extract import extract_split
+from gpo_lit.train import build_vocab
+from tests.test_grid_e2e import TINY_GRID_DEMO
+from tests.test_images import make_tree
+from tests.test_train_eval import one_line_error, run
+
+TINY = "test_resnet.r160_in1k"
+
+
+def compose_cfg(name: str, *overrides: str):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose(name, list(overrides))
+
+
+def embed_test_images(model, datamodule) -> torch.Tensor:
+    loader = datamodule.test_dataloader()[0]
+    with torch.no_grad():
+        return torch.cat([model.embed_images(b["img"], b["img_len"]) for b in loader])
+
+
+def test_round_trip_precomputed_cells_give_the_on_the_fly_embeddings(tmp_path: Path) -> None:
+    common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "data.eval_batch_size=16")
+    cfg = compose_cfg("extract", "experiment=demo_grid", *common)
+    dm_grid = instantiate(cfg.data)
+    dm_grid.prepare_data()
+    vocab = build_vocab(cfg, dm_grid)
+    torch.manual_seed(0)
+    grid_model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
+    dm_grid.set_tokenizer(grid_model.tokenizer)
+
+    out = tmp_path / "feats"
+    extract_split(
+        grid_model.visual_encoder,
+        dm_grid.split("test"),
+        out,
+        settings={},
+        batch_size=7,  # not a divisor of 40: a short last batch
+        progress=False,
+    )
+    back = PrecompSplit(out, "test")
+    assert (back.n_images, back.n_regions, back.feat_dim) == (40, 16, 192)  # 4×4 cells at 64 px
+    assert back.captions == dm_grid.split("test").captions
+    assert back.image_ids == dm_grid.split("test").image_ids
+
+    pre_cfg = compose_cfg("train", "experiment=demo_grid_features", *common, f"data.root={out}")
+    dm_pre = instantiate(pre_cfg.data)
+    pre_model = instantiate(pre_cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
+    assert isinstance(pre_model.visual_encoder, GridCellEncoder)
+    assert not isinstance(pre_model.visual_encoder, GridEncoder)
+    # the head (fc) and the pooling of the grid model; the backbone lives in the features
+    missing, unexpected = pre_model.visual_encoder.load_state_dict(
+        grid_model.visual_encoder.state_dict(), strict=False
+    )
+    assert not missing and all(k.startswith("backbone.") for k in unexpected)
+    pre_model.visual_pool.load_state_dict(grid_model.visual_pool.state_dict())
+    dm_pre.set_tokenizer(pre_model.tokenizer)
+
+    on_the_fly = embed_test_images(grid_model, dm_grid)
+    from_files = embed_test_images(pre_model, dm_pre)
+    assert on_the_fly.shape == (40, 256)
+    assert on_the_fly.std(0).mean() > 1e-3  # images embed differently: a row shift would show
+    torch.testing.assert_close(from_files, on_the_fly, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture()
+def tree_split(tmp_path: Path) -> ImageSplit:
+    make_tree(tmp_path / "f30k", n=9)
+    return ImageSplit(tmp_path / "f30k", "test", image_size=32)
+
+
+@pytest.fixture()
+def encoder() -> GridEncoder:
+    torch.manual_seed(0)
+    return GridEncoder(TINY, embed_dim=8, pretrained=False).eval()
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    kw = {"settings": {"backbone": TINY}, "batch_size": 2, "flush_every": 1, "progress": False}
+    ref = np.load(extract_split(encoder, tree_split, tmp_path / "ref", **kw))
+
+    calls: list[int] = []
+    grid = encoder.grid
+
+    def dying_grid(x, pool_grid=None):
+        calls.append(len(x))
+        if len(calls) == 4:  # the probe + 2 batches done, the third dies
+            raise KeyboardInterrupt
+        return grid(x, pool_grid)
+
+    out = tmp_path / "out"
+    encoder.grid = dying_grid
+    with pytest.raises(KeyboardInterrupt):
+        extract_split(encoder, tree_split, out, **kw)
+    state = json.loads((out / "test_ims.progress.json").read_text())
+    assert state["done"] == 4 and not (out / "test_ims.npy").exists()
+
+    calls.clear()
+    encoder.grid = lambda x, pool_grid=None: calls.append(len(x)) or grid(x, pool_grid)
+    path = extract_split(encoder, tree_split, out, **kw)
+    assert calls == [1, 2, 2, 1]  # probe, then only images 4..8
+    np.testing.assert_array_equal(np.load(path), ref)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "test_caps.txt",
+        "test_ids.txt",
+        "test_ims.npy",
+    ]
+
+
+def test_resume_with_other_settings_and_finished_files_are_refused(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    out = tmp_path / "out"
+    grid = encoder.grid
+
+    def dies_after_the_probe(x, pool_grid=None):
+        if len(x) > 1:
+            raise KeyboardInterrupt
+        return grid(x, pool_grid)
+
+    encoder.grid = dies_after_the_probe
+    with pytest.raises(KeyboardInterrupt):
+        extract_split(encoder, tree_split, out, settings={"pool_grid": None}, progress=False)
+    encoder.grid = grid
+    with pytest.raises(GpoLitError, match=r"test_ims\.partial\.npy: expected an interrupted"):
+        extract_split(encoder, tree_split, out, settings={"pool_grid": 2}, progress=False)
+
+    done = extract_split(encoder, tree_split, tmp_path / "done", settings={}, progress=False)
+    before = done.read_bytes()
+    with pytest.raises(GpoLitError, match=r"test_ims\.npy: expected no feature file"):
+        extract_split(encoder, tree_split, tmp_path / "done", settings={}, progress=False)
+    assert done.read_bytes() == before
+
+
+def test_pool_grid_averages_blocks_of_cells(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    split = ImageSplit(tree_split.root, "test", image_size=128)  # 4×4 cells at stride 32
+    full = np.load(extract_split(encoder, split, tmp_path / "a", settings={}, progress=False))
+    pooled = np.load(
+        extract_split(encoder, split, tmp_path / "b", settings={}, pool_grid=2, progress=False)
+    )
+    n, c = full.shape[0], full.shape[2]
+    assert full.shape[1] == 16 and pooled.shape == (n, 4, c)
+    blocks = full.reshape(n, 2, 2, 2, 2, c).mean(axis=(2, 4)).reshape(n, 4, c)  # row-major
+    np.testing.assert_allclose(pooled, blocks, rtol=1e-5, atol=1e-6)
+
+
+def test_extracting_a_region_experiment_is_a_one_line_error(tmp_path: Path) -> None:
+    res = run(
+        "gpo_lit.extract",
+        "experiment=demo",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "++data.demo.n_train=20",
+        "++data.demo.n_dev=10",
+        "++data.demo.n_test=10",
+        cwd=tmp_path,
+    )
+    err = one_line_error(res)
+    assert "model.visual: expected a grid visual encoder" in err and "RegionEncoder" in err
+
+
+@pytest.mark.slow
+def test_make_features_then_train_on_them(tmp_path: Path) -> None:
+    common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}")
+    res = run("gpo_lit.extract", "experiment=demo_grid", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    feats = tmp_path / "data" / "demo_images" / "features" / TINY
+    meta = json.loads((feats / "features_meta.json").read_text())
+    assert meta["splits"] == {
+        s: {"images": n, "cells": 16, "dim": 192}
+        for s, n in (("train", 120), ("dev", 30), ("test", 40))
+    }
+    assert "model/visual=grid_precomp model.visual.in_dim=192" in res.stdout
+
+    run_dir = tmp_path / "run"
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo_grid_features",
+        f"paths.data_dir={tmp_path / 'data'}",
+        *[o for o in TINY_GRID_DEMO if not o.startswith("++data.demo")],
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"] > 0
