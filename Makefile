@@ -5,6 +5,7 @@ PY     ?= $(VENV)/bin/python
 EXP    ?= demo
 # Every command-line `key=value` that is not one of this Makefile's own variables is a Hydra override.
 SWEEP  ?= pooling
+comma := ,
 HYDRA_ARGS = $(filter-out EXP=% CKPT=% SWEEP=% SWEEP_DIR=% VENV=% PY=% ARGS=%,$(MAKEOVERRIDES)) $(ARGS)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -28,8 +29,8 @@ train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoin
 features:  ## precompute grid features of a grid experiment's backbone (default EXP=demo_grid)
 	$(PY) -m gpo_lit.extract experiment=$(if $(filter command line,$(origin EXP)),$(EXP),demo_grid) $(HYDRA_ARGS)
 
-eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true)
-	$(PY) -m gpo_lit.eval ckpt=$(CKPT) $(HYDRA_ARGS)
+eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true); CKPT=a,b: ensemble
+	$(PY) -m gpo_lit.eval ckpt=$(if $(findstring $(comma),$(CKPT)),[$(CKPT)],$(CKPT)) $(HYDRA_ARGS)
 
 sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP (launcher: hydra/launcher=parallel, cluster=slurm)
 	$(PY) -m gpo_lit.train -m experiment=$(EXP) +sweep=$(SWEEP) $(HYDRA_ARGS)

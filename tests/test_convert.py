@@ -17,6 +17,22 @@ from tests.test_model import WORDS, tiny_model
 from tests.test_train_eval import run
 
 
+def save_native(model, path: Path, data_root: Path) -> Path:
+    """A gpo_lit checkpoint of ``model`` (as Lightning writes it) whose test split is
+    ``data_root``'s ``test``."""
+    torch.save(
+        {
+            "hyper_parameters": dict(model.hparams) | {"vocab": WORDS},
+            "state_dict": model.state_dict(),
+            "gpo_lit_config": {
+                "data": {"root": str(data_root), "test_split": "test", "val_max_images": None}
+            },
+        },
+        path,
+    )
+    return path
+
+
 def authors_layout(model, module_prefix: bool = False) -> dict:
     """Export a gpo_lit model into the authors' ``.pth`` layout (the inverse of the converter)."""
     sd = model.state_dict()
@@ -108,17 +124,7 @@ def test_converted_and_native_checkpoints_evaluate_identically(tmp_path: Path) -
 
     data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=40, feat_dim=6)
     model = tiny_model().eval()
-    native = tmp_path / "native.ckpt"
-    torch.save(
-        {
-            "hyper_parameters": dict(model.hparams) | {"vocab": WORDS},
-            "state_dict": model.state_dict(),
-            "gpo_lit_config": {
-                "data": {"root": str(data), "test_split": "test", "val_max_images": None}
-            },
-        },
-        native,
-    )
+    native = save_native(model, tmp_path / "native.ckpt", data)
     torch.save(authors_layout(model), tmp_path / "model_best.pth")
     Vocabulary(WORDS).save(tmp_path / "vocab.json")
     conv = convert(

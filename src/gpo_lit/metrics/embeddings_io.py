@@ -28,9 +28,12 @@ def _numpy(x: Any) -> np.ndarray:
 def save_embeddings(path: str | os.PathLike, img: Any, cap: Any, cap2img: Any) -> Path:
     """Validate and write img [n_img, d], cap [n_cap, d] (float32) and cap2img [n_cap] (int64).
 
-    Written to a temporary name then renamed, so a crash never leaves a half-written file.
+    Written to a temporary name then renamed, so a crash never leaves a half-written file; an
+    existing file is never overwritten.
     """
     path = Path(path)
+    if path.exists():
+        raise GpoLitError(f"{path}: expected a new file, found an existing one (not overwritten)")
     img_np = _numpy(img).astype(np.float32, copy=False)
     cap_np = _numpy(cap).astype(np.float32, copy=False)
     c2i_np = _numpy(cap2img)
@@ -38,6 +41,7 @@ def save_embeddings(path: str | os.PathLike, img: Any, cap: Any, cap2img: Any) -
         prepare_embeddings(img_np, cap_np, c2i_np)
     except GpoLitError as e:
         raise GpoLitError(f"{path}: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, img=img_np, cap=cap_np, cap2img=c2i_np.astype(np.int64, copy=False))

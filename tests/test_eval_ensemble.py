@@ -1,0 +1,91 @@
+"""``gpo-eval ckpt=[a,b]``: a two-model ensemble ranks by the averaged similarity matrices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpo_lit.data.demo import generate_demo
+from gpo_lit.metrics import load_embeddings
+from tests.test_convert import save_native
+from tests.test_model import tiny_model
+from tests.test_train_eval import one_line_error, run
+
+
+def brute_force_recalls(sim: np.ndarray, cap2img: np.ndarray) -> dict[str, float]:
+    """R@1/5/10 both ways and rsum from a full similarity matrix, one query at a time.
+
+    rank = number of candidates scoring strictly above the ground truth (ties count in favour,
+    as documented in gpo_lit.metrics.ranks); i2t takes the best of the image's captions.
+    """
+    i2t = [
+        min(int((sim[i] > sim[i, j]).sum()) for j in np.flatnonzero(cap2img == i))
+        for i in range(sim.shape[0])
+    ]
+    t2i = [int((sim[:, j] > sim[cap2img[j], j]).sum()) for j in range(sim.shape[1])]
+    out = {}
+    for name, ranks in (("i2t", np.array(i2t)), ("t2i", np.array(t2i))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks < k))
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def spread_model(seed: int):
+    """A tiny untrained model with N(0, 1) weights: at its small default init every embedding
+    points the same way and float32 round-off decides near-ties."""
+    torch.manual_seed(seed)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+@pytest.mark.slow
+def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
+    data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=60, feat_dim=6)
+    ckpts = [save_native(spread_model(seed), tmp_path / f"m{seed}.ckpt", data) for seed in (1, 2)]
+    out = tmp_path / "ens"
+    res = run("gpo_lit.eval", f"ckpt=[{ckpts[0]},{ckpts[1]}]", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ensemble of 2 models" in res.stdout
+
+    members = [load_embeddings(out / f"member{i}" / "embeddings.npz") for i in (0, 1)]
+    cap2img = members[0][2].numpy()
+    sim = sum(img.double().numpy() @ cap.double().numpy().T for img, cap, _ in members) / 2
+    got = json.loads((out / "metrics.json").read_text())["full"]
+    want = brute_force_recalls(sim, cap2img)
+    assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-9)
+    # each member alone is what a single evaluation gives, and differs from the ensemble
+    single = tmp_path / "single"
+    res = run("gpo_lit.eval", f"ckpt={ckpts[0]}", f"hydra.run.dir={single}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    alone = json.loads((single / "metrics.json").read_text())
+    assert json.loads((out / "member0" / "metrics.json").read_text()) == alone
+    first = {k: alone["full"][k] for k in want}
+    assert first == pytest.approx(
+        brute_force_recalls(
+            members[0][0].double().numpy() @ members[0][1].double().numpy().T, cap2img
+        ),
+        abs=1e-9,
+    )
+
+    assert got["rsum"] != alone["full"]["rsum"]  # the second model changed the ranking
+
+    # members evaluated on different test splits cannot form an ensemble
+    other = generate_demo(tmp_path / "demo2", n_train=40, n_dev=20, n_test=30, feat_dim=6)
+    odd = save_native(spread_model(3), tmp_path / "odd.ckpt", other)
+    res = run(
+        "gpo_lit.eval",
+        f"ckpt=[{ckpts[0]},{odd}]",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+    )
+    err = one_line_error(res)
+    assert "member1/embeddings.npz: expected the test split of" in err
+    assert not (tmp_path / "bad" / "metrics.json").exists()
