@@ -174,3 +174,39 @@ def test_frozen_params_stay_in_the_optimizer_and_train_later() -> None:
     m.visual_encoder(x)[0].pow(2).sum().backward()
     opt.step()
     assert not torch.equal(w, before)
+
+
+def test_caffe_stride_equals_subsampling_before_the_block() -> None:
+    """Stride 2 on a 1×1 convolution (padding 0) is the 1×1 convolution of every other pixel, so a
+    Caffe-strided bottleneck on x equals the same block with all strides 1 on x[..., ::2, ::2]."""
+    import copy
+
+    import timm
+
+    from gpo_lit.encoders.grid import stride_in_1x1
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet26", pretrained=False, channels=(4, 8, 8, 16), stem_width=8)
+    block = net.layer2[0].eval()
+    with torch.no_grad():  # timm zero-inits the last BN scale: the branch would vanish
+        for bn in (block.bn1, block.bn2, block.bn3):
+            bn.weight.normal_()
+    assert block.conv2.stride == (2, 2) and block.downsample[0].stride == (2, 2)
+    flat = copy.deepcopy(block)
+    flat.conv2.stride = flat.downsample[0].stride = (1, 1)
+    x = torch.randn(2, block.conv1.in_channels, 12, 12)
+    pytorch_style = block(x)
+    assert stride_in_1x1(block) == 1
+    assert (block.conv1.stride, block.conv2.stride) == ((2, 2), (1, 1))
+    caffe_style = block(x)
+    torch.testing.assert_close(caffe_style, flat(x[..., ::2, ::2]))
+    assert not torch.allclose(caffe_style, pytorch_style)  # the placement matters
+
+    kw = {"embed_dim": 8, "pretrained": False, "backbone_kwargs": {"channels": (4, 8, 8, 16)}}
+    enc = GridEncoder("resnet26", caffe_stride=True, **kw)
+    strided = [m for m in enc.backbone.modules() if getattr(m, "conv3", None) is not None]
+    assert sum(b.conv1.stride == (2, 2) for b in strided) == 3  # layer2, layer3, layer4
+    assert all(b.conv2.stride == (1, 1) for b in strided)
+    assert enc.grid(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64)  # still stride 32
+    with pytest.raises(GpoLitError, match="caffe_stride: expected a bottleneck ResNet"):
+        GridEncoder("resnet10t", caffe_stride=True, embed_dim=8, pretrained=False)  # basic blocks

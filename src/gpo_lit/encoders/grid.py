@@ -133,6 +133,25 @@ def load_backbone_weights(model: nn.Module, path: Path, backbone: str) -> None:
     model.load_state_dict({k: sd[k] for k in want if k in sd}, strict=False)
 
 
+def stride_in_1x1(model: nn.Module) -> int:
+    """Move each bottleneck's stride from its 3×3 convolution to its first 1×1 (in place).
+
+    PyTorch / timm ResNets stride on the 3×3 (``conv2``); the original Caffe ResNets — the BUTD
+    detector's ResNet-101 among them — stride on the 1×1 (``conv1``). Same weights, different
+    features: Caffe-converted weights need the Caffe placement. Returns the blocks changed.
+    """
+    changed = 0
+    for block in model.modules():
+        convs = [getattr(block, f"conv{i}", None) for i in (1, 2, 3)]
+        if not all(isinstance(c, nn.Conv2d) for c in convs):
+            continue  # stems and basic blocks
+        conv1, conv2, _ = convs
+        if conv1.kernel_size == (1, 1) and conv2.stride != (1, 1):
+            conv1.stride, conv2.stride = conv2.stride, (1, 1)
+            changed += 1
+    return changed
+
+
 def create_backbone(
     backbone: str,
     pretrained: bool,
@@ -229,6 +248,8 @@ class GridEncoder(GridCellEncoder):
         grad_checkpointing: recompute backbone activations in backward (saves memory).
         out_index: which feature level (-1 = the last, stride 32 = layer4).
         augment_p, augment_min_rate, augment_max_rate: size augmentation parameters.
+        caffe_stride: stride on each bottleneck's first 1×1 convolution, as Caffe ResNets do
+            (the BUTD detector's weights); off = PyTorch placement (on the 3×3).
         weights_hint: appended to a missing ``checkpoint_path`` error (where the file comes from).
     """
 
@@ -247,11 +268,17 @@ class GridEncoder(GridCellEncoder):
         augment_p: float = 0.8,
         augment_min_rate: float = 0.04,
         augment_max_rate: float = 0.2,
+        caffe_stride: bool = False,
         weights_hint: str = "",
     ) -> None:
         net = create_backbone(
             backbone, pretrained, checkpoint_path, out_index, backbone_kwargs, weights_hint
         )
+        if caffe_stride and stride_in_1x1(net) == 0:
+            raise GpoLitError(
+                f"model.visual.caffe_stride: expected a bottleneck ResNet, found no strided "
+                f"bottleneck in '{backbone}'"
+            )
         channels = int(net.feature_info.channels()[-1])
         super().__init__(
             channels, embed_dim, size_augment, augment_p, augment_min_rate, augment_max_rate
