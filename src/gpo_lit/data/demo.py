@@ -34,9 +34,11 @@ is idempotent (same meta: nothing is rewritten) and never clobbers a different e
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,30 +325,34 @@ def generate_demo(
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m gpo_lit.data.demo", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--root", required=True, help="output folder, e.g. data/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-dev", type=int, default=500)
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--n-regions", type=int, default=36)
-    p.add_argument("--feat-dim", type=int, default=128)
-    p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--overwrite", action="store_true", help="replace a different existing demo")
-    a = p.parse_args(argv)
+def generator_cli(generate: Callable[..., Path], prog: str, argv: list[str] | None) -> int:
+    """Command line of a demo generator: ``--root`` plus one ``--option`` per keyword argument of
+    ``generate`` (its defaults; a bool is a flag, a pair takes two numbers). Errors: one line,
+    exit status 2."""
+    p = argparse.ArgumentParser(prog=prog, description=(generate.__doc__ or "").splitlines()[0])
+    p.add_argument("--root", required=True, help="output folder")
+    for name, param in inspect.signature(generate).parameters.items():
+        if name == "root":
+            continue
+        flag, default = f"--{name.replace('_', '-')}", param.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true")
+        elif isinstance(default, tuple | list):
+            p.add_argument(flag, type=type(default[0]), nargs=len(default), default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    args = vars(p.parse_args(argv))
     try:
-        root = generate_demo(
-            a.root, a.seed, a.n_train, a.n_dev, a.n_test, a.n_regions, a.feat_dim,
-            a.captions_per_image, a.overwrite,
-        )  # fmt: skip
+        root = generate(**args)
     except GpoLitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"demo data set in {root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generator_cli(generate_demo, "python -m gpo_lit.data.demo", argv)
 
 
 if __name__ == "__main__":

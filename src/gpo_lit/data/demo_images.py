@@ -15,7 +15,6 @@ different demo or foreign files are never overwritten unless ``overwrite=True``)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gpo_lit.data.demo import COLOURS, SPLITS, _write, demo_scenes, is_generated
-from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.errors import expect
 
 GENERATOR_VERSION = 1
 META_FILE = "demo_images_meta.json"
@@ -176,26 +175,9 @@ def generate_demo_images(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m gpo_lit.data.demo_images", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--root", required=True, help="output folder, e.g. data/demo_images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-dev", type=int, default=200)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--overwrite", action="store_true", help="replace a different existing demo")
-    a = p.parse_args(argv)
-    try:
-        root = generate_demo_images(
-            a.root, a.seed, a.n_train, a.n_dev, a.n_test, a.image_size, overwrite=a.overwrite
-        )
-    except GpoLitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"demo image data set in {root}")
-    return 0
+    from gpo_lit.data.demo import generator_cli
+
+    return generator_cli(generate_demo_images, "python -m gpo_lit.data.demo_images", argv)
 
 
 if __name__ == "__main__":

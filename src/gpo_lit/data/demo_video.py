@@ -54,7 +54,6 @@ never clobbers a different existing data set.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -63,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.errors import expect
 
 GENERATOR_VERSION = 1
 META_FILE = "demo_video_meta.json"
@@ -425,30 +424,9 @@ def _read_meta(path: Path) -> dict | str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m gpo_lit.data.demo_video", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--root", required=True, help="output folder, e.g. data/demo_video")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=250)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--min-frames", type=int, default=8)
-    p.add_argument("--max-frames", type=int, default=16)
-    p.add_argument("--feat-dim", type=int, default=64)
-    p.add_argument("--captions-per-video", type=int, default=6)
-    p.add_argument("--overwrite", action="store_true", help="replace a different existing demo")
-    a = p.parse_args(argv)
-    try:
-        root = generate_demo_video(
-            a.root, a.seed, a.n_train, a.n_val, a.n_test, (a.min_frames, a.max_frames),
-            a.feat_dim, a.captions_per_video, a.overwrite,
-        )  # fmt: skip
-    except GpoLitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"demo video data set in {root}")
-    return 0
+    from gpo_lit.data.demo import generator_cli
+
+    return generator_cli(generate_demo_video, "python -m gpo_lit.data.demo_video", argv)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,16 @@ class _VideoSplit:
     captions: list[str]
     cap2img: np.ndarray
 
-    def __init__(self, n_frames: int | None, check_finite: bool) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        max_images: int | None,
+        n_frames: int | None,
+        check_finite: bool,
+    ) -> None:
+        self._check_max_images(max_images)
+        self.root, self.split = Path(root), split
         if n_frames is not None:
             ok = isinstance(n_frames, int | np.integer) and not isinstance(n_frames, bool)
             expect(
@@ -342,11 +351,9 @@ class HGRSplit(_VideoSplit):
         names_file: str = "{split}_names.npy",
         check_finite: bool = True,
     ) -> None:
-        super().__init__(n_frames, check_finite)
-        self._check_max_images(max_images)
         expect(split in HGR_SPLITS, "split", f"one of {sorted(HGR_SPLITS)}", repr(split))
-        root = Path(root)
-        self.root, self.split = root, split
+        super().__init__(root, split, max_images, n_frames, check_finite)
+        root = self.root
         hgr = HGR_SPLITS[split]
         self.path = root / feature_file.format(split=hgr)
         names_path = root / names_file.format(split=hgr)
@@ -446,10 +453,8 @@ class FrameNpySplit(_VideoSplit):
         split_files: dict[str, str] | None = None,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(n_frames, check_finite)
-        self._check_max_images(max_images)
-        root = Path(root)
-        self.root, self.split = root, split
+        super().__init__(root, split, max_images, n_frames, check_finite)
+        root = self.root
         self.path = root / features_dir
         split_path = self._split_path(root, split, splits_dir, split_files)
         if not self.path.is_dir():
