@@ -217,6 +217,20 @@ class GPO(Pooling):
         """``lengths`` if reading them costs no device sync (they are on the CPU), else None."""
         return lengths if lengths.device.type == "cpu" else None
 
+    def _batch_theta(
+        self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
+    ) -> tuple[Tensor, int]:
+        """θ of every set in a batch, ``[B, width, …]`` on ``device``, and ``width`` (ranks past
+        it are padding for everyone): from the eval cache; else once per distinct length when
+        the lengths are on the CPU (no sync); else the all-sizes table, indexed on the device."""
+        if self._use_cache():
+            return self._cached_table(n)[lengths - 1, :n].to(device), n
+        if host is not None:
+            uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
+            width = int(uniq[-1])  # the longest set
+            return self._theta_rows(uniq, width).to(device)[inverse.to(device)], width
+        return self._theta_table(n).to(device)[lengths - 1], n
+
     # ---- pooling --------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
@@ -235,16 +249,7 @@ class GPO(Pooling):
             return (empty, x.new_zeros(0, n, dtype=torch.float32)) if return_weights else empty
         # fp32 throughout: a 0.1 temperature and -inf masks are not fp16-safe.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self._use_cache():
-                width = n
-                theta = self._cached_table(width)[lengths - 1, :width].to(x.device)
-            elif host is not None:
-                uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
-                width = int(uniq[-1])  # longest set: ranks past it are padding for everyone
-                theta = self._theta_rows(uniq, width).to(x.device)[inverse.to(x.device)]
-            else:
-                width = n
-                theta = self._theta_table(width).to(x.device)[lengths - 1]
+            theta, width = self._batch_theta(lengths, host, n, x.device)
             valid = valid_mask(lengths, width).unsqueeze(-1)  # [B, width, 1]
             work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
             pooled = sorted_weighted_sum(x[:, :width], theta.to(work), valid)

@@ -122,18 +122,9 @@ class GPOPerDim(GPO):
         expect(d == self.dim, "gpo_perdim input width", f"D = {self.dim}", d)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if b == 0:
-                theta = x.new_zeros(0, n, d, dtype=torch.float32)
-                width = n
-            elif self._use_cache():
-                width = n
-                theta = self._cached_table(width)[lengths - 1, :width].to(x.device)
-            elif host is not None:
-                uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
-                width = int(uniq[-1])
-                theta = self._theta_rows(uniq, width).to(x.device)[inverse.to(x.device)]
+                theta, width = x.new_zeros(0, n, d, dtype=torch.float32), n
             else:
-                width = n
-                theta = self._theta_table(width).to(x.device)[lengths - 1]
+                theta, width = self._batch_theta(lengths, host, n, x.device)
             work = torch.promote_types(x.dtype, torch.float32)
             pad = ~valid_mask(lengths, width).unsqueeze(-1)
             # Padding sorts last as -inf and is then zeroed: it reaches neither output nor grads.
