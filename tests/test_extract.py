@@ -205,3 +205,37 @@ def test_make_features_then_train_on_them(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"] > 0
+
+
+def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> None:
+    from gpo_lit.extract import extract
+
+    common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "extract.splits=[test]")
+    common = (*common, "extract.progress=false")
+    cfg = compose_cfg(
+        "extract", "experiment=demo_grid", *common, f"extract.out_dir={tmp_path / 'a'}"
+    )
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    vocab = build_vocab(cfg, dm)
+    torch.manual_seed(123)  # not the extractor's seed: another random backbone
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
+    ckpt = tmp_path / "trained.ckpt"
+    torch.save(
+        {
+            "hyper_parameters": dict(model.hparams) | {"vocab": vocab},
+            "state_dict": model.state_dict(),
+        },
+        ckpt,
+    )
+    from_ckpt = np.load(extract(compose_cfg("extract", "experiment=demo_grid", *common,
+        f"extract.out_dir={tmp_path / 'b'}", f"extract.ckpt={ckpt}"))["test"])  # fmt: skip
+    from_config = np.load(extract(cfg)["test"])
+    split = dm.split("test")
+    images = torch.stack([torch.from_numpy(split.image(i)) for i in range(split.n_images)])
+    with torch.no_grad():
+        want = model.visual_encoder.grid(images).numpy()
+    np.testing.assert_allclose(from_ckpt, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(from_config, want, atol=1e-3)
+    meta = json.loads((tmp_path / "b" / "features_meta.json").read_text())
+    assert meta["weights"] == str(ckpt) and meta["splits"]["test"]["images"] == 40
