@@ -162,3 +162,20 @@ def test_real_offline_transformer_trains(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]
     assert 0 < metrics["rsum"] <= 600
+
+
+@pytest.mark.parametrize(
+    ("module", "arg", "group"),
+    [
+        ("gpo_lit.train", "model/pooling=median", "model/pooling"),
+        ("gpo_lit.train", "+model/pooling@model.visual_pooling=median", "model/pooling"),
+        ("gpo_lit.extract", "experiment=median", "experiment"),
+    ],
+)
+def test_unknown_group_option_is_one_line(tmp_path: Path, module: str, arg: str, group: str):
+    extra = [] if arg.startswith("experiment=") else ["experiment=demo"]
+    res = run(module, *extra, arg, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    msg = one_line_error(res)
+    assert msg.startswith(f"error: {arg}: expected one of the options of {group} (")
+    assert "found 'median'" in msg and ("gpo" in msg or "demo" in msg)
+    assert not (tmp_path / "run").exists()  # nothing started

@@ -47,6 +47,58 @@ def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
     return wrapped
 
 
+def unknown_choice(config_name: str, argv: list[str]) -> GpoLitError | None:
+    """One line for a config group option that does not exist (``model/pooling=foo``).
+
+    Hydra reports it in several lines; composing the command line's overrides first finds it.
+    Anything else (a sweep, a bad value) is left to Hydra and to the job itself.
+    """
+    if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as err:
+        missing = str(err.missing_cfg_file or "")
+        group, _, value = missing.rpartition("/")
+        arg = next((a for a in overrides if a.endswith(f"={value}") and group in a), missing)
+        options = ", ".join(err.options or []) or "none"
+        return GpoLitError(
+            f"{arg}: expected one of the options of {group} ({options}), found '{value}'"
+        )
+    except Exception:  # noqa: BLE001 - Hydra and the job report everything else themselves
+        return None
+    return None
+
+
+def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``@entry_point("train")``: a Hydra main on ``conf/<config_name>.yaml`` whose user errors,
+    unknown group options included, are one line on stderr with exit status 2."""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        import hydra
+
+        hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(
+            report_errors(task)
+        )
+
+        @functools.wraps(task)
+        def main() -> Any:
+            err = unknown_choice(config_name, sys.argv[1:])
+            if err is not None:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            return hydra_main()
+
+        return main
+
+    return decorate
+
+
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` node of a dict-of-nodes group (loggers, callbacks)."""
     if not cfg:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
-from gpo_lit.cli import CONF_DIR, ensure_new, format_table, report_errors, write_metrics
+from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 
@@ -103,8 +102,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-@report_errors
+@entry_point("eval")
 def main(cfg: DictConfig) -> None:
     evaluate_checkpoint(cfg)
 

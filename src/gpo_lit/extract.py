@@ -24,14 +24,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from gpo_lit.cli import CONF_DIR, report_errors
+from gpo_lit.cli import entry_point
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError, expect
 
@@ -254,8 +253,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="extract")
-@report_errors
+@entry_point("extract")
 def main(cfg: DictConfig) -> None:
     extract(cfg)
 

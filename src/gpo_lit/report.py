@@ -43,13 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_lit.cli import CONF_DIR, report_errors
+from gpo_lit.cli import entry_point
 from gpo_lit.errors import GpoLitError
 
 # Metrics of the table (a higher mean is better for all of them), in column order.
@@ -898,8 +897,7 @@ if not OmegaConf.has_resolver("gpo_lit.report_dir"):
     OmegaConf.register_new_resolver("gpo_lit.report_dir", _report_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
-@report_errors
+@entry_point("report")
 def main(cfg: DictConfig) -> None:
     if not _sweep_dir_given(cfg):
         raise GpoLitError(

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -14,11 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from gpo_lit.cli import (
-    CONF_DIR,
+    entry_point,
     finish_wandb,
     format_table,
     instantiate_group,
-    report_errors,
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
@@ -94,8 +92,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         finish_wandb()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@report_errors
+@entry_point("train")
 def main(cfg: DictConfig) -> float | None:
     results = train(cfg)
     # The value a Hydra sweeper optimises: the first test protocol's rsum.
