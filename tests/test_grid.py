@@ -210,3 +210,36 @@ def test_caffe_stride_equals_subsampling_before_the_block() -> None:
     assert enc.grid(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64)  # still stride 32
     with pytest.raises(GpoLitError, match="caffe_stride: expected a bottleneck ResNet"):
         GridEncoder("resnet10t", caffe_stride=True, embed_dim=8, pretrained=False)  # basic blocks
+
+
+def test_pretrained_weights_come_from_the_local_cache_without_network(tmp_path, monkeypatch):
+    """timm's Hub weights are found in the HF cache layout and loaded with no request, even
+    without HF_HUB_OFFLINE."""
+    import socket
+
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    ref = timm.create_model(TINY, pretrained=False)
+    sd = {
+        k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ref.state_dict().items()
+    }
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(sd, str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    enc = GridEncoder(TINY, embed_dim=8, pretrained=True)
+    got = enc.backbone.state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in got)
+    with pytest.raises(GpoLitError, match="expected a timm model name, found 'resnet_nope'"):
+        GridEncoder("resnet_nope", embed_dim=8, pretrained=True)

@@ -204,6 +204,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # the demo images are rendered on first use
+    splits = [datamodule.split(name, ex.max_images) for name in ex.splits]  # data errors first
     torch.manual_seed(cfg.seed)  # random-init backbones (demo) are reproducible
     encoder = build_encoder(cfg)
     out_dir = Path(ex.out_dir)
@@ -220,8 +221,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     }
     written: dict[str, Path] = {}
     meta: dict[str, Any] = {**settings, "splits": {}}
-    for name in ex.splits:
-        split = datamodule.split(name, ex.max_images)
+    for name, split in zip(ex.splits, splits, strict=True):
         path = extract_split(
             encoder,
             split,

@@ -8,7 +8,7 @@ parameters train whenever the block trains. In training, "size augmentation" dro
 the front and returns the new lengths.
 
 Weights never come from the network at run time: ``pretrained=True`` reads timm's weights from
-the local Hugging Face cache (``HF_HUB_OFFLINE=1``), ``checkpoint_path`` reads a local file (e.g.
+the local Hugging Face cache (looked up, never requested), ``checkpoint_path`` reads a local file (e.g.
 the BUTD detector's ResNet-101 converted to a torchvision-style state dict).
 """
 
@@ -71,6 +71,33 @@ def _missing_weights(backbone: str, err: Exception) -> GpoLitError:
         f"download them once with `huggingface-cli download timm/{backbone}`, or set "
         f"model.visual.checkpoint_path=<local .pth/.safetensors file>"
     )
+
+
+def cached_timm_weights(backbone: str) -> Path:
+    """The local Hugging Face cache file of timm's pretrained ``backbone`` weights.
+
+    Looked up in the cache only (``try_to_load_from_cache``): no request is ever made, whatever
+    ``HF_HUB_OFFLINE`` says. A model or tag without Hub weights, or weights not in the cache, is
+    a one-line error saying how to get them.
+    """
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(backbone.split(".")[0]):
+        raise GpoLitError(f"model.visual.backbone: expected a timm model name, found '{backbone}'")
+    try:
+        cfg = get_pretrained_cfg(backbone)
+    except (RuntimeError, ValueError, KeyError):
+        cfg = None  # an unknown tag: no weights to find
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if repo:
+        names = (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin")
+        for name in filter(None, names):
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str):
+                return Path(found)
+    raise _missing_weights(backbone, FileNotFoundError(repo or "no Hugging Face Hub weights"))
 
 
 def load_state_file(path: Path) -> dict[str, Tensor]:
@@ -164,21 +191,23 @@ def create_backbone(
     import timm
 
     kwargs = dict(backbone_kwargs or {})
-    from_hub = pretrained and checkpoint_path is None
+    if pretrained and checkpoint_path is None:
+        # timm's own loader, pointed at the cached file: it applies the model's checkpoint filter
+        cached = cached_timm_weights(backbone)
+        kwargs["pretrained_cfg_overlay"] = {"file": str(cached), "hf_hub_id": None, "url": None}
     try:
         model = timm.create_model(
-            backbone, pretrained=from_hub, features_only=True, out_indices=(out_index,), **kwargs
+            backbone,
+            pretrained=pretrained and checkpoint_path is None,
+            features_only=True,
+            out_indices=(out_index,),
+            **kwargs,
         )
-    except (RuntimeError, OSError, ValueError) as err:
-        if from_hub and "Unknown model" not in str(err):
-            raise _missing_weights(backbone, err) from None
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise GpoLitError(
-            f"model.visual.backbone: expected a timm model name, found {err}"
+            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found {first}"
         ) from None
-    except Exception as err:  # hub errors (LocalEntryNotFoundError, ...) when offline
-        if from_hub:
-            raise _missing_weights(backbone, err) from None
-        raise
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
