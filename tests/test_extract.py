@@ -228,8 +228,10 @@ def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> 
         },
         ckpt,
     )
-    from_ckpt = np.load(extract(compose_cfg("extract", "experiment=demo_grid", *common,
-        f"extract.out_dir={tmp_path / 'b'}", f"extract.ckpt={ckpt}"))["test"])  # fmt: skip
+    ckpt_cfg = compose_cfg("extract", "experiment=demo_grid", *common, f"extract.ckpt={ckpt}")
+    written = extract(ckpt_cfg)["test"]
+    assert written.parent.name.startswith(f"{TINY}-ckpt-")  # not the untrained backbone's folder
+    from_ckpt = np.load(written)
     from_config = np.load(extract(cfg)["test"])
     split = dm.split("test")
     images = torch.stack([torch.from_numpy(split.image(i)) for i in range(split.n_images)])
@@ -237,5 +239,5 @@ def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> 
         want = model.visual_encoder.grid(images).numpy()
     np.testing.assert_allclose(from_ckpt, want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(from_config, want, atol=1e-3)
-    meta = json.loads((tmp_path / "b" / "features_meta.json").read_text())
+    meta = json.loads((written.parent / "features_meta.json").read_text())
     assert meta["weights"] == str(ckpt) and meta["splits"]["test"]["images"] == 40

@@ -194,6 +194,18 @@ def build_encoder(cfg: DictConfig) -> GridEncoder:
     return encoder
 
 
+def default_out_dir(cfg: DictConfig, encoder: GridEncoder) -> Path:
+    """``<data root>/features/<backbone>``, or ``…/<backbone>-ckpt-<hash of its path>`` for a
+    fine-tuned checkpoint's backbone (never the folder of the untrained one)."""
+    name = encoder.backbone_name
+    if cfg.extract.ckpt:
+        import hashlib
+
+        digest = hashlib.sha1(str(Path(cfg.extract.ckpt).resolve()).encode()).hexdigest()[:8]
+        name += f"-ckpt-{digest}"
+    return Path(cfg.data.root) / "features" / name
+
+
 def extract(cfg: DictConfig) -> dict[str, Path]:
     """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``."""
     ex = cfg.extract
@@ -207,7 +219,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     splits = [datamodule.split(name, ex.max_images) for name in ex.splits]  # data errors first
     torch.manual_seed(cfg.seed)  # random-init backbones (demo) are reproducible
     encoder = build_encoder(cfg)
-    out_dir = Path(ex.out_dir)
+    out_dir = Path(ex.out_dir) if ex.out_dir else default_out_dir(cfg, encoder)
     reader_cfg = OmegaConf.to_container(cfg.data.reader, resolve=True)
     settings = {
         "backbone": encoder.backbone_name,
