@@ -239,5 +239,11 @@ def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> 
         want = model.visual_encoder.grid(images).numpy()
     np.testing.assert_allclose(from_ckpt, want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(from_config, want, atol=1e-3)
+    # another split may join a folder only with the same settings
+    other = compose_cfg("extract", "experiment=demo_grid", *common, f"extract.out_dir={tmp_path / 'a'}",
+        "extract.splits=[dev]", "extract.pool_grid=2")  # fmt: skip
+    with pytest.raises(GpoLitError, match=r"features_meta\.json: expected the settings"):
+        extract(other)
+    assert not (tmp_path / "a" / "dev_ims.npy").exists()
     meta = json.loads((written.parent / "features_meta.json").read_text())
     assert meta["weights"] == str(ckpt) and meta["splits"]["test"]["images"] == 40

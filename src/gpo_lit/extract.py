@@ -233,6 +233,16 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     }
     written: dict[str, Path] = {}
     meta: dict[str, Any] = {**settings, "splits": {}}
+    meta_path = out_dir / "features_meta.json"
+    if meta_path.exists():  # more splits of the same extraction may join; others may not
+        old = json.loads(meta_path.read_text())
+        meta["splits"] = old.get("splits", {})
+        expect(
+            {k: v for k, v in old.items() if k != "splits"} == settings,
+            meta_path,
+            "the settings of this extraction (splits of one folder share them)",
+            "features made with other settings; choose another extract.out_dir",
+        )
     for name, split in zip(ex.splits, splits, strict=True):
         path = extract_split(
             encoder,
@@ -251,10 +261,6 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
         meta["splits"][name] = {"images": shape[0], "cells": shape[1], "dim": shape[2]}
         written[name] = path
         print(f"{path}: {shape[0]} images × {shape[1]} cells × {shape[2]}", flush=True)
-    meta_path = out_dir / "features_meta.json"
-    if meta_path.exists():  # earlier splits of the same extraction stay listed
-        old = json.loads(meta_path.read_text())
-        meta["splits"] = {**old.get("splits", {}), **meta["splits"]}
     _write_json(meta_path, meta)
     dim = meta["splits"][next(iter(written))]["dim"] if written else "C"
     print(
