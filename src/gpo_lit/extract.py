@@ -264,7 +264,8 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     _write_json(meta_path, meta)
     dim = meta["splits"][next(iter(written))]["dim"] if written else "C"
     print(
-        f"Train on them: make train EXP=<experiment> data.root={out_dir} "
+        f"Train on them: make train EXP=<precomputed-feature experiment, e.g. f30k_butd_bert> "
+        f"data.root={out_dir} "
         f"model/visual=grid_precomp model.visual.in_dim={dim}",
         flush=True,
     )
