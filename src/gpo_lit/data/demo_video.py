@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpo_lit.data.demo import COLOURS  # the image demo's colour words
 from gpo_lit.errors import expect
 
 GENERATOR_VERSION = 1
@@ -69,16 +70,6 @@ META_FILE = "demo_video_meta.json"
 SPLITS = ("train", "val", "test")
 FEATURES_DIR, CAPTIONS_FILE, SPLITS_DIR = "features", "captions.json", "splits"
 
-COLOURS = {
-    "red": ["red", "crimson", "scarlet"],
-    "blue": ["blue", "navy", "azure"],
-    "green": ["green", "emerald", "lime"],
-    "yellow": ["yellow", "golden"],
-    "purple": ["purple", "violet"],
-    "orange": ["orange", "amber"],
-    "white": ["white", "pale"],
-    "black": ["black", "dark"],
-}
 SHAPES = {
     "ball": ["ball", "sphere", "orb"],
     "cube": ["cube", "box", "block"],

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gpo_lit.data.precomp import REPEAT, read_lines
+from gpo_lit.data.reader import CaptionList
 from gpo_lit.errors import GpoLitError, expect, require_file
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def train_crop_box(
     return x0, y0, x0 + cw, y0 + ch
 
 
-class ImageSplit:
+class ImageSplit(CaptionList):
     """One split of a raw-image data set: file paths, captions and the caption → image map.
 
     Attributes as the other readers: ``n_images``, ``n_captions``, ``captions``, ``cap2img``,
@@ -183,16 +184,6 @@ class ImageSplit:
             if (sub / first).is_file():
                 return sub
         return image_dir
-
-    @property
-    def n_captions(self) -> int:
-        return len(self.captions)
-
-    def caption(self, j: int) -> str:
-        j = operator.index(j)
-        if not 0 <= j < self.n_captions:
-            raise IndexError(f"caption {j} out of range for {self.n_captions} captions")
-        return self.captions[j]
 
     # -- pixels ----------------------------------------------------------------------------
     def _open(self, i: int):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gpo_lit.data.reader import CaptionList
 from gpo_lit.errors import GpoLitError, expect, require_file
 
 REPEAT = 5  # old copies store each image this many times, one row per caption
@@ -96,7 +97,7 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     return out
 
 
-class PrecompSplit:
+class PrecompSplit(CaptionList):
     """One split of a SCAN precomp folder: unique images, their captions and the caption->image map.
 
     Attributes: ``n_images``, ``n_captions``, ``captions`` (list[str]), ``cap2img`` (int64
@@ -177,10 +178,6 @@ class PrecompSplit:
         self.cap2img = np.arange(len(self.captions), dtype=np.int64) // k
         self.image_ids = None if ids is None else ids[:: self._stride][: self.n_images]
 
-    @property
-    def n_captions(self) -> int:
-        return len(self.captions)
-
     def _ims(self) -> np.ndarray:
         """The feature file as a read-only memory map ``(N_rows, R, D)``, opened on first use."""
         if self._mm is None:
@@ -214,15 +211,6 @@ class PrecompSplit:
             bad = int(x.size - np.isfinite(x).sum())
             expect(bad == 0, self.path, f"finite features in row {row}", f"{bad} NaN/inf values")
         return x
-
-    def caption(self, j: int) -> str:
-        """Caption ``j``; it belongs to image ``cap2img[j]``."""
-        j = operator.index(j)
-        if not 0 <= j < self.n_captions:
-            raise IndexError(
-                f"caption {j} out of range for {self.n_captions} captions in {self.path}"
-            )
-        return self.captions[j]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -31,3 +32,23 @@ class SplitReader(Protocol):
     def caption(self, j: int) -> str:
         """Caption ``j``."""
         ...
+
+
+class CaptionList:
+    """``n_captions`` and ``caption(j)`` for readers that hold ``captions`` and ``path``."""
+
+    captions: list[str]
+    path: Path
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+    def caption(self, j: int) -> str:
+        """Caption ``j``; it belongs to item ``cap2img[j]``."""
+        j = operator.index(j)
+        if not 0 <= j < self.n_captions:
+            raise IndexError(
+                f"caption {j} out of range for {self.n_captions} captions in {self.path}"
+            )
+        return self.captions[j]

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from gpo_lit.data.precomp import read_lines, read_npy_header
+from gpo_lit.data.reader import CaptionList
 from gpo_lit.errors import GpoLitError, MissingFileError, expect, require_file
 
 # HGR names its split files trn / val / tst; gpo_lit configs say train / val / test.
@@ -98,7 +99,7 @@ def _caption_table(data: Any, path: Path) -> dict[str, Any]:
     return data
 
 
-class _VideoSplit:
+class _VideoSplit(CaptionList):
     """What both readers share once their tables are built: sampling, checks and access.
 
     Subclasses set ``path``, ``video_ids``, ``n_total_frames`` (frames stored per video),
@@ -134,10 +135,6 @@ class _VideoSplit:
     @property
     def n_images(self) -> int:
         return len(self.video_ids)
-
-    @property
-    def n_captions(self) -> int:
-        return len(self.captions)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -248,15 +245,6 @@ class _VideoSplit:
             bad = int(x.size - np.isfinite(x).sum())
             expect(bad == 0, where, f"finite features for video {name!r}", f"{bad} NaN/inf values")
         return x
-
-    def caption(self, j: int) -> str:
-        """Caption ``j``; it belongs to video ``cap2img[j]``."""
-        j = operator.index(j)
-        if not 0 <= j < self.n_captions:
-            raise IndexError(
-                f"caption {j} out of range for {self.n_captions} captions in {self.path}"
-            )
-        return self.captions[j]
 
     def __repr__(self) -> str:
         t = self.lengths
