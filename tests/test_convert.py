@@ -13,7 +13,7 @@ from gpo_lit.convert import convert, read_authors_checkpoint
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
-from tests.test_model import WORDS, tiny_model
+from tests.test_model import WORDS, compose_cfg, tiny_model
 from tests.test_train_eval import run
 
 
@@ -148,25 +148,19 @@ TINY_RESNET = ["model.visual.backbone_kwargs={channels:[4,8,8,16],stem_width:8}"
 
 def tiny_grid_model(*overrides: str):
     """demo_grid with a tiny bottleneck ResNet (torchvision key layout) and d = 8."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from gpo_lit.cli import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            [
-                "experiment=demo_grid",
-                "paths.output_dir=unused",
-                "model.embed_dim=8",
-                "model.visual.backbone=resnet26",
-                "model.visual.out_index=-1",
-                "model.visual.freeze_bn=true",
-                *TINY_RESNET,
-                *overrides,
-            ],
-        )
+    cfg = compose_cfg(
+        "train",
+        "experiment=demo_grid",
+        "paths.output_dir=unused",
+        "model.embed_dim=8",
+        "model.visual.backbone=resnet26",
+        "model.visual.out_index=-1",
+        "model.visual.freeze_bn=true",
+        *TINY_RESNET,
+        *overrides,
+    )
     torch.manual_seed(0)
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS).eval()
     with torch.no_grad():  # non-trivial BN statistics and scales (timm zero-inits some)

@@ -4,9 +4,8 @@ released recipe (REFERENCE §2–§5): checked key by key on the composed config
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from gpo_lit.cli import CONF_DIR
+from tests.test_model import compose_cfg
 
 GRID = "gpo_lit.encoders.grid.GridEncoder"
 REGION = "gpo_lit.encoders.RegionEncoder"
@@ -74,10 +73,9 @@ ROWS = {
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_paper_rows_use_the_released_recipe(name: str) -> None:
     dataset, visual, backbone, text, wd, mults = ROWS[name]
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train", [f"experiment={name}", "paths.output_dir=unused", "paths.data_dir=data"]
-        )
+    cfg = compose_cfg(
+        "train", f"experiment={name}", "paths.output_dir=unused", "paths.data_dir=data"
+    )
     assert cfg.name == name
     # data: the data set's splits and protocols (COCO 1K is the 5-fold mean of testall)
     assert cfg.data.root == f"data/{dataset}" + ("/precomp" if visual == REGION else "")

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from gpo_lit.cli import CONF_DIR
 from gpo_lit.data.images import ImageSplit
 from gpo_lit.data.precomp import PrecompSplit
 from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
@@ -21,14 +19,10 @@ from gpo_lit.extract import extract_split
 from gpo_lit.train import build_vocab
 from tests.test_grid_e2e import TINY_GRID_DEMO
 from tests.test_images import make_tree
+from tests.test_model import compose_cfg
 from tests.test_train_eval import one_line_error, run
 
 TINY = "test_resnet.r160_in1k"
-
-
-def compose_cfg(name: str, *overrides: str):
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose(name, list(overrides))
 
 
 def embed_test_images(model, datamodule) -> torch.Tensor:

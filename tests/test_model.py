@@ -14,19 +14,22 @@ from gpo_lit.model import VSEModel, load_model
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
 
 
-def tiny_model(*overrides: str) -> VSEModel:
+def compose_cfg(name: str, *overrides: str):
+    """``conf/<name>.yaml`` composed with ``overrides``, as the command line would."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=demo",
-                "paths.output_dir=unused",
-                "model.embed_dim=8",
-                "data.demo.feat_dim=6",
-                "model.visual.mlp_hidden=4",
-                *overrides,
-            ],
-        )
+        return compose(name, list(overrides))
+
+
+def tiny_model(*overrides: str) -> VSEModel:
+    cfg = compose_cfg(
+        "train",
+        "experiment=demo",
+        "paths.output_dir=unused",
+        "model.embed_dim=8",
+        "data.demo.feat_dim=6",
+        "model.visual.mlp_hidden=4",
+        *overrides,
+    )
     return instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS)
 
 

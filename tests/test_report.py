@@ -13,17 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gpo_lit import report as rp
-from gpo_lit.cli import CONF_DIR
 from gpo_lit.errors import GpoLitError
+from tests.test_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
 POOL = {
     "gpo": {"name": "gpo", "d_pe": 32, "d_hidden": 32, "temperature": 0.1},
     "max": {"name": "max"},
@@ -81,19 +78,8 @@ def write_job(
 @functools.cache
 def tiny_checkpoint(seed: int) -> tuple[dict, torch.nn.Module]:
     """A real (tiny) GPO model saved in Lightning's checkpoint layout, and the model."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=demo",
-                "paths.output_dir=unused",
-                "model.embed_dim=8",
-                "data.demo.feat_dim=6",
-                "model.visual.mlp_hidden=4",
-            ],
-        )
     torch.manual_seed(seed)
-    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS).eval()
+    model = tiny_model().eval()
     return {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, model
 
 
