@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from gpo_lit.cli import entry_point
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.files import write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
 
@@ -51,13 +52,8 @@ class EvalImages(Dataset):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` atomically (temp file + fsync + rename): a crash leaves old or new, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` atomically and on disk (progress records vouch for flushed rows)."""
+    write_atomic(path, json.dumps(obj, indent=1).encode(), sync=True)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -71,9 +67,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
             "a different file; remove it or choose another extract.out_dir",
         )
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 @torch.no_grad()

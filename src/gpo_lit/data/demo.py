@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.files import write_atomic
 
 GENERATOR_VERSION = 1
 META_FILE = "demo_meta.json"
@@ -219,14 +219,6 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     return ims, caps
 
 
-def _write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _diff(meta: dict, old: object) -> tuple[str, str]:
     """The meta entries that differ, as ``k=v`` lists (wanted, found)."""
     if not isinstance(old, dict):
@@ -314,12 +306,14 @@ def generate_demo(
             world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
         )
         ids = [f"demo-{split}-{i:05d}" for i in range(sizes[split])]
-        _write(root / f"{split}_ims.npy", lambda f, a=ims: np.save(f, a, allow_pickle=False))
-        _write(
+        write_atomic(root / f"{split}_ims.npy", lambda f, a=ims: np.save(f, a, allow_pickle=False))
+        write_atomic(
             root / f"{split}_caps.txt", lambda f, c=caps: f.write(("\n".join(c) + "\n").encode())
         )
-        _write(root / f"{split}_ids.txt", lambda f, c=ids: f.write(("\n".join(c) + "\n").encode()))
-    _write(
+        write_atomic(
+            root / f"{split}_ids.txt", lambda f, c=ids: f.write(("\n".join(c) + "\n").encode())
+        )
+    write_atomic(
         meta_path, lambda f: f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     )
     return root

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.data.demo import COLOURS, SPLITS, _write, demo_scenes, is_generated
+from gpo_lit.data.demo import COLOURS, SPLITS, demo_scenes, is_generated
 from gpo_lit.errors import expect
+from gpo_lit.files import write_atomic
 
 GENERATOR_VERSION = 1
 META_FILE = "demo_images_meta.json"
@@ -154,21 +155,23 @@ def generate_demo_images(
         for image_id, objs in zip(ids, objs_list, strict=True):
             im = render_scene(objs, image_size, rng)
             name = f"{image_id}.jpg"
-            _write(root / "images" / name, lambda f, im=im: im.save(f, "JPEG", quality=quality))
+            write_atomic(
+                root / "images" / name, lambda f, im=im: im.save(f, "JPEG", quality=quality)
+            )
             mapping[image_id] = name
-        _write(
+        write_atomic(
             root / "precomp" / f"{split}_caps.txt",
             lambda f, c=caps: f.write(("\n".join(c) + "\n").encode()),
         )
-        _write(
+        write_atomic(
             root / "precomp" / f"{split}_ids.txt",
             lambda f, c=ids: f.write(("\n".join(c) + "\n").encode()),
         )
-    _write(
+    write_atomic(
         root / "id_mapping.json",
         lambda f: f.write((json.dumps(mapping, indent=0, sort_keys=True) + "\n").encode()),
     )
-    _write(
+    write_atomic(
         meta_path, lambda f: f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     )
     return root

@@ -55,7 +55,6 @@ never clobbers a different existing data set.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,7 @@ import numpy as np
 
 from gpo_lit.data.demo import COLOURS  # the image demo's colour words
 from gpo_lit.errors import expect
+from gpo_lit.files import write_atomic
 
 GENERATOR_VERSION = 1
 META_FILE = "demo_video_meta.json"
@@ -288,13 +288,6 @@ def _split(world: _World, n: int, frames: tuple[int, int], k: int, rng: np.rando
     return feats, caps
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _npy_bytes(a: np.ndarray) -> bytes:
     import io
 
@@ -376,7 +369,7 @@ def generate_demo_video(
     root.mkdir(parents=True, exist_ok=True)
     # The meta goes first, marked incomplete: a concurrent call with the same meta then writes
     # the same bytes instead of taking the files for someone else's; "complete" comes last.
-    _write(meta_path, _meta_bytes({**meta, "complete": False}))
+    write_atomic(meta_path, _meta_bytes({**meta, "complete": False}))
     if overwrite and feat_dir.is_dir():  # stale clips of an earlier, larger demo
         for old_file in feat_dir.glob("demo-video-*.npy"):
             old_file.unlink(missing_ok=True)
@@ -391,11 +384,11 @@ def generate_demo_video(
             world, sizes[split], frames, captions_per_video, np.random.default_rng(ss)
         )
         for vid, x, c in zip(ids, feats, caps, strict=True):
-            _write(feat_dir / f"{vid}.npy", _npy_bytes(x))
+            write_atomic(feat_dir / f"{vid}.npy", _npy_bytes(x))
             captions[vid] = c
-        _write(root / SPLITS_DIR / f"{split}.txt", ("\n".join(ids) + "\n").encode())
-    _write(root / CAPTIONS_FILE, (json.dumps(captions, indent=0) + "\n").encode())
-    _write(meta_path, _meta_bytes({**meta, "complete": True}))
+        write_atomic(root / SPLITS_DIR / f"{split}.txt", ("\n".join(ids) + "\n").encode())
+    write_atomic(root / CAPTIONS_FILE, (json.dumps(captions, indent=0) + "\n").encode())
+    write_atomic(meta_path, _meta_bytes({**meta, "complete": True}))
     return root
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gpo_lit.errors import GpoLitError
+from gpo_lit.files import write_atomic
 from gpo_lit.metrics.ranks import prepare_embeddings
 
 KEYS = ("img", "cap", "cap2img")
@@ -42,11 +43,8 @@ def save_embeddings(path: str | os.PathLike, img: Any, cap: Any, cap2img: Any) -
     except GpoLitError as e:
         raise GpoLitError(f"{path}: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, img=img_np, cap=cap_np, cap2img=c2i_np.astype(np.int64, copy=False))
-    os.replace(tmp, path)
-    return path
+    c2i_np = c2i_np.astype(np.int64, copy=False)
+    return write_atomic(path, lambda f: np.savez(f, img=img_np, cap=cap_np, cap2img=c2i_np))
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor]:
