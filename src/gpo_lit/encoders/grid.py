@@ -313,7 +313,6 @@ class GridEncoder(GridCellEncoder):
             channels, embed_dim, size_augment, augment_p, augment_min_rate, augment_max_rate
         )
         self.backbone = net
-        self.out_dim = channels
         self.reduction = int(net.feature_info.reduction()[-1])
         self.backbone_name = backbone
         self.freeze_bn = freeze_bn
