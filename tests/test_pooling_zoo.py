@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +18,12 @@ import gpo_lit.pooling
 from gpo_lit.errors import GpoLitError
 from gpo_lit.pooling import Pooling, available_poolings, create_pooling, valid_mask
 from gpo_lit.pooling.gpo import GPO
+from tests.test_pooling import CONF, B, D, N, make_batch
 
 # Register every operator module of the package (the zoo, and any other), whatever __init__ imports.
 for _mod in pkgutil.iter_modules(gpo_lit.pooling.__path__):
     importlib.import_module(f"gpo_lit.pooling.{_mod.name}")
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "pooling"
-B, N, D = 7, 9, 5
 NAMES = [
     "gem",
     "lse",
@@ -36,18 +34,6 @@ NAMES = [
     "gpo_transformer",
     "gpo_perdim",
 ]
-
-
-def make_batch(seed: int = 0, b: int = B, n: int = N, d: int = D, garbage: float = 1e30):
-    """Random set with lengths covering 1 and n, padding filled with huge +/- values."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, d, generator=g)
-    lengths = torch.randint(1, n + 1, (b,), generator=g)
-    lengths[0], lengths[1] = 1, n
-    pad = ~valid_mask(lengths, n)
-    signs = torch.randint(0, 2, (b, n, d), generator=g).float() * 2 - 1
-    x[pad] = (signs * garbage)[pad]
-    return x, lengths
 
 
 def make(name: str, dim: int = D, seed: int = 0, **kw) -> Pooling:
