@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
+from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import SPECIALS, Vocabulary, tokenize_words
 from gpo_lit.errors import GpoLitError
@@ -276,3 +278,40 @@ def test_hf_tokenizer_not_found(tmp_path):
         HFTokenizer(str(tmp_path / "missing"))
     with pytest.raises(GpoLitError, match="tokenizer.json"):
         HFTokenizer(str(tmp_path))  # exists, but holds no tokenizer
+
+
+# --- caption augmentation per tokenizer ----------------------------------------------------------
+
+
+class _OneCaptionSplit:
+    """The little of a split reader PairDataset reads: one image, one caption."""
+
+    def __init__(self, caption: str) -> None:
+        self.cap2img = np.zeros(1, dtype=np.int64)
+        self.n_captions = 1
+        self._caption = caption
+
+    def image(self, i: int) -> np.ndarray:
+        return np.zeros((2, 3), dtype=np.float32)
+
+    def caption(self, j: int) -> str:
+        return self._caption
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_perturb_specials_default_follows_the_released_code(tiny_tokenizer_dir, setting):
+    """``data.augment.perturb_specials=null``: the BiGRU vocabulary's <start>/<end> are
+    perturbed like words (first token still <start> in 80 % of items), HF [CLS]/[SEP] never."""
+    bigru = VocabTokenizer(Vocabulary.build(CAPTIONS, min_count=1))
+    hf = HFTokenizer(str(tiny_tokenizer_dir))
+    n = 2000
+    for tok, released in ((bigru, True), (hf, False)):
+        augment = Augment(region_keep_prob=None, perturb_specials=setting)
+        ids, _ = tok.encode("a dog jumps over a fence.")
+        data = PairDataset(_OneCaptionSplit("a dog jumps over a fence."), tok, augment)
+        first = sum(data[(0, epoch)]["cap"][0] == ids[0] for epoch in range(n))
+        perturbed = released if setting is None else setting
+        if perturbed:
+            assert abs(first - 0.8 * n) <= 5 * (n * 0.8 * 0.2) ** 0.5, (tok, first)
+        else:
+            assert first == n, (tok, first)
