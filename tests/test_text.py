@@ -66,8 +66,8 @@ def test_tokenize_words_as_nltk(text, words):
 
 
 def test_tokenize_words_fast_path_equals_nltk():
-    """Plain captions (letters, digits, hyphens, spaces, a final period) skip nltk: same
-    tokens, including the words nltk splits ("cannot", "gonna", "--")."""
+    """Plain captions (letters, digits, hyphens, commas, spaces, a final period) skip nltk:
+    same tokens, including what nltk splits or keeps ("cannot", "--", "1,000", ",,")."""
     import random
 
     from nltk.tokenize import word_tokenize
@@ -75,7 +75,7 @@ def test_tokenize_words_fast_path_equals_nltk():
     rng = random.Random(0)
     pool = ["a", "man", "Dog", "2", "10", "on", "the", "x9", "Snow", "black-and-white", "t-shirt"]
     pool += ["cannot", "gonna", "gotta", "gimme", "lemme", "wanna", "wan", "can-not", "wanna-be"]
-    pool += ["-", "--", "a--b", "x-", "-y"]
+    pool += ["-", "--", "a--b", "x-", "-y", ",", "red,", ",x", "1,000", "a,2", "x,,y", "2,"]
     for _ in range(3000):
         words = [rng.choice(pool) for _ in range(rng.randint(0, 8))]
         text = (" " * rng.randint(1, 3)).join(words) + rng.choice(["", ".", ". ", "  ", " ."])
