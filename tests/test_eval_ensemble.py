@@ -68,3 +68,41 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
     err = one_line_error(res)
     assert "member1/embeddings.npz: expected the test split of" in err
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def collapsed_model():
+    """A tiny model with every parameter zero: every embedding is the zero vector, so every
+    similarity ties (0) — a model that learned nothing."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+@pytest.mark.slow
+def test_eval_ties_option_single_and_ensemble(tmp_path: Path) -> None:
+    # 20 test images × 5 captions, all similarities tied: pessimistic (the default) every query
+    # ranks behind every other candidate (rsum 0, i2t rank 95, t2i rank 19); ties=optimistic gives
+    # the strict count (every rank 0, rsum 600), for the ensemble and its members alike.
+    data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=20, feat_dim=6)
+    ckpt = save_native(collapsed_model(), tmp_path / "flat.ckpt", data)
+    res = run("gpo_lit.eval", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((tmp_path / "p" / "metrics.json").read_text())["full"]
+    assert got["rsum"] == 0.0 and got["i2t_medr"] == 96.0 and got["t2i_medr"] == 20.0
+
+    out = tmp_path / "o"
+    res = run(
+        "gpo_lit.eval", f"ckpt=[{ckpt},{ckpt}]", "ties=optimistic", f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for path in (out / "metrics.json", out / "member0" / "metrics.json"):
+        got = json.loads(path.read_text())["full"]
+        assert got["rsum"] == 600.0 and got["i2t_medr"] == 1.0, path
+
+    res = run("gpo_lit.eval", f"ckpt={ckpt}", "ties=worst", f"hydra.run.dir={tmp_path / 'x'}",
+              cwd=tmp_path)  # fmt: skip
+    assert one_line_error(res) == "error: ties: expected pessimistic or optimistic, found 'worst'"
+    assert not (tmp_path / "x" / "metrics.json").exists()

@@ -508,3 +508,15 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "coco_1k" in proc.stderr
+
+
+def test_model_takes_ties_from_the_evaluation_config() -> None:
+    from gpo_lit.cli import user_error
+    from tests.test_model import tiny_model
+
+    assert tiny_model().eval_cfg["ties"] == "pessimistic"
+    assert tiny_model("evaluation.ties=optimistic").eval_cfg["ties"] == "optimistic"
+    with pytest.raises(Exception) as info:  # at construction, not after the first epoch
+        tiny_model("evaluation.ties=strict")
+    msg = str(user_error(info.value))  # what the entry points print (Hydra wraps it)
+    assert msg == "ties: expected pessimistic or optimistic, found 'strict'"
