@@ -362,6 +362,13 @@ def test_cuda_matches_naive() -> None:
     for g, w in zip(got, want, strict=True):
         assert g.is_cuda
         np.testing.assert_array_equal(g.cpu().numpy(), w)
+    img, cap, cap2img = (t.cuda() for t in tie_example())
+    for ties in TIES:
+        for shard_size in (1, 3):
+            got = retrieval_ranks(img, cap, cap2img, shard_size, ties=ties)
+            assert tuple(t.tolist() for t in got) == TIE_RANKS[ties]
+    m = evaluate(torch.ones(200, 8).cuda(), torch.ones(1000, 8).cuda(), torch.arange(1000) // 5)
+    assert m["rsum"] == 0.0 and m["t2i_medr"] == 200.0  # collapsed: the recount path on CUDA
 
 
 # ---------------------------------------------------------------------------------------------
