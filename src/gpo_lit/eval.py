@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
+from gpo_lit.config_check import check_config
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 
@@ -46,6 +47,12 @@ def evaluate_one(
     model.eval_cfg = dict(model.eval_cfg)
     if cfg.protocols:
         model.eval_cfg["test_protocols"] = list(cfg.protocols)
+    datamodule.check_splits(  # before embedding anything
+        ["test"],
+        in_dim=model.hparams["visual"].get("in_dim"),
+        in_dim_key=f"the model.visual.in_dim of {ckpt}",
+        protocols={"test": model.eval_cfg["test_protocols"]},
+    )
     if save_embeddings:
         model.eval_cfg["save_embeddings_to"] = str(out_dir / "embeddings.npz")
     trainer = pl.Trainer(
@@ -79,6 +86,7 @@ def ensemble(members: list[Path], protocols: list[str], shard_size: int = 1024) 
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Results:
+    check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig | list) else [str(cfg.ckpt)]
     if len(ckpts) == 1:
