@@ -28,6 +28,7 @@ from gpo_lit.data.datasets import ImageDataset
 from gpo_lit.data.demo import generate_demo
 from gpo_lit.data.images import ImageSplit
 from gpo_lit.data.sampling import EpochShuffleSampler
+from gpo_lit.divergence import LossWatch
 from gpo_lit.errors import GpoLitError
 from gpo_lit.eval import evaluate_checkpoint
 from gpo_lit.extract import extract
@@ -421,3 +422,37 @@ def test_diverging_lr_says_so_and_keeps_the_last_good_checkpoint(data, tmp_path,
     assert 0 < last["global_step"] <= step
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert not list((run_dir / "checkpoints").glob("best-*"))
+
+
+def test_loss_watch_remembers_the_first_non_finite_step() -> None:
+    watch = LossWatch(lr=0.5)
+    watch.check()  # nothing seen yet
+    for step in range(3):
+        watch.update(torch.tensor(1.0 + step), step, epoch=0)
+    watch.check()
+    watch.check_weights({"w": torch.ones(3), "n": torch.tensor([1, 2])}, 3, 0)
+    watch.update(torch.tensor(float("nan")), 3, epoch=1)
+    watch.update(torch.tensor(float("inf")), 4, epoch=1)
+    watch.update(torch.tensor(2.0), 5, epoch=2)
+    with pytest.raises(
+        GpoLitError, match=r"found 0.5: the loss diverged to NaN/inf at step 3 \(epoch 1\)$"
+    ):
+        watch.check()
+    fresh = LossWatch(lr=0.5)
+    with pytest.raises(GpoLitError, match=r"weights became NaN/inf by step 9 \(epoch 2\)"):
+        fresh.check_weights({"w": torch.tensor([1.0, float("-inf")])}, 9, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_watch_does_not_sync_per_step() -> None:
+    watch = LossWatch(lr=0.5)
+    losses = torch.tensor([1.0, float("nan"), 2.0], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device → host wait raises
+    try:
+        for step in range(3):
+            watch.update(losses[step], step, epoch=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(GpoLitError, match="at step 1 "):
+        watch.check()
