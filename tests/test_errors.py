@@ -301,11 +301,12 @@ def test_object_dtype_split_says_so(data, run_dir, capsys, no_fit) -> None:
     )
 
 
-def test_folder_instead_of_a_file_says_so(data, run_dir, capsys, no_fit) -> None:
-    (data / "test_caps.txt").unlink()
-    (data / "test_caps.txt").mkdir()
+@pytest.mark.parametrize("name", ["test_caps.txt", "dev_ims.npy"])
+def test_folder_instead_of_a_file_says_so(data, run_dir, capsys, no_fit, name: str) -> None:
+    (data / name).unlink()
+    (data / name).mkdir()
     msg = train_error(data, run_dir, capsys)
-    assert msg.startswith(f"error: {data / 'test_caps.txt'}: expected a file (") and msg.endswith(
+    assert msg.startswith(f"error: {data / name}: expected a file (") and msg.endswith(
         "found a folder"
     )
 
@@ -344,20 +345,28 @@ def test_decompression_bomb_is_a_bad_image(tmp_path: Path) -> None:
 # -- item 2: errors inside DataLoader workers ----------------------------------------------------
 
 
-def test_bad_image_in_a_worker_is_one_line(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("breaks", "found"),
+    [
+        (lambda p: p.write_bytes(b"not an image"), "UnidentifiedImageError"),
+        (bomb_png, "DecompressionBombError: Image size (400000000 pixels) exceeds limit of "),
+    ],
+)
+def test_bad_image_in_a_worker_is_one_line(tmp_path: Path, capsys, breaks, found: str) -> None:
     root = make_tree(tmp_path / "d", n=6)
     split = ImageSplit(root, "train", image_size=16)
-    Path(split.files[4]).write_bytes(b"not an image")
+    breaks(Path(split.files[4]))
 
     def embed_all(_cfg) -> None:
         for _ in DataLoader(ImageDataset(split), batch_size=2, num_workers=2):
             pass
 
     msg = one_line(embed_all, None, capsys)
-    assert msg == (
+    assert msg.startswith(
         f"error: {split.files[4]}: expected a readable image (id {split.image_ids[4]}), found "
-        "UnidentifiedImageError (data.reader.skip_bad=true replaces bad images by the mean image)"
+        f"{found}"
     )
+    assert msg.endswith("(data.reader.skip_bad=true replaces bad images by the mean image)")
 
 
 def first_training_image(n_captions: int = 1200, k: int = 5) -> int:
