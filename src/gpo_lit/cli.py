@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, one_line
 
 log = logging.getLogger("gpo_lit")
 
@@ -31,7 +31,8 @@ def user_error(err: BaseException) -> GpoLitError | None:
 
 
 def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Turn a GpoLitError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a GpoLitError into one line on stderr and exit status 2 (no traceback), also one
+    raised inside a DataLoader worker."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
@@ -41,27 +42,31 @@ def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
             found = user_error(err)
             if found is None:
                 raise
-            print(f"error: {found}", file=sys.stderr)
+            print(f"error: {one_line(found)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapped
 
 
-def unknown_choice(config_name: str, argv: list[str]) -> GpoLitError | None:
-    """One line for a config group option that does not exist (``model/pooling=foo``).
+def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
+    """One line for a config group option that does not exist (``model/pooling=foo``) or a value
+    outside :data:`gpo_lit.config_check.RULES` (``data.batch_size=0``), found before Hydra
+    creates or writes into the run folder.
 
-    Hydra reports it in several lines; composing the command line's overrides first finds it.
-    Anything else (a sweep, a bad value) is left to Hydra and to the job itself.
+    Hydra reports an unknown option in several lines; composing the command line's overrides
+    first finds it. Anything else (a sweep, other errors) is left to Hydra and to the job itself.
     """
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
+    from gpo_lit.config_check import check_config
+
     overrides = [a for a in argv if not a.startswith("-")]
     try:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, value = missing.rpartition("/")
@@ -72,12 +77,16 @@ def unknown_choice(config_name: str, argv: list[str]) -> GpoLitError | None:
         )
     except Exception:  # noqa: BLE001 - Hydra and the job report everything else themselves
         return None
+    try:
+        check_config(cfg)
+    except GpoLitError as err:
+        return err
     return None
 
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """``@entry_point("train")``: a Hydra main on ``conf/<config_name>.yaml`` whose user errors,
-    unknown group options included, are one line on stderr with exit status 2."""
+    unknown group options and bad values included, are one line on stderr with exit status 2."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         import hydra
@@ -88,7 +97,7 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         @functools.wraps(task)
         def main() -> Any:
-            err = unknown_choice(config_name, sys.argv[1:])
+            err = config_error(config_name, sys.argv[1:])
             if err is not None:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
+from gpo_lit.config_check import check_config
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import check_ties
 from gpo_lit.model import load_model
@@ -50,6 +51,12 @@ def evaluate_one(
     model.eval_cfg["ties"] = cfg.ties
     if cfg.protocols:
         model.eval_cfg["test_protocols"] = list(cfg.protocols)
+    datamodule.check_splits(  # before embedding anything
+        ["test"],
+        in_dim=model.hparams["visual"].get("in_dim"),
+        in_dim_key=f"the model.visual.in_dim of {ckpt}",
+        protocols={"test": model.eval_cfg["test_protocols"]},
+    )
     if save_embeddings:
         model.eval_cfg["save_embeddings_to"] = str(out_dir / "embeddings.npz")
     trainer = pl.Trainer(
@@ -85,6 +92,7 @@ def ensemble(
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Results:
+    check_config(cfg)
     check_ties(cfg.ties)  # before any checkpoint is loaded
     out_dir = Path(cfg.paths.output_dir)
     ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig | list) else [str(cfg.ckpt)]

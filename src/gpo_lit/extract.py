@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from gpo_lit.cli import entry_point
+from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
@@ -202,11 +203,10 @@ def default_out_dir(cfg: DictConfig, encoder: GridEncoder) -> Path:
 
 def extract(cfg: DictConfig) -> dict[str, Path]:
     """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``."""
+    check_config(cfg)
     ex = cfg.extract
     if ex.get("num_threads"):
         torch.set_num_threads(ex.num_threads)
-    if ex.pool_grid is not None:
-        expect(int(ex.pool_grid) >= 1, "extract.pool_grid", "a grid side ≥ 1 or null", ex.pool_grid)
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # the demo images are rendered on first use

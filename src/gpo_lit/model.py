@@ -14,6 +14,7 @@ from torch import Tensor
 
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
+from gpo_lit.divergence import LossWatch
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.losses import TripletLoss
 from gpo_lit.metrics import check_ties, evaluate
@@ -81,6 +82,7 @@ class VSEModel(pl.LightningModule):
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
+        self.loss_watch = LossWatch(optim["lr"])
 
     # -- embedding -------------------------------------------------------------------------
     def embed_images(self, img: Tensor, lengths: Tensor) -> Tensor:
@@ -99,10 +101,22 @@ class VSEModel(pl.LightningModule):
         cap = self.embed_captions(batch["cap"], batch["cap_len"])
         hardest = self.loss_fn.hardest_for_epoch(self.current_epoch)
         loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest) * self.loss_scale
+        self.loss_watch.update(loss, self.global_step, self.current_epoch)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
         self.log("train/hardest_negatives", float(hardest), batch_size=img.shape[0])
         self.log("train/negative_pool", float(self.loss_fn.negative_pool(img.shape[0])))
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # read back where the loggers sync anyway (see gpo_lit.divergence)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.loss_watch.check()
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.check()
+
+    def on_validation_start(self) -> None:
+        self.loss_watch.check()
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
@@ -211,6 +225,9 @@ class VSEModel(pl.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loss_watch.check_weights(
+            checkpoint["state_dict"], self.global_step, self.current_epoch
+        )
         if self.run_config is not None:
             checkpoint["gpo_lit_config"] = self.run_config
 

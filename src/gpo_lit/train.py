@@ -18,6 +18,7 @@ from gpo_lit.cli import (
     format_table,
     instantiate_group,
 )
+from gpo_lit.config_check import check_config
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
@@ -37,15 +38,15 @@ def build_vocab(cfg: DictConfig, datamodule) -> list[str] | None:
     return Vocabulary.build(datamodule.vocabulary_captions, min_count=tok.min_count).idx2word
 
 
-def check_feature_width(cfg: DictConfig, datamodule) -> None:
-    """The visual encoder's input width must match the feature files (one line if not)."""
-    in_dim = cfg.model.visual.get("in_dim")
-    split = datamodule.split(datamodule.splits["train"])
-    if in_dim is not None and split.feat_dim != in_dim:
-        raise GpoLitError(
-            f"model.visual.in_dim: expected {split.feat_dim} (the feature width of {split.path}), "
-            f"found {in_dim}"
-        )
+def check_data(cfg: DictConfig, datamodule) -> None:
+    """Every split this job reads (train, dev, and test if tested after fitting), checked against
+    each other, the model and the protocols before the first step (one line if not)."""
+    ev = cfg.evaluation
+    datamodule.check_splits(
+        ["train", "val", *(["test"] if cfg.test_after_fit else [])],
+        in_dim=cfg.model.visual.get("in_dim"),
+        protocols={"val": [ev.val_protocol], "test": list(ev.test_protocols)},
+    )
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -61,13 +62,14 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run one training job; returns the test metrics per protocol (empty if not tested)."""
+    check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
-    check_feature_width(cfg, datamodule)
+    check_data(cfg, datamodule)
     vocab = build_vocab(cfg, datamodule)
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from gpo_lit.data.precomp import PrecompSplit
 from gpo_lit.data.reader import SplitReader
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
-from gpo_lit.errors import GpoLitError, MissingFileError
+from gpo_lit.errors import GpoLitError, MissingFileError, expect
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -39,6 +39,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             :class:`PrecompSplit`), called with ``root``, ``split`` and ``max_images``. Any class with the reader interface
             (``n_images``, ``n_captions``, ``cap2img``, ``feat_dim``, ``path``, ``captions``,
             ``image(i) -> [n, D]``, ``caption(j)``) plugs in: video frame stores do.
+        scan_finite_bytes: :meth:`check_splits` reads splits whose features take at most this
+            many bytes whole, to find NaN/inf before any work (2 GiB: the dev and test splits of
+            F30K and COCO); larger ones are checked per item as it is read, in the workers too.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         source_hint: str = "",
         demo_generator: str = "gpo_lit.data.demo.generate_demo",
         reader: Callable[..., SplitReader] | None = None,
+        scan_finite_bytes: int = 2 << 30,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -71,6 +75,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.demo_generator = demo_generator
         self.source_hint = source_hint
         self.reader = reader or PrecompSplit
+        self.scan_finite_bytes = scan_finite_bytes
         self.tokenizer: CaptionTokenizer | None = None
         self._opened: dict[tuple[str, int | None], SplitReader] = {}
 
@@ -92,6 +97,61 @@ class RetrievalDataModule(pl.LightningDataModule):
                     raise
                 raise MissingFileError(f"{err}; {self.source_hint}") from None
         return self._opened[key]
+
+    def check_splits(
+        self,
+        stages: Sequence[str],
+        in_dim: int | None = None,
+        in_dim_key: str = "model.visual.in_dim",
+        protocols: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Open and cross-check every split the ``stages`` ("train", "val", "test") will read,
+        before any work, each problem one line.
+
+        The readers check files, headers and counts on open; here: one feature width for all
+        splits and the model's ``in_dim`` (the config key ``in_dim_key``: blamed when it differs
+        from the training split, else the split is), a training split of at least one full batch
+        (training drops the last partial batch), enough images for each stage's ``protocols``
+        and finite features of every split of at most ``scan_finite_bytes``.
+        """
+        from gpo_lit.metrics.protocols import get_protocol
+
+        opened = {
+            stage: self.split(self.splits["train"]) if stage == "train" else self.eval_split(stage)
+            for stage in stages
+        }
+        width, source = in_dim, in_dim_key
+        if "train" in opened:
+            train = opened["train"]
+            if in_dim is not None and train.feat_dim != in_dim:
+                raise GpoLitError(
+                    f"{in_dim_key}: expected {train.feat_dim} (the feature width of "
+                    f"{train.path}), found {in_dim}"
+                )
+            width, source = train.feat_dim, f"as {train.path}"
+            expect(
+                self.batch_size <= train.n_captions,
+                "data.batch_size",
+                f"at most the {train.n_captions} training captions of {train.path} (every "
+                "training step takes a full batch)",
+                self.batch_size,
+            )
+        for stage, split in opened.items():
+            if width is not None:
+                expect(
+                    split.feat_dim == width,
+                    split.path,
+                    f"features of width {width} ({source})",
+                    f"width {split.feat_dim}",
+                )
+            for name in (protocols or {}).get(stage, ()):
+                get_protocol(name).check_images(
+                    split.n_images, f"protocol {name} on the {stage} split {split.path}"
+                )
+        for split in {id(s): s for s in opened.values()}.values():
+            scan = getattr(split, "scan_finite", None)
+            if scan is not None and split.feature_bytes() <= self.scan_finite_bytes:
+                scan()
 
     @cached_property
     def vocabulary_captions(self) -> list[str]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from gpo_lit.data.precomp import REPEAT, read_lines
 from gpo_lit.data.reader import CaptionList
-from gpo_lit.errors import GpoLitError, expect, require_file
+from gpo_lit.errors import GpoLitError, expect, not_a_file, require_file
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ class ImageSplit(CaptionList):
             if absent and not skip_bad:
                 raise GpoLitError(
                     f"{absent[0]}: expected an image file (id_mapping.json entry under {base}), "
-                    f"found no such file ({len(absent)} of {self.n_images} {split} images missing)"
+                    f"found {not_a_file(absent[0])} ({len(absent)} of {self.n_images} {split} "
+                    "images missing)"
                 )
             if absent:
                 log.warning(
@@ -197,8 +198,10 @@ class ImageSplit(CaptionList):
             with Image.open(path) as im:
                 im.load()
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            reason = "no such file" if isinstance(e, FileNotFoundError) else type(e).__name__
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            reason = not_a_file(path) or type(e).__name__
+            if isinstance(e, Image.DecompressionBombError):  # its size and PIL's limit
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             if not self.skip_bad:
                 raise GpoLitError(
                     f"{path}: expected a readable image (id {self.image_ids[i]}), found {reason} "

@@ -11,7 +11,7 @@ detected from the ids file (ids repeated in consecutive groups of 5) or forced w
 ``repeated_images=True``, and then unique image i is row 5i and caption j belongs to image j // 5.
 
 Everything cheap is validated on open (the ``.npy`` header, never the data); non-finite features
-are checked per image on access. The feature file is memory-mapped lazily in each process and
+are checked per image on access, and for a whole split by :meth:`PrecompSplit.scan_finite`. The feature file is memory-mapped lazily in each process and
 never pickled: a pickled ``np.memmap`` carries the whole array, and DataLoader workers must map
 the file themselves.
 """
@@ -39,7 +39,7 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, bool, 
     otherwise fails later inside ``np.load`` with a message that names no file).
     """
     path = Path(path)
-    expect(path.is_file(), path, "a .npy file", "no such file")
+    require_file(path, "a .npy file")
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -59,6 +59,11 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, bool, 
             reason = reason or f"an unparsable header ({type(e).__name__})"
             raise GpoLitError(f"{path}: expected a .npy array file, found {reason}") from None
         offset = f.tell()
+    if dtype.hasobject:  # its data is a pickle: never loaded, and its size means nothing
+        raise GpoLitError(
+            f"{path}: expected an array of numbers (read without unpickling), found dtype "
+            f"{dtype} (pickled Python objects)"
+        )
     n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     have = os.path.getsize(path) - offset
     expect(
@@ -208,9 +213,35 @@ class PrecompSplit(CaptionList):
         row = i * self._stride
         x = np.array(self._ims()[row], dtype=np.float32)  # copy out of the map
         if self.check_finite:
-            bad = int(x.size - np.isfinite(x).sum())
-            expect(bad == 0, self.path, f"finite features in row {row}", f"{bad} NaN/inf values")
+            self._expect_finite(x[None], row)
         return x
+
+    def _expect_finite(self, rows: np.ndarray, first_row: int) -> None:
+        """One line naming the first row of ``rows`` (``[n, R, D]``, file rows ``first_row``,
+        ``first_row + stride``, …) holding NaN/inf."""
+        bad = (~np.isfinite(rows)).reshape(len(rows), -1).sum(axis=1)
+        if bad.any():
+            k = int(np.argmax(bad > 0))
+            row = first_row + k * self._stride
+            raise GpoLitError(
+                f"{self.path}: expected finite features in row {row}, found {int(bad[k])} "
+                "NaN/inf values"
+            )
+
+    def feature_bytes(self) -> int:
+        """Bytes of the rows this split reads (what :meth:`scan_finite` reads)."""
+        return self.n_images * self.n_regions * self.feat_dim * 4
+
+    def scan_finite(self, chunk_bytes: int = 64 << 20) -> None:
+        """Check that the features of every image are finite, reading ``chunk_bytes`` at a time
+        (about 6 GB/s from the page cache: the 300 MB of the F30K test split in 0.05 s)."""
+        if not self.check_finite:
+            return
+        mm, stride = self._ims(), self._stride
+        per_chunk = max(1, chunk_bytes // (self.n_regions * self.feat_dim * 4))
+        for start in range(0, self.n_images, per_chunk):
+            stop = min(self.n_images, start + per_chunk)
+            self._expect_finite(mm[start * stride : stop * stride : stride], start * stride)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

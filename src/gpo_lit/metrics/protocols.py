@@ -28,6 +28,17 @@ class Protocol:
     n_folds: int | None = None
     fold_size: int | None = None
 
+    def check_images(self, n_images: int, where: str | None = None) -> None:
+        """A fold protocol ranks exactly ``n_folds × fold_size`` images (one line if not)."""
+        if self.n_folds is None or self.fold_size is None:
+            return
+        expected = self.n_folds * self.fold_size
+        if n_images != expected:
+            raise GpoLitError(
+                f"{where or f'protocol {self.name}'}: expected {expected} images "
+                f"({self.n_folds} folds × {self.fold_size}), found {n_images}"
+            )
+
 
 def folds(n_folds: int, fold_size: int, name: str | None = None) -> Protocol:
     """Mean over ``n_folds`` contiguous folds of ``fold_size`` images each."""
@@ -76,12 +87,7 @@ def evaluate(
     if proto.n_folds is None:
         return recall_metrics(*ranks_from_prepared(prep, shard_size, ties))
 
-    expected = proto.n_folds * proto.fold_size
-    if prep.n_img != expected:
-        raise GpoLitError(
-            f"protocol {proto.name}: expected {expected} images ({proto.n_folds} folds × "
-            f"{proto.fold_size}), found {prep.n_img}"
-        )
+    proto.check_images(prep.n_img)
     per_fold = []
     for f in range(proto.n_folds):
         fold = prep.fold(f * proto.fold_size, (f + 1) * proto.fold_size)
