@@ -103,6 +103,7 @@ class VSEModel(pl.LightningModule):
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
         self.val_rsum_best = float("-inf")  # the best validation rsum so far
+        self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
 
     # -- embedding -------------------------------------------------------------------------
     def embed_images(self, img: Tensor, lengths: Tensor) -> Tensor:
@@ -217,7 +218,10 @@ class VSEModel(pl.LightningModule):
             img, cap, cap2img = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
             # Fold protocols (coco_1k) need the whole split: the subset is ranked at once.
             rank_as = {p: "full" for p in protocols}
-            log.warning(
+            level = logging.DEBUG if stage in self._subset_said else logging.WARNING
+            self._subset_said.add(stage)  # once per stage, not every validation epoch
+            log.log(
+                level,
                 "%s on a subset (limited batches): %d of %d images and %d of %d captions; every "
                 "protocol ranks this subset at once, and metrics.json records its size",
                 stage, img.shape[0], split.n_images, cap.shape[0], split.n_captions,
