@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate
 from gpo_lit.train import train
-from tests.test_model import compose_cfg, tiny_model
+from tests.test_model import WORDS, compose_cfg, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny demo of tests/test_train_eval.py: 240 / 60 / 80 scenes × 5 captions, evaluation
@@ -334,3 +334,48 @@ def test_make_sweep_optuna_search_optimises_validation_rsum(tmp_path: Path, data
     assert report.returncode == 0, report.stderr[-3000:]
     assert "Optuna search (optimization_results.yaml): best validation rsum" in report.stdout
     assert (sweep / "report" / "rsum.png").is_file()
+
+
+# ---- threads and progress ------------------------------------------------------------------------
+def test_eval_uses_the_runs_num_threads(tmp_path: Path, monkeypatch) -> None:
+    """gpo-eval sets torch's threads as the training run did (its stored num_threads), unless
+    num_threads= is given; read before any data is opened."""
+    import gpo_lit.eval as ev
+
+    model = tiny_model()
+    ckpt = tmp_path / "m.ckpt"
+    config = {"num_threads": 3, "data": {"root": str(tmp_path / "nodata")}}
+    hparams = dict(model.hparams) | {"vocab": WORDS}
+    torch.save(
+        {"hyper_parameters": hparams, "state_dict": model.state_dict(), "gpo_lit_config": config},
+        ckpt,
+    )
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(n: int) -> None:
+        calls.append(n)
+        raise Stop
+
+    monkeypatch.setattr(ev.torch, "set_num_threads", record)
+    base = {"data_root": None, "split": None, "protocols": None, "num_workers": 0}
+    for given, expected in ((None, 3), (2, 2)):
+        with pytest.raises(Stop):
+            ev.evaluate_one(str(ckpt), OmegaConf.create({**base, "num_threads": given}),
+                            tmp_path / "out", save_embeddings=False)  # fmt: skip
+        assert calls[-1] == expected
+    assert compose_cfg("train", "experiment=demo_video").num_threads == 1  # as experiment=demo
+
+
+def test_demo_generators_show_progress(tmp_path: Path, capsys) -> None:
+    from gpo_lit.data.demo import generate_demo
+    from gpo_lit.data.demo_images import generate_demo_images
+
+    generate_demo(tmp_path / "regions", n_train=4, n_dev=2, n_test=3, feat_dim=6)
+    err = capsys.readouterr().err
+    assert "demo data: scenes" in err and "4/4" in err and "3/3" in err
+    generate_demo_images(tmp_path / "images", n_train=3, n_dev=2, n_test=2, image_size=16)
+    err = capsys.readouterr().err
+    assert "demo images: train" in err and "3/3" in err and "demo images: test" in err
