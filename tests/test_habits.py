@@ -266,6 +266,7 @@ def test_eval_ckpt_path_is_an_alias_of_ckpt() -> None:
         checkpoints(cfg(ckpt="a.ckpt", ckpt_path="b.ckpt"))
     with pytest.raises(GpoLitError, match="found none"):
         checkpoints(cfg())
+    assert checkpoints(cfg(ckpt="", ckpt_path="a.ckpt")) == ["a.ckpt"]  # make eval ckpt_path=…
     composed = compose_cfg("eval", "ckpt_path=x.ckpt", "paths.output_dir=unused")
     assert checkpoints(composed) == ["x.ckpt"] and composed.print_config is True
 

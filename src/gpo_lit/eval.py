@@ -83,7 +83,8 @@ def ensemble(members: list[Path], protocols: list[str], shard_size: int = 1024) 
 
 def checkpoints(cfg: DictConfig) -> list[str]:
     """The checkpoints to evaluate: ``ckpt`` or its alias ``ckpt_path`` (one or a list)."""
-    ckpt, alias = cfg.get("ckpt"), cfg.get("ckpt_path")
+    # Empty counts as not given: `make eval` passes `ckpt=$(CKPT)` even without CKPT.
+    ckpt, alias = (v if v != "" else None for v in (cfg.get("ckpt"), cfg.get("ckpt_path")))
     if ckpt is not None and alias is not None and ckpt != alias:
         raise GpoLitError(
             f"ckpt_path: expected the same checkpoint as ckpt= (it is an alias) or no ckpt=, "
