@@ -211,12 +211,35 @@ def test_run_log_seed_null_tags_and_no_noise(tmp_path: Path, data_dir: Path) -> 
     assert f"seed=null: seed {seed} (drawn); repeat this run with seed={seed}" in log
     assert "Seed set to" in log and "tags: smoke, habits" in log
     assert "best val/rsum:" in log and "test metrics of" in log
+    real = "smaller than the logging interval"  # a real warning (3 batches, logging every 10)
+    assert real in res.stderr and real in log
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     stored = torch.load(best, map_location="cpu", weights_only=True)["gpo_lit_config"]
     assert stored["seed"] == seed and stored["tags"] == ["smoke", "habits"]
     # The stored seed repeats the run.
     again = train(tiny_cfg(tmp_path / "again", data_dir, f"seed={seed}"))
     assert again.test == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_known_noise_is_silenced_and_nothing_else(caplog) -> None:
+    """The two filters match their own message and origin only."""
+    import warnings
+
+    from gpo_lit.console import quiet_known_noise
+
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one log filter
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    assert sum(getattr(f, "name", "") == "gpo_lit.quiet" for f in rank_zero.filters) == 1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_noise()  # in front of "always"
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning, 1)
+        warnings.warn("something else is deprecated", FutureWarning, 1)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    tip = "💡 Tip: For seamless cloud logging, try installing [litlogger](https://…)"
+    assert not rank_zero.filter(logging.makeLogRecord({"msg": tip, "name": rank_zero.name}))
+    assert rank_zero.filter(logging.makeLogRecord({"msg": "GPU available: False"}))
 
 
 def test_config_tree_printed_unless_turned_off(capsys) -> None:
