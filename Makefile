@@ -32,8 +32,8 @@ features:  ## precompute grid features of a grid experiment's backbone (default 
 eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true); CKPT=a,b: ensemble
 	$(PY) -m gpo_lit.eval ckpt=$(if $(findstring $(comma),$(CKPT)),[$(CKPT)],$(CKPT)) $(HYDRA_ARGS)
 
-sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP (launcher: hydra/launcher=parallel, cluster=slurm)
-	$(PY) -m gpo_lit.train -m experiment=$(EXP) +sweep=$(SWEEP) $(HYDRA_ARGS)
+sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP, or an Optuna search: hparams_search=pooling_optuna
+	$(PY) -m gpo_lit.train -m experiment=$(EXP) $(if $(hparams_search),,+sweep=$(SWEEP)) $(HYDRA_ARGS)
 
 report:  ## table (mean ± std over seeds) and plots of a sweep folder
 	$(PY) -m gpo_lit.report sweep_dir=$(SWEEP_DIR) $(HYDRA_ARGS)

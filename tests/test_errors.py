@@ -126,7 +126,7 @@ def train_error(data: Path, run_dir: Path, capsys, *overrides: str) -> str:
         ("data.batch_size=-1", "data.batch_size: expected a positive integer", "found -1"),
         ("data.batch_size=abc", "data.batch_size: expected a positive integer", "found 'abc'"),
         ("optim.lr=-1", "optim.lr: expected a positive learning rate", "found -1"),
-        ("seed=abc", "seed: expected an integer", "found 'abc'"),
+        ("seed=abc", "seed: expected null (draw one) or an integer", "found 'abc'"),
         ("trainer.max_epochs=0", "trainer.max_epochs: expected a positive number", "found 0"),
         ("evaluation.test_protocols=[nosuch]", "evaluation.test_protocols: expected", "['nosuch']"),
         ("data.eval_batch_size=0", "data.eval_batch_size: expected a positive integer", "0"),

@@ -36,7 +36,12 @@ def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
+        from gpo_lit.console import print_config_tree, quiet_known_noise
+
+        logging.captureWarnings(True)  # warnings go to the job's log file too
+        quiet_known_noise()
         try:
+            print_config_tree(cfg)
             return task(cfg)
         except Exception as err:
             found = user_error(err)

@@ -84,7 +84,10 @@ def _lr_mults(v: Any) -> bool:
 # key → (what it accepts, in words, or a function giving the words when they come from a
 # registry; the test).
 RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
-    "seed": ("an integer in [0, 2**32 - 1]", lambda v: _int(v) and 0 <= v < 2**32),
+    "seed": (
+        "null (draw one) or an integer in [0, 2**32 - 1]",
+        optional(lambda v: _int(v) and 0 <= v < 2**32),
+    ),
     "num_threads": ("null or a positive integer", optional(positive_int)),
     "data.batch_size": ("a positive integer (the global training batch)", positive_int),
     "data.eval_batch_size": ("a positive integer", positive_int),

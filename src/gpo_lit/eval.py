@@ -33,6 +33,9 @@ def evaluate_one(
     results_path = out_dir / "metrics.json"
     ensure_new(results_path)
     model, run_cfg = load_model(ckpt)
+    threads = cfg.get("num_threads") or (run_cfg or {}).get("num_threads")
+    if threads:  # as the training run did (the demos: one thread)
+        torch.set_num_threads(int(threads))
     data_cfg = dict((run_cfg or {}).get("data") or {})
     data_cfg["demo"] = None  # never regenerate data while evaluating
     if cfg.data_root:
@@ -91,11 +94,28 @@ def ensemble(
     return {p: evaluate(imgs, caps, cap2img, p, shard_size, ties) for p in protocols}
 
 
+def checkpoints(cfg: DictConfig) -> list[str]:
+    """The checkpoints to evaluate: ``ckpt`` or its alias ``ckpt_path`` (one or a list)."""
+    # Empty counts as not given: `make eval` passes `ckpt=$(CKPT)` even without CKPT.
+    ckpt, alias = (v if v != "" else None for v in (cfg.get("ckpt"), cfg.get("ckpt_path")))
+    if ckpt is not None and alias is not None and ckpt != alias:
+        raise GpoLitError(
+            f"ckpt_path: expected the same checkpoint as ckpt= (it is an alias) or no ckpt=, "
+            f"found ckpt={ckpt} and ckpt_path={alias}"
+        )
+    ckpt = ckpt if ckpt is not None else alias
+    if ckpt is None:
+        raise GpoLitError(
+            "ckpt: expected a checkpoint (ckpt=<file> or ckpt_path=<file>), found none"
+        )
+    return list(ckpt) if isinstance(ckpt, ListConfig | list) else [str(ckpt)]
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> Results:
     check_config(cfg)
     check_ties(cfg.ties)  # before any checkpoint is loaded
     out_dir = Path(cfg.paths.output_dir)
-    ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig | list) else [str(cfg.ckpt)]
+    ckpts = checkpoints(cfg)
     if len(ckpts) == 1:
         results, split = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
         print(f"\nTest metrics of {ckpts[0]} on split '{split}':\n{format_table(results)}\n")

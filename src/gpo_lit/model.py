@@ -3,6 +3,7 @@ groups, and evaluation that embeds each image and each caption once."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from gpo_lit.losses import TripletLoss
 from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
 
+log = logging.getLogger(__name__)
+
 
 def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
     """The tokenizer a text encoder config names: ``kind: vocab`` (BiGRU) or ``kind: hf``."""
@@ -30,6 +33,26 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
     if kind == "hf":
         return HFTokenizer(cfg["name_or_path"], max_length=cfg.get("max_length", 128))
     raise GpoLitError(f"model.text.tokenizer.kind: expected 'vocab' or 'hf', found {kind!r}")
+
+
+def embedded_subset(
+    img: Tensor, cap: Tensor, cap2img: Tensor, img_seen: Tensor, cap_seen: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The part of a split that an evaluation on limited batches embedded, renumbered.
+
+    Kept: the embedded captions whose image was embedded, and the embedded images with at least
+    one kept caption (an image without a caption has no ground truth to rank). So image→text
+    queries rank exactly the kept captions and text→image queries exactly the kept images.
+
+    img: ``[n_img, d]``, cap: ``[n_cap, d]``, cap2img: ``[n_cap]`` image of each caption,
+    img_seen / cap_seen: ``[n_img]`` / ``[n_cap]`` bool. Returns ``img[m_img]``, ``cap[m_cap]``
+    and ``cap2img[m_cap]`` indexing the kept images (in their original order).
+    """
+    keep_cap = cap_seen & img_seen[cap2img]
+    keep_img = torch.zeros_like(img_seen)
+    keep_img[cap2img[keep_cap]] = True
+    new_index = torch.cumsum(keep_img.long(), 0) - 1
+    return img[keep_img], cap[keep_cap], new_index[cap2img[keep_cap]]
 
 
 class VSEModel(pl.LightningModule):
@@ -83,6 +106,8 @@ class VSEModel(pl.LightningModule):
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
         self.loss_watch = LossWatch(optim["lr"])
+        self.val_rsum_best = float("-inf")  # the best validation rsum so far
+        self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
 
     # -- embedding -------------------------------------------------------------------------
     def embed_images(self, img: Tensor, lengths: Tensor) -> Tensor:
@@ -163,8 +188,9 @@ class VSEModel(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step(batch, dataloader_idx)
 
-    def _collect(self, which: int, n: int) -> Tensor:
-        """Embeddings of items 0..n−1 from every rank, de-duplicated by dataset index.
+    def _collect(self, which: int, n: int) -> tuple[Tensor, Tensor]:
+        """Embeddings ``[n, d]`` of items 0..n−1 from every rank, de-duplicated by dataset index,
+        and which items were embedded (``[n]`` bool; the rows of the others are NaN).
 
         ``DistributedSampler`` pads by repeating items, so the same index may arrive twice.
         """
@@ -178,24 +204,55 @@ class VSEModel(pl.LightningModule):
         out[idx] = emb
         seen = torch.zeros(n, dtype=torch.bool, device=emb.device)
         seen[idx] = True
-        if not bool(seen.all()):
-            raise RuntimeError(f"evaluation embedded {int(seen.sum())} of {n} items")
-        return out
+        return out, seen
+
+    def _eval_limited(self, stage: str) -> bool:
+        """Whether the trainer embeds only part of the split (``limit_{val,test}_batches``,
+        ``fast_dev_run``, ``overfit_batches``)."""
+        limit = (
+            self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
+        )
+        # Lightning keeps an int as a number of batches (fast_dev_run: 1) and 1.0 as "all".
+        return isinstance(limit, int) or (limit is not None and limit < 1.0)
 
     def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
         split = self.trainer.datamodule.eval_split(stage)
-        img = self._collect(0, split.n_images)
-        cap = self._collect(1, split.n_captions)
+        img, img_seen = self._collect(0, split.n_images)
+        cap, cap_seen = self._collect(1, split.n_captions)
         self._eval_buffers = [[], []]
         cap2img = torch.as_tensor(split.cap2img, device=img.device)
         protocols = (
             [self.eval_cfg["val_protocol"]] if stage == "val" else self.eval_cfg["test_protocols"]
         )
+        subset = not bool(img_seen.all() and cap_seen.all())
+        if subset:
+            if not self._eval_limited(stage):
+                raise RuntimeError(
+                    f"evaluation embedded {int(img_seen.sum())} of {split.n_images} images and "
+                    f"{int(cap_seen.sum())} of {split.n_captions} captions"
+                )
+            img, cap, cap2img = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
+            # Fold protocols (coco_1k) need the whole split: the subset is ranked at once.
+            rank_as = {p: "full" for p in protocols}
+            level = logging.DEBUG if stage in self._subset_said else logging.WARNING
+            self._subset_said.add(stage)  # once per stage, not every validation epoch
+            log.log(
+                level,
+                "%s on a subset (limited batches): %d of %d images and %d of %d captions; every "
+                "protocol ranks this subset at once, and metrics.json records its size",
+                stage, img.shape[0], split.n_images, cap.shape[0], split.n_captions,
+            )  # fmt: skip
+        else:
+            rank_as = {p: p for p in protocols}
         shard = self.eval_cfg.get("shard_size", 1024)
         ties = self.eval_cfg.get("ties", "pessimistic")  # checkpoints written before it: default
-        results = {p: evaluate(img, cap, cap2img, p, shard, ties) for p in protocols}
-        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples).
-        self.last_eval = (img, cap, cap2img, stage)
+        results = {p: evaluate(img, cap, cap2img, rank_as[p], shard, ties) for p in protocols}
+        if subset:
+            for metrics in results.values():
+                metrics.update(n_images=float(img.shape[0]), n_captions=float(cap.shape[0]))
+        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples),
+        # whose rows are the split's items: none for a subset (its rows are renumbered).
+        self.last_eval = None if subset else (img, cap, cap2img, stage)
         if self.eval_cfg.get("save_embeddings_to") and stage == "test":
             from gpo_lit.metrics import save_embeddings
 
@@ -210,6 +267,9 @@ class VSEModel(pl.LightningModule):
         # Every rank computed the same numbers from the gathered embeddings.
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "rsum"}, sync_dist=True)
         self.log("val/rsum", metrics["rsum"], prog_bar=True, sync_dist=True)
+        # The best so far, what sweeps optimise (kept in checkpoints, so resuming continues it).
+        self.val_rsum_best = max(self.val_rsum_best, float(metrics["rsum"]))
+        self.log("val/rsum_best", self.val_rsum_best, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._finish_eval("test")
@@ -230,6 +290,10 @@ class VSEModel(pl.LightningModule):
         )
         if self.run_config is not None:
             checkpoint["gpo_lit_config"] = self.run_config
+        checkpoint["gpo_lit_val_rsum_best"] = self.val_rsum_best
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_rsum_best = float(checkpoint.get("gpo_lit_val_rsum_best", float("-inf")))
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[VSEModel, dict | None]:

@@ -336,6 +336,34 @@ def describe(
     return out
 
 
+def sweep_tags(jobs: Sequence[Job]) -> list[str]:
+    """The ``tags`` of the sweep's jobs (their run configs), each once, in order of appearance."""
+    tags: dict[str, None] = {}
+    for job in jobs:
+        value = _select(job.config, "tags") or []
+        for tag in value if isinstance(value, list | tuple) else [value]:
+            tags[str(tag)] = None
+    return list(tags)
+
+
+def optuna_note(sweep_dir: Path) -> str | None:
+    """One line on an Optuna search's result (``optimization_results.yaml`` of the sweep), whose
+    objective is each trial's best validation rsum (gpo_lit.train), not the test rsum tabled."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    try:
+        found = OmegaConf.to_container(OmegaConf.load(path))
+        value, params = float(found["best_value"]), found["best_params"]
+    except Exception as err:  # noqa: BLE001 - a note, not a reason to stop the report
+        return f"{path.name}: unreadable ({type(err).__name__})"
+    shown = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in params.items())
+    return (
+        f"Optuna search ({path.name}): best validation rsum {value:.2f} (the objective; the table "
+        f"shows test metrics) with {shown}"
+    )
+
+
 def common_overrides(jobs: Sequence[Job]) -> list[str]:
     """Overrides (minus ``seed``) shared by every job of the sweep, in the first job's order."""
     if not jobs:
@@ -472,6 +500,7 @@ def format_markdown(
     common: Sequence[str] = (),
     notes: Sequence[str] = (),
     plots: Sequence[str] = (),
+    tags: Sequence[str] = (),
 ) -> str:
     """The whole ``report.md``: header, table, missing jobs, notes and plot links."""
     jobs = [j for r in rows for j in r.jobs]
@@ -483,6 +512,8 @@ def format_markdown(
         f"{len(missing)} missing; {len(rows)} configurations. Cells: mean ± sample std over "
         "seeds (n = finished seeds); best mean per column in **bold**; sorted by rsum.",
     ]
+    if tags:
+        out += ["", "Tags: " + ", ".join(f"`{t}`" for t in tags)]
     if common:
         out += ["", "Common overrides: " + ", ".join(f"`{o}`" for o in common)]
     out += ["", format_table(rows)]
@@ -534,9 +565,16 @@ def _is_gpo(node: dict) -> bool:
     return str(node.get("name", "")).startswith("gpo")
 
 
+GPO_COLOR, OTHER_COLOR = "tab:orange", "tab:blue"
+
+
 def plot_rsum(rows: Sequence[Row]) -> Figure | None:
-    """Horizontal bars of mean rsum ± std per configuration, best on top, one panel per
-    experiment / features; GPO configurations in orange. None without results."""
+    """Horizontal bars of mean rsum per configuration from 0, best on top, one panel per
+    experiment / features; GPO configurations in orange (a legend says so). Error bars (± sample
+    std over seeds) only where a configuration has 2 or more finished seeds. None without results.
+    """
+    from matplotlib.patches import Patch
+
     groups = {g: [r for r in rs if r.n] for g, rs in _groups(rows).items()}
     groups = {g: rs for g, rs in groups.items() if rs}
     if not groups:
@@ -544,25 +582,31 @@ def plot_rsum(rows: Sequence[Row]) -> Figure | None:
     heights = [max(1.6, 0.42 * len(rs) + 1.0) for rs in groups.values()]
     fig = Figure(figsize=(8.5, sum(heights)), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=heights)[:, 0]
+    hi = max(_rsum(r) + np.nan_to_num(r.std.get("rsum", math.nan)) for rs in groups.values()
+             for r in rs)  # fmt: skip
     for ax, (group, rs) in zip(axes, groups.items(), strict=True):
         rs = sorted(rs, key=_rsum)  # barh draws bottom-up: best on top
         mean = np.array([_rsum(r) for r in rs])
-        std = np.nan_to_num(np.array([r.std.get("rsum", math.nan) for r in rs]))
-        colors = [
-            "tab:orange" if any(_is_gpo(r.config.node(m)) for m in MODALITIES) else "tab:blue"
-            for r in rs
-        ]
+        std = np.array([r.std.get("rsum", math.nan) if r.n > 1 else math.nan for r in rs])
+        is_gpo = [any(_is_gpo(r.config.node(m)) for m in MODALITIES) for r in rs]
+        colors = [GPO_COLOR if g else OTHER_COLOR for g in is_gpo]
         y = np.arange(len(rs))
-        ax.barh(y, mean, xerr=std, color=colors, capsize=3, height=0.7)
+        ax.barh(y, mean, color=colors, height=0.7)
+        spread = np.isfinite(std)
+        if spread.any():  # one seed: no error bar at all (not a zero-width one)
+            ax.errorbar(mean[spread], y[spread], xerr=std[spread], fmt="none", ecolor="black",
+                        capsize=3, linewidth=1)  # fmt: skip
         ax.set_yticks(y, [f"{r.config.label} (n={r.n})" for r in rs], fontsize=8)
-        lo, hi = float((mean - std).min()), float((mean + std).max())
-        pad = max(1.0, 0.25 * (hi - lo))
-        ax.set_xlim(max(0.0, lo - pad), hi + pad)
-        for yi, m, s in zip(y, mean, std, strict=True):
-            ax.text(m + s + pad * 0.05, yi, f"{m:.1f}", va="center", fontsize=7)
+        ax.set_xlim(0.0, 1.12 * hi)  # bars start at 0: lengths compare; same scale per panel
+        for yi, m, sd in zip(y, mean, np.nan_to_num(std), strict=True):
+            ax.text(m + sd + 0.01 * hi, yi, f"{m:.1f}", va="center", fontsize=7)
         ax.set_title(group if len(groups) > 1 else f"rsum per pooling configuration: {group}")
-        ax.set_xlabel("rsum (mean ± std over seeds)")
+        n_max = max(r.n for r in rs)
+        ax.set_xlabel("rsum (mean ± sample std over seeds)" if n_max > 1 else "rsum (one seed)")
         ax.grid(axis="x", alpha=0.3)
+        shown = [(GPO_COLOR, "GPO pooling (either modality)"), (OTHER_COLOR, "other pooling")]
+        handles = [Patch(color=c, label=t) for c, t in shown if c in colors]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -811,7 +855,13 @@ class Report:
     @property
     def markdown(self) -> str:
         return format_markdown(
-            self.sweep_dir, self.protocol, self.rows, self.common, self.notes, list(self.figures)
+            self.sweep_dir,
+            self.protocol,
+            self.rows,
+            self.common,
+            self.notes,
+            list(self.figures),
+            tags=sweep_tags(self.jobs),
         )
 
 
@@ -830,6 +880,9 @@ def build_report(
     curves, notes = theta_curves(rows, theta_sizes)
     if not any(r.n for r in rows):
         notes.insert(0, "no finished job: nothing to plot")
+    note = optuna_note(sweep_dir)
+    if note:
+        notes.insert(0, note)
     figures = {
         "rsum.png": plot_rsum(rows),
         "kmax_grid.png": plot_kmax_grids(grids),

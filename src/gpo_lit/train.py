@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from gpo_lit.cli import (
     entry_point,
@@ -19,6 +21,7 @@ from gpo_lit.cli import (
     instantiate_group,
 )
 from gpo_lit.config_check import check_config
+from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
@@ -60,13 +63,67 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     return ckpt
 
 
-def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Run one training job; returns the test metrics per protocol (empty if not tested)."""
+def choose_seed(cfg: DictConfig, resume: str | None = None) -> int:
+    """``cfg.seed``; for ``seed=null`` the seed of the checkpoint resumed from, else a fresh one.
+
+    A drawn seed is logged and written into ``cfg`` (so into the checkpoints' run config and the
+    W&B config) and into the job's ``.hydra/config.yaml``: ``seed=<it>`` repeats the run.
+    """
+    if cfg.seed is not None:
+        return int(cfg.seed)
+    seed, source = None, "drawn"
+    if resume is not None:
+        stored = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+        seed, source = (stored.get("gpo_lit_config") or {}).get("seed"), f"from {resume}"
+    if seed is None:
+        seed, source = secrets.randbelow(2**31), "drawn"
+    cfg.seed = int(seed)
+    log.info("seed=null: seed %d (%s); repeat this run with seed=%d", seed, source, seed)
+    _store_in_hydra_config(cfg)
+    return int(seed)
+
+
+def _store_in_hydra_config(cfg: DictConfig) -> None:
+    """Rewrite this job's ``.hydra/config.yaml`` with ``cfg`` (nothing outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+        return
+    hc = HydraConfig.get()
+    path = Path(hc.runtime.output_dir) / str(hc.output_subdir) / "config.yaml"
+    if path.is_file():
+        from gpo_lit.files import write_atomic
+
+        write_atomic(path, OmegaConf.to_yaml(cfg).encode())
+
+
+def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The callback keeping the best checkpoint by ``val/rsum`` (None without one)."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/rsum":
+            return cb
+    return None
+
+
+class TrainResult(NamedTuple):
+    """What a training job gives back: the test metrics per protocol (empty if not tested) and
+    the best validation rsum over its epochs (None without validation), what sweeps optimise."""
+
+    test: dict[str, dict[str, float]]
+    best_val_rsum: float | None
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run one training job: fit, then test the best checkpoint by validation rsum."""
     check_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    quiet_known_noise()
+    out_dir = Path(cfg.paths.output_dir)
+    resume = resume_path(cfg, out_dir)
+    pl.seed_everything(choose_seed(cfg, resume), workers=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
-    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("tags"):
+        log.info("tags: %s", ", ".join(str(t) for t in cfg.tags))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data(cfg, datamodule)
@@ -80,27 +137,36 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        best_val = trainer.callback_metrics.get("val/rsum_best")
+        best_val = None if best_val is None else float(best_val)
+        if best_val is not None:
+            log.info("best val/rsum: %.4f (the value a sweep optimises)", best_val)
         results: dict[str, dict[str, float]] = {}
         if cfg.test_after_fit:
             results_path = out_dir / "metrics.json"
             model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
-            trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+            best_cb = best_checkpoint_callback(trainer)
+            best = best_cb.best_model_path if best_cb is not None else ""
+            if not best:  # fast_dev_run, or no val/rsum checkpoint configured
+                log.warning("no best checkpoint by val/rsum: testing the weights at the end of fit")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             if trainer.is_global_zero:
                 results = json.loads(results_path.read_text())
-                best = trainer.checkpoint_callback.best_model_path
                 log_final_summary(trainer, results)
-                print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
-        return results
+                which = best or "the weights at the end of fit"
+                print(f"\nTest metrics of {which}:\n{format_table(results)}\n", flush=True)
+                log.info("test metrics of %s: %s", which, json.dumps(results, sort_keys=True))
+        return TrainResult(results, best_val)
     finally:
         finish_wandb()
 
 
 @entry_point("train")
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
-    # The value a Hydra sweeper optimises: the first test protocol's rsum.
-    return next(iter(results.values()))["rsum"] if results else None
+    # The value a Hydra sweeper (hparams_search=…) optimises: the best VALIDATION rsum, never a
+    # test metric (tuning on the test split would flatter every number reported from it).
+    return train(cfg).best_val_rsum
 
 
 if __name__ == "__main__":

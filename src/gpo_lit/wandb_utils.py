@@ -46,12 +46,19 @@ def _tags(hc: DictConfig) -> list[str]:
     return out
 
 
+def _run_tags(cfg: DictConfig, hc: DictConfig | None) -> list[str]:
+    """The run's own ``tags`` first, then :func:`_tags` of the Hydra job; no repeats, none longer
+    than W&B allows."""
+    tags = [str(t) for t in cfg.get("tags") or []] + (_tags(hc) if hc is not None else [])
+    return [t for t in dict.fromkeys(tags) if len(t) <= MAX_TAG]
+
+
 def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """``group``, ``tags``, ``name`` and ``config`` of this job's W&B run.
 
     - group: the sweep folder's name for a multirun (all jobs of one sweep share it, whatever the
       experiment of each), else the experiment ``name``;
-    - tags: the Hydra choices (``model/pooling=gpo``, ``experiment=demo``, …) and the overrides;
+    - tags: the run's ``tags``, then the Hydra choices (``model/pooling=gpo``, …) and the overrides;
     - name: ``<experiment>-<job number>`` in a multirun, else ``<experiment>-<time>``;
     - config: the resolved job config as plain containers.
     """
@@ -65,7 +72,7 @@ def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return {
         "group": Path(str(hc.sweep.dir)).name if multirun else str(cfg.get("name") or name),
-        "tags": _tags(hc) if hc is not None else [],
+        "tags": _run_tags(cfg, hc),
         "name": f"{name}-{hc.job.num}" if multirun else f"{name}-{stamp}",
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

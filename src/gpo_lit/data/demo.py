@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
@@ -212,7 +213,7 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     """Features float32 ``[n, R, D]`` and ``n * k`` captions of one split."""
     ims = np.empty((n, n_regions, world.w2.shape[1]), np.float32)
     caps = []
-    for i in range(n):
+    for i in tqdm(range(n), desc="demo data: scenes", unit="scene", mininterval=1.0):
         objs = _scene(rng)
         ims[i] = _image(world, objs, n_regions, rng)
         caps.extend(_caption(objs, rng) for _ in range(k))

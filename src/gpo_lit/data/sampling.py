@@ -79,8 +79,11 @@ class ResumableDataLoader(DataLoader):
         self._batches_done = batches_done
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch}
+        # Lightning swaps in a SequentialSampler for overfit_batches: epoch 0, nothing to skip.
+        return {"epoch": getattr(self.sampler, "epoch", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochShuffleSampler):
+            return
         self.sampler.set_epoch(state["epoch"])
         self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)
