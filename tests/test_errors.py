@@ -246,7 +246,7 @@ def test_fold_protocol_on_too_few_images_is_found_before_training(data, run_dir,
 def test_untested_run_does_not_read_the_test_split(data, run_dir) -> None:
     (data / "test_ims.npy").unlink()
     over = ["test_after_fit=false", "trainer.limit_train_batches=2", "logger=none"]
-    assert train(compose_cfg("train", *train_overrides(data, run_dir), *over)) == {}
+    assert train(compose_cfg("train", *train_overrides(data, run_dir), *over)).test == {}
 
 
 def fake_checkpoint(data: Path, tmp_path: Path) -> Path:

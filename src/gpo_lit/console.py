@@ -47,7 +47,7 @@ def config_tree(cfg: DictConfig, order: Sequence[str] = TREE_ORDER, resolve: boo
 
 def print_config_tree(cfg: DictConfig) -> None:
     """Print the composed config as a tree on stdout, unless ``print_config`` is false."""
-    if not cfg.get("print_config", True):
+    if cfg is None or not cfg.get("print_config", True):
         return
     from rich.console import Console
 
