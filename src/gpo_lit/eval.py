@@ -15,8 +15,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
+from gpo_lit.checkpoint_io import read_checkpoint
 from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.model import load_model
 
 Results = dict[str, dict[str, float]]
@@ -29,7 +30,11 @@ def evaluate_one(
     results_path = out_dir / "metrics.json"
     ensure_new(results_path)
     model, run_cfg = load_model(ckpt)
-    data_cfg = dict((run_cfg or {}).get("data") or {})
+    data_cfg = (run_cfg or {}).get("data") or {}
+    expect(
+        isinstance(data_cfg, dict), ckpt, "a dict in gpo_lit_config.data", type(data_cfg).__name__
+    )
+    data_cfg = dict(data_cfg)
     data_cfg["demo"] = None  # never regenerate data while evaluating
     if cfg.data_root:
         data_cfg["root"] = cfg.data_root
@@ -81,6 +86,8 @@ def ensemble(members: list[Path], protocols: list[str], shard_size: int = 1024) 
 def evaluate_checkpoint(cfg: DictConfig) -> Results:
     out_dir = Path(cfg.paths.output_dir)
     ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig | list) else [str(cfg.ckpt)]
+    for ckpt in ckpts:  # every member is checked before any is evaluated
+        read_checkpoint(ckpt, mmap=True)
     if len(ckpts) == 1:
         results, split = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
         print(f"\nTest metrics of {ckpts[0]} on split '{split}':\n{format_table(results)}\n")

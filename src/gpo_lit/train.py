@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
 from gpo_lit.cli import (
     entry_point,
     finish_wandb,
@@ -23,6 +24,8 @@ from gpo_lit.errors import GpoLitError
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
+# What resuming needs besides the weights: the optimiser and loop state gpo-train saves.
+RESUME_ENTRIES = ("state_dict", "optimizer_states", "loops")
 
 
 def build_vocab(cfg: DictConfig, datamodule) -> list[str] | None:
@@ -63,12 +66,19 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.paths.output_dir)
+    resume = resume_path(cfg, out_dir)
+    # A checkpoint to resume is checked before any work; its weights once the model exists.
+    stored = read_checkpoint(resume, RESUME_ENTRIES, mmap=True) if resume else None
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_feature_width(cfg, datamodule)
     vocab = build_vocab(cfg, datamodule)
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if stored is not None:
+        expected = "the weights of the model this run's config builds"
+        check_state_dict(resume, expected, model.state_dict(), stored["state_dict"])
+        del stored
     datamodule.set_tokenizer(model.tokenizer)
     loggers = instantiate_loggers(cfg)
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -76,12 +86,14 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         results: dict[str, dict[str, float]] = {}
         if cfg.test_after_fit:
             results_path = out_dir / "metrics.json"
             model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
-            trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+            trainer.test(
+                model, datamodule=datamodule, ckpt_path="best", verbose=False, weights_only=True
+            )
             if trainer.is_global_zero:
                 results = json.loads(results_path.read_text())
                 best = trainer.checkpoint_callback.best_model_path
