@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,7 +63,9 @@ def load_torch_file(
     if found is not None:
         raise GpoLitError(f"{path}: expected {expected}, found {found}")
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
+            # a plain pickle gets a warning before the refusal: the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(
                 path, map_location=map_location, weights_only=True, mmap=mmap and is_zip
             )
