@@ -204,9 +204,9 @@ def create_backbone(
             **kwargs,
         )
     except (RuntimeError, ValueError, TypeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise GpoLitError(
-            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found {first}"
+            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found "
+            f"{first_line(err)}"
         ) from None
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
