@@ -6,13 +6,16 @@ checkpoint downloaded from someone else must never run code, so before anything 
 
 - every ``_target_`` at any depth of the stored configs (``_args_``, ``_partial_`` nodes, lists
   and nested nodes included) names a public class of gpo_lit's component packages
-  (:data:`COMPONENT_PACKAGES`); the trainer, callbacks and logger of the stored run config (a
-  record, never built on load) may also name the third-party classes ``conf/`` uses there
-  (:data:`RUN_RECORD_TARGETS`);
+  (:data:`COMPONENT_PACKAGES`);
 - ``demo_generator`` (a function ``RetrievalDataModule`` calls by name) is one of
   :data:`DEMO_GENERATORS`;
 - no value holds a ``${…}`` interpolation: configs are stored resolved, and resolving one could
   read the environment (``oc.env``) or call a registered resolver.
+
+The trainer, callbacks and logger of the stored run config (:data:`RUN_RECORD_KEYS`) are a record
+of the run that nothing builds or resolves on load; they are not checked, so runs with callbacks
+of their own (Lightning's ``EarlyStopping``, a profiler) stay loadable and resumable. Code that
+ever builds from them must check them first.
 """
 
 from __future__ import annotations
@@ -44,20 +47,8 @@ DEMO_GENERATORS = frozenset(
         "gpo_lit.data.demo_video.generate_demo_video",
     }
 )
-# Third-party classes conf/ puts in the run config's trainer, callbacks and logger; allowed there
-# only (loading a checkpoint never builds those parts).
+# Parts of the stored run config (gpo_lit_config) that are a record only, never built on load.
 RUN_RECORD_KEYS = ("trainer", "callbacks", "logger")
-RUN_RECORD_TARGETS = frozenset(
-    {
-        "lightning_fabric.plugins.environments.SLURMEnvironment",
-        "pytorch_lightning.Trainer",
-        "pytorch_lightning.callbacks.LearningRateMonitor",
-        "pytorch_lightning.callbacks.ModelCheckpoint",
-        "pytorch_lightning.loggers.CSVLogger",
-        "pytorch_lightning.loggers.WandbLogger",
-        "signal.Signals",
-    }
-)
 # The checkpoint entries that hold configs (Lightning's two, and the run config gpo-train adds).
 CONFIG_ENTRIES = ("hyper_parameters", "datamodule_hyper_parameters", "gpo_lit_config")
 # Data, not config: the vocabulary's words never go through OmegaConf (``${`` is only text there).
@@ -94,7 +85,7 @@ def check_stored_configs(where: object, ckpt: dict) -> None:
     the configs stored in ``ckpt`` name only allowed components and hold no interpolation."""
     for entry in CONFIG_ENTRIES:
         if entry in ckpt:
-            _check(where, ckpt[entry], entry, record=False)
+            _check(where, ckpt[entry], entry)
 
 
 def _refuse(where: object, found: str, path: str) -> UnsafeCheckpointError:
@@ -104,12 +95,11 @@ def _refuse(where: object, found: str, path: str) -> UnsafeCheckpointError:
     )
 
 
-def _check(where: object, node: Any, path: str, record: bool) -> None:
+def _check(where: object, node: Any, path: str) -> None:
     if isinstance(node, dict):
         if "_target_" in node:
             target = node["_target_"]
-            allowed = allowed_targets() | (RUN_RECORD_TARGETS if record else frozenset())
-            if not isinstance(target, str) or target not in allowed:
+            if not isinstance(target, str) or target not in allowed_targets():
                 raise _refuse(where, f"_target_ {str(target)[:80]!r}", path)
         generator = node.get("demo_generator")
         if generator is not None and generator not in DEMO_GENERATORS:
@@ -117,12 +107,10 @@ def _check(where: object, node: Any, path: str, record: bool) -> None:
         for key, value in node.items():
             if isinstance(key, str) and "${" in key:
                 raise _refuse(where, f"the interpolation {key[:80]!r} as a key", path)
-            sub = f"{path}.{key}"
-            _check(
-                where, value, sub, record or (path == "gpo_lit_config" and key in RUN_RECORD_KEYS)
-            )
+            if path != "gpo_lit_config" or key not in RUN_RECORD_KEYS:
+                _check(where, value, f"{path}.{key}")
     elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
-            _check(where, value, f"{path}[{i}]", record)
+            _check(where, value, f"{path}[{i}]")
     elif isinstance(node, str) and "${" in node and path.partition("[")[0] != _NOT_RESOLVED:
         raise _refuse(where, f"the interpolation {node[:80]!r} (stored configs are resolved)", path)
