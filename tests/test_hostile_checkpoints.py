@@ -566,6 +566,24 @@ def test_first_line_drops_torchs_advice_to_unpickle(tmp_path: Path) -> None:
     assert first_line(long) == "ValueError: First sentence."
 
 
+def test_lightnings_own_loads_never_unpickle(case, monkeypatch) -> None:
+    """Resuming and ``test(ckpt_path="best")`` load through AtomicCheckpointIO: weights only, even
+    when Lightning asks otherwise or the environment forces torch's old default."""
+    from gpo_lit.checkpoint_io import AtomicCheckpointIO, load_torch_file
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for load in (
+        lambda: AtomicCheckpointIO().load_checkpoint(case["evil"], weights_only=False),
+        lambda: load_torch_file(case["evil"], "a checkpoint"),
+    ):
+        with pytest.raises(GpoLitError, match="only unpickling can build .posix.system") as info:
+            load()
+        assert not ADVICE.search(str(info.value)) and not case["sentinel"].exists()
+    with pytest.warns(UserWarning, match="forcing weights_only=False"):
+        torch.load(case["evil"])  # the control: torch's default load does run the pickle
+    assert case["sentinel"].exists()
+
+
 def test_report_notes_an_unreadable_checkpoint_but_stops_at_a_hostile_one(
     trained, tmp_path: Path
 ) -> None:
