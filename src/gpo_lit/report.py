@@ -681,8 +681,8 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
 
     Rebuilds only the two pooling heads from the checkpoint's ``hyper_parameters`` and
     ``state_dict`` (exactly as :class:`gpo_lit.model.VSEModel` builds them), so no encoder (BERT,
-    a timm backbone) is constructed; read by :func:`gpo_lit.checkpoint_io.read_checkpoint`. Per-dimension θ
-    (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
+    a timm backbone) is constructed; read by :func:`gpo_lit.checkpoint_io.read_checkpoint`.
+    Per-dimension θ (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
     """
     import torch
 
