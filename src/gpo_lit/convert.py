@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gpo_lit.checkpoint_io import load_torch_file
 from gpo_lit.errors import GpoLitError, expect
 
 # authors' prefix (per encoder) → gpo_lit prefix
@@ -52,15 +53,11 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load the authors' ``.pth`` without unpickling anything but tensors and ``Namespace``."""
     path = Path(path)
     expect(path.is_file(), path, "the authors' checkpoint file", "no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - one line for any unreadable file
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise GpoLitError(
-            f"{path}: expected a VSE∞ checkpoint holding only tensors and the options Namespace, "
-            f"found {first[:200]}"
-        ) from None
+    ckpt = load_torch_file(
+        path,
+        "a VSE∞ checkpoint holding only tensors and the options Namespace",
+        safe_globals=[argparse.Namespace],
+    )
     expect(
         isinstance(ckpt, dict) and "model" in ckpt,
         path,

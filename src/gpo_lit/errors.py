@@ -6,6 +6,8 @@ entry points print it without a traceback and exit with status 2.
 
 from __future__ import annotations
 
+import re
+
 
 class GpoLitError(ValueError):
     """A problem with user input: a data file, a checkpoint or a config value."""
@@ -57,3 +59,32 @@ def require_file(path: object, expected: str) -> None:
         raise GpoLitError(f"{path}: expected {expected}, found {found}")
     if found is not None:
         raise MissingFileError(f"{path}: expected {expected}, found {found}")
+
+
+class UnsafeCheckpointError(GpoLitError):
+    """A checkpoint whose stored configs would make loading it run code that is not gpo_lit's.
+
+    Callers that note unreadable checkpoints and go on (the report) re-raise this one.
+    """
+
+
+# Advice in torch's and numpy's messages to load with pickle enabled; never repeated to users.
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only\W*(?:argument\W*)?(?:set to|=)\W*false|allow_pickle\W*=\W*true|\btrust",
+    re.IGNORECASE,
+)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """``"<Type>: <first line of the message>"`` (``"<Type>"`` without a message) for one-line
+    errors: a line over ``limit`` characters is cut to its first sentence, then to ``limit``;
+    sentences advising to load with ``weights_only=False`` / ``allow_pickle=True`` are dropped."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    text = " ".join(s for s in sentences if not _UNSAFE_ADVICE.search(s))
+    if len(text) > limit:
+        text = re.split(r"(?<=[.!?])\s+", text)[0]
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

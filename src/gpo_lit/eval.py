@@ -17,9 +17,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
+from gpo_lit.checkpoint_io import read_checkpoint
 from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
 from gpo_lit.config_check import check_config
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.metrics import check_ties
 from gpo_lit.model import load_model
 
@@ -36,7 +37,11 @@ def evaluate_one(
     threads = cfg.get("num_threads") or (run_cfg or {}).get("num_threads")
     if threads:  # as the training run did (the demos: one thread)
         torch.set_num_threads(int(threads))
-    data_cfg = dict((run_cfg or {}).get("data") or {})
+    data_cfg = (run_cfg or {}).get("data") or {}
+    expect(
+        isinstance(data_cfg, dict), ckpt, "a dict in gpo_lit_config.data", type(data_cfg).__name__
+    )
+    data_cfg = dict(data_cfg)
     data_cfg["demo"] = None  # never regenerate data while evaluating
     if cfg.data_root:
         data_cfg["root"] = cfg.data_root
@@ -116,6 +121,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
     check_ties(cfg.ties)  # before any checkpoint is loaded
     out_dir = Path(cfg.paths.output_dir)
     ckpts = checkpoints(cfg)
+    for ckpt in ckpts:  # every member is checked before any is evaluated
+        read_checkpoint(ckpt, mmap=True)
     if len(ckpts) == 1:
         results, split = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
         print(f"\nTest metrics of {ckpts[0]} on split '{split}':\n{format_table(results)}\n")

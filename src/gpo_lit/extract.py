@@ -208,6 +208,10 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     if ex.get("num_threads"):
         torch.set_num_threads(ex.num_threads)
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ex.ckpt:  # checked before the demo images are rendered or a split is opened
+        from gpo_lit.checkpoint_io import read_checkpoint
+
+        read_checkpoint(ex.ckpt, mmap=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # the demo images are rendered on first use
     splits = [datamodule.split(name, ex.max_images) for name in ex.splits]  # data errors first

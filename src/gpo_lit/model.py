@@ -16,7 +16,7 @@ from torch import Tensor
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.divergence import LossWatch
-from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.errors import GpoLitError, expect, first_line
 from gpo_lit.losses import TripletLoss
 from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
@@ -296,23 +296,48 @@ class VSEModel(pl.LightningModule):
         self.val_rsum_best = float(checkpoint.get("gpo_lit_val_rsum_best", float("-inf")))
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[VSEModel, dict | None]:
-    """Rebuild a model from a gpo_lit checkpoint (``weights_only=True``: no arbitrary unpickling).
+# Output paths are the caller's: a stored one (a path of the machine that wrote it) is dropped.
+_OUTPUT_KEYS = ("results_to", "save_embeddings_to")
 
-    Returns the model in eval mode and the run config stored with it (or None).
+
+def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
+    """Rebuild a model from a gpo_lit checkpoint, read by
+    :func:`gpo_lit.checkpoint_io.read_checkpoint` (``weights_only=True``; stored configs may name
+    gpo_lit components only), with one-line errors for any other file.
+
+    Returns the model in eval mode on the CPU and the run config stored with it (or None).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise GpoLitError(f"{path}: expected a checkpoint file, found no such file")
+    import inspect
+
+    from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
+    from gpo_lit.cli import user_error
+
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    params = inspect.signature(VSEModel).parameters
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    odd = [k for k in hp if k not in params] + [f"no {k}" for k in required if k not in hp]
+    expect(
+        not odd,
+        path,
+        "the hyper_parameters of a gpo_lit VSEModel",
+        f"those of another model ({', '.join(map(str, odd[:4]))})",
+    )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        model = VSEModel(**hp)
+        model.eval_cfg = {k: v for k, v in dict(model.eval_cfg).items() if k not in _OUTPUT_KEYS}
+    except Exception as err:  # noqa: BLE001 - stored hyper-parameters are user input
+        if user_error(err) is not None:
+            raise
         raise GpoLitError(
-            f"{path}: expected a gpo_lit checkpoint readable with weights_only=True, found "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"{path}: expected hyper_parameters that build a gpo_lit VSEModel, found "
+            f"{first_line(err)}"
         ) from None
-    for key in ("hyper_parameters", "state_dict"):
-        expect(key in ckpt, path, f"a '{key}' entry (a gpo_lit checkpoint)", sorted(ckpt)[:6])
-    model = VSEModel(**ckpt["hyper_parameters"])
+    check_state_dict(
+        path,
+        "the weights of the model its hyper_parameters describe",
+        model.state_dict(),
+        ckpt["state_dict"],
+    )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt.get("gpo_lit_config")

@@ -49,7 +49,7 @@ from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.cli import entry_point
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, UnsafeCheckpointError, first_line
 
 # Metrics of the table (a higher mean is better for all of them), in column order.
 TABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -725,18 +725,19 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
 
     Rebuilds only the two pooling heads from the checkpoint's ``hyper_parameters`` and
     ``state_dict`` (exactly as :class:`gpo_lit.model.VSEModel` builds them), so no encoder (BERT,
-    a timm backbone) is constructed; read with ``weights_only=True``. Per-dimension θ
-    (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
+    a timm backbone) is constructed; read by :func:`gpo_lit.checkpoint_io.read_checkpoint`.
+    Per-dimension θ (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
     """
     import torch
 
     import gpo_lit.pooling.sequence  # noqa: F401 - registers the poolers by name
     import gpo_lit.pooling.zoo  # noqa: F401
+    from gpo_lit.checkpoint_io import read_checkpoint
     from gpo_lit.pooling import create_pooling
 
     path = Path(path)
+    ckpt = read_checkpoint(path, mmap=True)  # UnsafeCheckpointError for a hostile config
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
         out = {}
         for modality in MODALITIES:
@@ -754,10 +755,9 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
             out[modality] = (theta.mean(-1) if theta.dim() > 1 else theta).numpy().copy()
         return out
     except Exception as err:  # noqa: BLE001 - one line naming the file
-        first = str(err).splitlines()[0] if str(err) else ""
         raise GpoLitError(
-            f"{path}: expected a gpo_lit checkpoint with hyper_parameters and state_dict "
-            f"(readable with weights_only=True), found {type(err).__name__}: {first}"
+            f"{path}: expected a gpo_lit checkpoint whose pooling heads its hyper_parameters "
+            f"rebuild, found {first_line(err)}"
         ) from None
 
 
@@ -786,6 +786,8 @@ def theta_curves(
                 continue
             try:
                 weights = load_gpo_weights(ckpt, sizes)
+            except UnsafeCheckpointError:
+                raise  # never a note: someone else's code was put in the sweep
             except GpoLitError as err:
                 notes.append(f"θ plot: {err}")
                 continue

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
 from gpo_lit.cli import (
     entry_point,
     finish_wandb,
@@ -27,6 +28,8 @@ from gpo_lit.errors import GpoLitError
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
+# What resuming needs besides the weights: the optimiser and loop state gpo-train saves.
+RESUME_ENTRIES = ("state_dict", "optimizer_states", "loops")
 
 
 def build_vocab(cfg: DictConfig, datamodule) -> list[str] | None:
@@ -63,7 +66,7 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     return ckpt
 
 
-def choose_seed(cfg: DictConfig, resume: str | None = None) -> int:
+def choose_seed(cfg: DictConfig, stored: dict | None = None, resume: str | None = None) -> int:
     """``cfg.seed``; for ``seed=null`` the seed of the checkpoint resumed from, else a fresh one.
 
     A drawn seed is logged and written into ``cfg`` (so into the checkpoints' run config and the
@@ -72,8 +75,7 @@ def choose_seed(cfg: DictConfig, resume: str | None = None) -> int:
     if cfg.seed is not None:
         return int(cfg.seed)
     seed, source = None, "drawn"
-    if resume is not None:
-        stored = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+    if stored is not None:  # the checkpoint resumed from (read_checkpoint)
         seed, source = (stored.get("gpo_lit_config") or {}).get("seed"), f"from {resume}"
     if seed is None:
         seed, source = secrets.randbelow(2**31), "drawn"
@@ -119,7 +121,9 @@ def train(cfg: DictConfig) -> TrainResult:
     quiet_known_noise()
     out_dir = Path(cfg.paths.output_dir)
     resume = resume_path(cfg, out_dir)
-    pl.seed_everything(choose_seed(cfg, resume), workers=True)
+    # A checkpoint to resume is checked before any work; its weights once the model exists.
+    stored = read_checkpoint(resume, RESUME_ENTRIES, mmap=True) if resume else None
+    pl.seed_everything(choose_seed(cfg, stored, resume), workers=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     if cfg.get("tags"):
@@ -130,6 +134,10 @@ def train(cfg: DictConfig) -> TrainResult:
     vocab = build_vocab(cfg, datamodule)
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if stored is not None:
+        expected = "the weights of the model this run's config builds"
+        check_state_dict(resume, expected, model.state_dict(), stored["state_dict"])
+        del stored
     datamodule.set_tokenizer(model.tokenizer)
     loggers = instantiate_loggers(cfg)
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -137,7 +145,7 @@ def train(cfg: DictConfig) -> TrainResult:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         best_val = trainer.callback_metrics.get("val/rsum_best")
         best_val = None if best_val is None else float(best_val)
         if best_val is not None:
@@ -150,7 +158,13 @@ def train(cfg: DictConfig) -> TrainResult:
             best = best_cb.best_model_path if best_cb is not None else ""
             if not best:  # fast_dev_run, or no val/rsum checkpoint configured
                 log.warning("no best checkpoint by val/rsum: testing the weights at the end of fit")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            trainer.test(
+                model,
+                datamodule=datamodule,
+                ckpt_path=best or None,
+                verbose=False,
+                weights_only=True,
+            )
             if trainer.is_global_zero:
                 results = json.loads(results_path.read_text())
                 log_final_summary(trainer, results)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gpo_lit.data.vocab import Vocabulary, tokenize_words
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, first_line
 
 
 @runtime_checkable
@@ -57,9 +57,8 @@ def _not_found_message(name_or_path: str, err: Exception) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     where = f"text tokenizer {name_or_path!r}"
-    detail = (str(err).strip().splitlines() or [""])[0]  # keep the message to one line
     if Path(name_or_path).expanduser().is_dir():
-        return f"{where}: expected a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json), found none loadable (gpo_lit never downloads) [{type(err).__name__}: {detail}]"
+        return f"{where}: expected a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json), found none loadable (gpo_lit never downloads) [{first_line(err)}]"
     if name_or_path.startswith(("/", ".", "~")):
         return f"{where}: no such directory (gpo_lit never downloads); pass a directory written by `AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)`"
     return (

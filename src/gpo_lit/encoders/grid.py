@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, first_line
 
 
 def grid_size_augment(
@@ -103,19 +103,19 @@ def cached_timm_weights(backbone: str) -> Path:
 def load_state_file(path: Path) -> dict[str, Tensor]:
     """A state dict from a ``.safetensors`` or torch file (``weights_only=True``), unwrapped from
     ``{"state_dict": …}`` / ``{"model": …}`` containers."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise GpoLitError(
-            f"{path}: expected a state dict readable with weights_only=True, found "
-            f"{type(err).__name__}: {first}"
-        ) from None
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise GpoLitError(
+                f"{path}: expected a safetensors state dict, found {first_line(err, 160)}"
+            ) from None
+    else:
+        from gpo_lit.checkpoint_io import load_torch_file
+
+        sd = load_torch_file(path, "a state dict of tensors")
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -204,9 +204,9 @@ def create_backbone(
             **kwargs,
         )
     except (RuntimeError, ValueError, TypeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise GpoLitError(
-            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found {first}"
+            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found "
+            f"{first_line(err)}"
         ) from None
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
