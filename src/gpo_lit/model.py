@@ -18,6 +18,7 @@ from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.losses import TripletLoss
 from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
+from gpo_lit.schedules import under
 
 
 def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
@@ -112,7 +113,7 @@ class VSEModel(pl.LightningModule):
         # skips parameters without gradients.
         named = list(self.named_parameters())
         for prefix in mults:
-            if not any(n.startswith(prefix) for n, _ in named):
+            if not any(under(n, prefix) for n, _ in named):
                 raise GpoLitError(
                     f"optim.lr_mults: expected a parameter-name prefix of this model, found "
                     f"{prefix!r} (top-level modules: visual_encoder, text_encoder, visual_pool, "
@@ -120,7 +121,7 @@ class VSEModel(pl.LightningModule):
                 )
         groups: dict[float, list[Tensor]] = {}
         for name, param in named:
-            mult = next((m for p, m in mults.items() if name.startswith(p)), 1.0)
+            mult = next((m for p, m in mults.items() if under(name, p)), 1.0)
             groups.setdefault(mult, []).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": lr * m} for m, ps in groups.items()],

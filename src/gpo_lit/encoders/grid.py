@@ -102,17 +102,20 @@ def create_backbone(
 
 
 class GridCellEncoder(nn.Module):
-    """Grid cells ``[B, N, C]`` → ``Linear(C → d)`` set, with size augmentation in training.
+    """Grid cells or tokens ``[B, N, C]`` → ``Linear(C → d)`` set, size augmentation in training.
 
-    The head of :class:`GridEncoder`, and on its own the visual encoder for grid cells
-    precomputed by ``make features`` (``model/visual=grid_precomp``): the same ``fc`` and the same
-    cell dropping as end to end, the backbone fixed.
+    The head of :class:`GridEncoder` and of the ViT encoder (``encoders.vit``), and on its own the
+    visual encoder for cells / tokens precomputed by ``make features``
+    (``model/visual=grid_precomp`` or ``vit_precomp``): the same ``fc`` and the same dropping as
+    end to end, the backbone fixed.
 
     Args:
-        in_dim: cell width C.
+        in_dim: cell (token) width C.
         embed_dim: joint embedding width d.
-        size_augment: drop grid cells in training (REFERENCE §4).
+        size_augment: drop cells / tokens in training (REFERENCE §4, §12).
         augment_p, augment_min_rate, augment_max_rate: size augmentation parameters.
+        xavier_init: ``fc`` weight Xavier-uniform and bias zero (PCME++'s towers, REFERENCE §12);
+            off = PyTorch's default ``nn.Linear`` initialisation.
     """
 
     def __init__(
@@ -123,10 +126,14 @@ class GridCellEncoder(nn.Module):
         augment_p: float = 0.8,
         augment_min_rate: float = 0.04,
         augment_max_rate: float = 0.2,
+        xavier_init: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.fc = nn.Linear(in_dim, embed_dim)
+        if xavier_init:
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
         self.size_augment = size_augment
         self.augment = (augment_p, augment_min_rate, augment_max_rate)
 

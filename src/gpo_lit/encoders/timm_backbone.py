@@ -17,12 +17,15 @@ from torch import Tensor, nn
 from gpo_lit.errors import GpoLitError
 
 
-def _missing_weights(backbone: str, err: Exception) -> GpoLitError:
+def _missing_weights(backbone: str, err: Exception, repo: str | None = None) -> GpoLitError:
+    """One line: where the weights were looked for and the Hub repo to download them from
+    (``repo``: the pretrained config's ``hf_hub_id``; variants such as ``*_quickgelu_*`` share
+    another model's repo)."""
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     return GpoLitError(
         f"model.visual.backbone: expected pretrained weights of '{backbone}' in the local Hugging "
         f"Face cache ({cache}/hub; no network is used), found none ({type(err).__name__}); "
-        f"download them once with `huggingface-cli download timm/{backbone}`, or set "
+        f"download them once with `huggingface-cli download {repo or 'timm/' + backbone}`, or set "
         f"model.visual.checkpoint_path=<local .pth/.safetensors file>"
     )
 
@@ -51,7 +54,9 @@ def cached_timm_weights(backbone: str) -> Path:
             found = try_to_load_from_cache(repo, name)
             if isinstance(found, str):
                 return Path(found)
-    raise _missing_weights(backbone, FileNotFoundError(repo or "no Hugging Face Hub weights"))
+    raise _missing_weights(
+        backbone, FileNotFoundError(repo or "no Hugging Face Hub weights"), repo or None
+    )
 
 
 def load_state_file(path: Path) -> dict[str, Tensor]:
@@ -159,3 +164,36 @@ def create_timm_model(
             )
         load_backbone_weights(model, path, backbone)
     return model
+
+
+#: the image settings a backbone's pretrained config gives (``data/transforms=backbone``)
+IMAGE_KEYS = ("image_size", "mean", "std", "interpolation")
+
+
+def backbone_image_config(backbone: str) -> dict[str, Any]:
+    """``image_size``, ``mean``, ``std``, ``interpolation`` of timm's pretrained config of
+    ``backbone`` (``timm.data.resolve_data_config``): what the backbone was trained on.
+
+    Read from timm's model registry, never from the network. The crop (``crop_pct``) is left
+    out: the retrieval recipes resize whole images (REFERENCE §4, §12).
+    """
+    import timm
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(backbone.split(".")[0]):
+        raise GpoLitError(f"model.visual.backbone: expected a timm model name, found '{backbone}'")
+    try:
+        cfg = get_pretrained_cfg(backbone)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise GpoLitError(
+            f"model.visual.backbone: expected a timm model with a pretrained config, found "
+            f"'{backbone}' ({(str(err).splitlines() or [''])[0]})"
+        ) from None
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    return {
+        "image_size": int(data["input_size"][-1]),
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
+        "interpolation": str(data["interpolation"]),
+    }
