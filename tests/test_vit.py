@@ -272,3 +272,46 @@ def test_lr_multipliers_match_whole_module_names() -> None:
     slow = next(g for g in opt.param_groups if g["lr"] == pytest.approx(5e-5))
     block1 = model.visual_encoder.backbone.blocks[1]
     assert {id(p) for p in slow["params"]} == {id(p) for p in block1.parameters()}
+
+
+# -- make features ----------------------------------------------------------------------------
+#: demo_grid with a tiny random-init ViT in place of its CNN, at the backbone's own image settings
+VIT_DEMO = (
+    "model/visual=vit",
+    f"model.visual.backbone={TINY}",
+    "model.visual.pretrained=false",
+    "model.visual.backbone_kwargs={img_size: 64}",
+    "model.visual.out_index=-1",
+    "~model.visual.freeze_bn",
+    "data/transforms=backbone",  # mean/std 0.5, bicubic; the demo's 64 px stay
+)
+
+
+def test_extracted_tokens_give_the_on_the_fly_embeddings(tmp_path) -> None:
+    from tests.test_extract import check_round_trip
+
+    precomputed = ("model/visual=vit_precomp", "model.visual.in_dim=64")
+    check_round_trip(tmp_path, VIT_DEMO, precomputed, cells=17, dim=64, head=ViTEncoder)
+
+
+def test_make_features_records_the_token_choice_and_names_the_head(tmp_path, capsys) -> None:
+    import json
+
+    import numpy as np
+
+    from gpo_lit.extract import extract
+    from tests.test_grid_e2e import TINY_GRID_DEMO
+
+    common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "extract.splits=[test]")
+    common = (*common, "extract.progress=false", f"extract.out_dir={tmp_path / 'f'}", *VIT_DEMO)
+    written = extract(compose_cfg("extract", "experiment=demo_grid", *common))["test"]
+    assert np.load(written).shape == (40, 17, 64)
+    meta = json.loads((written.parent / "features_meta.json").read_text())
+    assert (meta["prefix_tokens"], meta["norm"], meta["backbone"]) == (True, False, TINY)
+    assert "model/visual=vit_precomp model.visual.in_dim=64" in capsys.readouterr().out
+    # patch tokens alone are other features: not into the same folder
+    other = compose_cfg(
+        "extract", "experiment=demo_grid", *common, "model.visual.prefix_tokens=false"
+    )
+    with pytest.raises(GpoLitError, match=r"features_meta\.json: expected the settings"):
+        extract(other)
