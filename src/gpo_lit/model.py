@@ -28,7 +28,11 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
         expect(vocab is not None, "model.vocab", "a word list for the BiGRU tokenizer", None)
         return VocabTokenizer(Vocabulary(vocab))
     if kind == "hf":
-        return HFTokenizer(cfg["name_or_path"], max_length=cfg.get("max_length", 128))
+        return HFTokenizer(
+            cfg["name_or_path"],
+            max_length=cfg.get("max_length", 128),
+            mask_token=cfg.get("mask_token"),
+        )
     raise GpoLitError(f"model.text.tokenizer.kind: expected 'vocab' or 'hf', found {kind!r}")
 
 
