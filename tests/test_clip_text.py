@@ -162,3 +162,32 @@ def test_clip_text_config_builds_the_model(clip_dir: Path) -> None:
     ids, _ = model.tokenizer.encode("a dog")
     emb = model.embed_captions(torch.tensor([ids]), torch.tensor([len(ids)]))
     assert emb.shape == (1, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+
+
+@pytest.mark.slow
+def test_vit_and_clip_text_train_end_to_end(clip_dir: Path, tmp_path: Path) -> None:
+    """The CLIP-era pair on the demo images: a tiny ViT image tower (frozen in epoch 0, then
+    trained with the loss warm-up) and the tiny CLIP text tower, PCME++'s per-token masking."""
+    import json
+
+    from tests.test_grid_e2e import TINY_GRID_DEMO
+    from tests.test_train_eval import run
+    from tests.test_vit import VIT_DEMO
+
+    run_dir = tmp_path / "run"
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo_grid",
+        *TINY_GRID_DEMO,
+        *VIT_DEMO,
+        "model/text=clip",
+        f"model.text.encoder.name_or_path={clip_dir}",
+        "data.augment.per_token=true",
+        "trainer.max_epochs=2",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())["full"]
+    assert metrics["rsum"] > 0

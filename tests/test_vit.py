@@ -315,3 +315,18 @@ def test_make_features_records_the_token_choice_and_names_the_head(tmp_path, cap
     )
     with pytest.raises(GpoLitError, match=r"features_meta\.json: expected the settings"):
         extract(other)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "n_tokens"),
+    [
+        ("vit_base_patch32_clip_quickgelu_224.openai", 50),  # CLIP ViT-B/32: CLS + 7 × 7
+        ("vit_base_patch16_clip_quickgelu_224.openai", 197),  # B/16: CLS + 14 × 14
+        ("vit_large_patch14_clip_quickgelu_224.openai", 257),  # L/14: CLS + 16 × 16
+    ],
+)
+def test_clip_towers_give_pcmepp_token_counts(backbone: str, n_tokens: int) -> None:
+    small = {"depth": 1, "embed_dim": 16, "num_heads": 2}  # the architecture's patching, tiny
+    enc = ViTEncoder(backbone, embed_dim=8, pretrained=False, backbone_kwargs=small).eval()
+    with torch.no_grad():
+        assert enc.grid(torch.randn(1, 3, 224, 224)).shape == (1, n_tokens, 16)
