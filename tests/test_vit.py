@@ -330,3 +330,14 @@ def test_clip_towers_give_pcmepp_token_counts(backbone: str, n_tokens: int) -> N
     enc = ViTEncoder(backbone, embed_dim=8, pretrained=False, backbone_kwargs=small).eval()
     with torch.no_grad():
         assert enc.grid(torch.randn(1, 3, 224, 224)).shape == (1, n_tokens, 16)
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for on in (False, True):
+        enc = vit(grad_checkpointing=on, size_augment=False).train()
+        enc(x)[0].pow(2).sum().backward()
+        grads.append(enc.backbone.blocks[0].attn.qkv.weight.grad)
+    assert enc.backbone.grad_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])

@@ -18,6 +18,8 @@ model. Weights come from local files only (``encoders.timm_backbone``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -64,7 +66,8 @@ class ViTEncoder(GridCellEncoder):
         xavier_init: bool = True,
         weights_hint: str = "",
     ) -> None:
-        net = create_timm_model(
+        # Any: timm's ViT-like classes (VisionTransformer, Eva, …) share these methods, no base
+        net: Any = create_timm_model(
             backbone, pretrained, checkpoint_path, backbone_kwargs, weights_hint, num_classes=0
         )
         if not all(
@@ -99,7 +102,7 @@ class ViTEncoder(GridCellEncoder):
         self.norm = norm
         self.num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0)) if prefix_tokens else 0
         if grad_checkpointing:
-            self.backbone.set_grad_checkpointing(True)
+            net.set_grad_checkpointing(True)
 
     def grid(self, images: Tensor, pool_grid: int | None = None) -> Tensor:
         """images ``[B, 3, H, W]`` → backbone tokens ``[B, P + N, width]`` (P prefix tokens when
@@ -110,7 +113,8 @@ class ViTEncoder(GridCellEncoder):
                 f"extract.pool_grid: expected a CNN feature map [B, C, H, W] to pool, found the "
                 f"tokens of '{self.backbone_name}' (leave extract.pool_grid=null)"
             )
-        (out,) = self.backbone.forward_intermediates(
+        backbone: Any = self.backbone
+        (out,) = backbone.forward_intermediates(
             images,
             indices=[-1],  # the last block left after pruning = out_index
             norm=self.norm,
