@@ -83,6 +83,7 @@ def datamodule(root: Path, ratio: float, seed: int = 0) -> RetrievalDataModule:
     captions = [f"caption {j} of image {i}" for j in range(60) for i in range(12)]
     dm.set_tokenizer(VocabTokenizer(Vocabulary.build(captions, min_count=1)))
     dm.prepare_data()
+    dm.setup("fit")
     return dm
 
 
@@ -125,3 +126,12 @@ def test_training_logs_the_mismatched_fraction(tmp_path: Path) -> None:
     col = rows[0].split(",").index("train/noise_mismatched")
     assert [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]] == [0.2]
     assert json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"] > 0
+
+
+def test_evaluation_never_reads_the_training_split(tmp_path: Path) -> None:
+    make_tree(tmp_path, n=4, split="test")  # no train split here, as on an evaluation machine
+    dm = RetrievalDataModule(str(tmp_path), noise_ratio=0.2)
+    dm.set_tokenizer(VocabTokenizer(Vocabulary.build(["caption of image"], min_count=1)))
+    dm.prepare_data()
+    dm.setup("test")
+    assert len(dm.test_dataloader()[1].dataset) == 20

@@ -105,8 +105,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             from hydra.utils import get_method
 
             get_method(self.demo_generator)(self.root, **self.demo)
-        if self.noise_ratio:
-            _ = self.train_caption_map  # drawn (and checked) before any training starts
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.noise_ratio:
+            _ = self.train_caption_map  # drawn (and checked) before any training step
 
     def split(self, name: str, max_images: int | None = None) -> SplitReader:
         """Open (once) and validate split ``name``; a missing file says where the data comes from."""
