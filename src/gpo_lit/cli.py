@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
 from gpo_lit.errors import GpoLitError, one_line
 
 log = logging.getLogger("gpo_lit")
@@ -22,11 +23,19 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def user_error(err: BaseException) -> GpoLitError | None:
-    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating)."""
+    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
+    those raised by a config resolver)."""
+    from omegaconf.errors import InterpolationResolutionError
+
     while err is not None:
         if isinstance(err, GpoLitError):
             return err
-        err = err.__cause__ if isinstance(err, InstantiationException) else None
+        if isinstance(err, InstantiationException):
+            err = err.__cause__
+        elif isinstance(err, InterpolationResolutionError):
+            err = err.__cause__ or err.__context__
+        else:
+            err = None
     return None
 
 

@@ -1,7 +1,8 @@
 """``gpo-extract`` (``make features``): a timm backbone over raw-image splits → SCAN precomp files.
 
 The backbone, its weights and the image pipeline come from an experiment, so the features are
-exactly what that experiment's grid encoder sees on the fly (evaluation view, frozen BN):
+exactly what that experiment's grid (or ViT token) encoder sees on the fly (evaluation view,
+frozen BN):
 
     make features EXP=demo_grid                      # the demo images, tiny random backbone
     make features EXP=f30k_wsl                       # WSL ResNeXt-101 at 512 px (paper)
@@ -9,7 +10,8 @@ exactly what that experiment's grid encoder sees on the fly (evaluation view, fr
     make features EXP=f30k_wsl extract.ckpt=logs/…/best.ckpt   # a fine-tuned gpo_lit backbone
 
 Per split it writes ``{split}_ims.npy`` float32 ``(N_images, cells, C)`` (all h·w cells row-major,
-or ``pool_grid``² average-pooled cells), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
+or ``pool_grid``² average-pooled cells; with ``model/visual=vit`` the ViT's prefix + patch tokens,
+to train on with ``model/visual=vit_precomp``), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
 ``extract.out_dir``, plus ``features_meta.json``. Rows stream into a memory-mapped
 ``{split}_ims.partial.npy``; ``{split}_ims.progress.json`` records the rows safely on disk, so a
 rerun after an interruption continues where it stopped (with the same settings only). A finished
@@ -33,10 +35,15 @@ from torch.utils.data import DataLoader, Dataset
 from gpo_lit.cli import entry_point
 from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
+from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
+
+#: encoders whose backbone set (``grid()``) the extractor stores, and the head config for it
+BackboneEncoder = GridEncoder | ViTEncoder
+_HEAD_CONFIG = {GridEncoder: "grid_precomp", ViTEncoder: "vit_precomp"}
 
 
 class EvalImages(Dataset):
@@ -73,7 +80,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 @torch.no_grad()
 def extract_split(
-    encoder: GridEncoder,
+    encoder: BackboneEncoder,
     split: Any,
     out_dir: Path,
     *,
@@ -89,7 +96,7 @@ def extract_split(
     """Write the precomp files of one split; resume an interrupted run with the same ``settings``.
 
     Args:
-        encoder: a grid encoder (only its backbone runs, in eval mode).
+        encoder: a grid or ViT encoder (only its backbone runs, in eval mode).
         split: an :class:`~gpo_lit.data.images.ImageSplit` (or any reader with ``image(i)``).
         out_dir: destination folder (created).
         settings: what determines the features (backbone, weights, image pipeline, pooling);
@@ -171,8 +178,8 @@ def extract_split(
     return final
 
 
-def build_encoder(cfg: DictConfig) -> GridEncoder:
-    """The experiment's grid encoder, or the fine-tuned one of a gpo_lit checkpoint."""
+def build_encoder(cfg: DictConfig) -> BackboneEncoder:
+    """The experiment's grid / ViT encoder, or the fine-tuned one of a gpo_lit checkpoint."""
     if cfg.extract.ckpt:
         from gpo_lit.model import load_model
 
@@ -181,15 +188,16 @@ def build_encoder(cfg: DictConfig) -> GridEncoder:
     else:
         encoder = instantiate(cfg.model.visual)
         source = "model.visual"
-    if not isinstance(encoder, GridEncoder):
+    if not isinstance(encoder, GridEncoder | ViTEncoder):
         raise GpoLitError(
-            f"{source}: expected a grid visual encoder (an experiment with model/visual=grid, "
-            f"e.g. EXP=f30k_wsl or demo_grid), found {type(encoder).__name__}"
+            f"{source}: expected a grid or ViT visual encoder (an experiment with "
+            f"model/visual=grid or vit, e.g. EXP=f30k_wsl or demo_grid), found "
+            f"{type(encoder).__name__}"
         )
     return encoder
 
 
-def default_out_dir(cfg: DictConfig, encoder: GridEncoder) -> Path:
+def default_out_dir(cfg: DictConfig, encoder: BackboneEncoder) -> Path:
     """``<data root>/features/<backbone>``, or ``…/<backbone>-ckpt-<hash of its path>`` for a
     fine-tuned checkpoint's backbone (never the folder of the untrained one)."""
     name = encoder.backbone_name
@@ -224,6 +232,8 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
         "weights": str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")
         or ("timm pretrained" if cfg.model.visual.get("pretrained") else "random init"),
         "out_index": cfg.model.visual.get("out_index"),
+        # ViT token sets: which tokens, before or after the final norm
+        **{k: cfg.model.visual[k] for k in ("prefix_tokens", "norm") if k in cfg.model.visual},
         "pool_grid": ex.pool_grid,
         "bf16": bool(ex.bf16),
         "image": {k: v for k, v in reader_cfg.items() if not k.startswith("_")},
@@ -264,7 +274,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     print(
         f"Train on them: make train EXP=<precomputed-feature experiment, e.g. f30k_butd_bert> "
         f"data.root={out_dir} "
-        f"model/visual=grid_precomp model.visual.in_dim={dim}",
+        f"model/visual={_HEAD_CONFIG[type(encoder)]} model.visual.in_dim={dim}",
         flush=True,
     )
     return written

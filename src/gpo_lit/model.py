@@ -20,6 +20,7 @@ from gpo_lit.errors import GpoLitError, expect, first_line
 from gpo_lit.losses import TripletLoss
 from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
+from gpo_lit.schedules import under
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,11 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
         expect(vocab is not None, "model.vocab", "a word list for the BiGRU tokenizer", None)
         return VocabTokenizer(Vocabulary(vocab))
     if kind == "hf":
-        return HFTokenizer(cfg["name_or_path"], max_length=cfg.get("max_length", 128))
+        return HFTokenizer(
+            cfg["name_or_path"],
+            max_length=cfg.get("max_length", 128),
+            mask_token=cfg.get("mask_token"),
+        )
     raise GpoLitError(f"model.text.tokenizer.kind: expected 'vocab' or 'hf', found {kind!r}")
 
 
@@ -151,7 +156,7 @@ class VSEModel(pl.LightningModule):
         # skips parameters without gradients.
         named = list(self.named_parameters())
         for prefix in mults:
-            if not any(n.startswith(prefix) for n, _ in named):
+            if not any(under(n, prefix) for n, _ in named):
                 raise GpoLitError(
                     f"optim.lr_mults: expected a parameter-name prefix of this model, found "
                     f"{prefix!r} (top-level modules: visual_encoder, text_encoder, visual_pool, "
@@ -159,7 +164,7 @@ class VSEModel(pl.LightningModule):
                 )
         groups: dict[float, list[Tensor]] = {}
         for name, param in named:
-            mult = next((m for p, m in mults.items() if name.startswith(p)), 1.0)
+            mult = next((m for p, m in mults.items() if under(name, p)), 1.0)
             groups.setdefault(mult, []).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": lr * m} for m, ps in groups.items()],

@@ -3,20 +3,31 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gpo_lit.data.collate import Collate
 from gpo_lit.data.datasets import Augment, CaptionDataset, ImageDataset, PairDataset
+from gpo_lit.data.noise import mismatched_fraction, noisy_caption_map
 from gpo_lit.data.precomp import PrecompSplit
 from gpo_lit.data.reader import SplitReader
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
 from gpo_lit.errors import GpoLitError, MissingFileError, expect
+
+log = logging.getLogger(__name__)
+
+
+def trainer_loggers(module: pl.LightningDataModule) -> list:
+    """The loggers of the trainer ``module`` is attached to ([] when there is none)."""
+    trainer = getattr(module, "trainer", None)
+    return list(trainer.loggers) if trainer is not None else []
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -42,6 +53,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         scan_finite_bytes: :meth:`check_splits` reads splits whose features take at most this
             many bytes whole, to find NaN/inf before any work (2 GiB: the dev and test splits of
             F30K and COCO); larger ones are checked per item as it is read, in the workers too.
+        noise_ratio: noisy correspondences (REFERENCE §12): ⌊r·N⌋ training captions permuted
+            among their slots once, from ``seed``; images, ids and evaluation data untouched.
+            The fraction of training pairs actually mismatched is printed and logged as
+            ``train/noise_mismatched``.
+        noise_derangement: every permuted caption lands on another image, so exactly ⌊r·N⌋
+            pairs are wrong; off = PCME++'s plain permutation (a few keep their own image).
     """
 
     def __init__(
@@ -61,6 +78,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         demo_generator: str = "gpo_lit.data.demo.generate_demo",
         reader: Callable[..., SplitReader] | None = None,
         scan_finite_bytes: int = 2 << 30,
+        noise_ratio: float = 0.0,
+        noise_derangement: bool = True,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -76,6 +95,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.source_hint = source_hint
         self.reader = reader or PrecompSplit
         self.scan_finite_bytes = scan_finite_bytes
+        if not 0.0 <= float(noise_ratio) <= 1.0:
+            raise GpoLitError(
+                f"data.noise_ratio: expected a fraction in [0, 1], found {noise_ratio}"
+            )
+        self.noise_ratio = float(noise_ratio)
+        self.noise_derangement = bool(noise_derangement)
         self.tokenizer: CaptionTokenizer | None = None
         self._opened: dict[tuple[str, int | None], SplitReader] = {}
 
@@ -85,6 +110,10 @@ class RetrievalDataModule(pl.LightningDataModule):
             from hydra.utils import get_method
 
             get_method(self.demo_generator)(self.root, **self.demo)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.noise_ratio:
+            _ = self.train_caption_map  # drawn (and checked) before any training step
 
     def split(self, name: str, max_images: int | None = None) -> SplitReader:
         """Open (once) and validate split ``name``; a missing file says where the data comes from."""
@@ -160,6 +189,24 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.split(self.splits["val"]).captions
         )
 
+    @cached_property
+    def train_caption_map(self) -> np.ndarray | None:
+        """The caption shown at each training slot (``data.noise_ratio``), None without noise;
+        drawn once from the seed, so every rank and every epoch sees the same pairs."""
+        if self.noise_ratio == 0:
+            return None
+        cap2img = self.split(self.splits["train"]).cap2img
+        mapping = noisy_caption_map(cap2img, self.noise_ratio, self.seed, self.noise_derangement)
+        self.noise_mismatched = mismatched_fraction(cap2img, mapping)
+        log.info(
+            "data.noise_ratio=%s: %d of %d training captions (%.2f %%) shown with another image",
+            self.noise_ratio,
+            round(self.noise_mismatched * len(cap2img)),
+            len(cap2img),
+            100 * self.noise_mismatched,
+        )
+        return mapping
+
     def set_tokenizer(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
@@ -181,7 +228,12 @@ class RetrievalDataModule(pl.LightningDataModule):
                 f"data.batch_size: expected a multiple of the {world} processes (it is the "
                 f"global batch), found {self.batch_size}"
             )
-        dataset = PairDataset(split, self.tokenizer, self.augment, self.seed)
+        dataset = PairDataset(
+            split, self.tokenizer, self.augment, self.seed, caption_map=self.train_caption_map
+        )
+        if self.train_caption_map is not None:
+            for logger in trainer_loggers(self):  # stored with the run (metrics.csv, W&B)
+                logger.log_metrics({"train/noise_mismatched": self.noise_mismatched}, step=0)
         return ResumableDataLoader(
             dataset,
             batches_done=self._batches_done_this_epoch,

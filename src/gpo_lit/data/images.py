@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)  # BUTD detector (pixels 0..255, BGR, std 1)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters
 
 
 def train_crop_box(
@@ -65,6 +66,8 @@ class ImageSplit(CaptionList):
         hflip_p: training horizontal flip probability.
         mean, std: per-channel normalisation after ``scale`` (in output channel order).
         bgr: output channels in BGR order (Caffe-converted backbones).
+        interpolation: resampling filter of the resize (``bilinear`` as the released code;
+            ``bicubic`` for most timm ViTs; ``data/transforms=backbone`` picks the backbone's).
         scale: pixel values are ``uint8 / 255 * scale`` before normalising (255 for Caffe).
         image_dir: folder of the image files, relative to ``root`` (or absolute).
         precomp_dir: folder of the ids / captions files, relative to ``root``.
@@ -87,6 +90,7 @@ class ImageSplit(CaptionList):
         std: tuple[float, ...] = IMAGENET_STD,
         bgr: bool = False,
         scale: float = 1.0,
+        interpolation: str = "bilinear",
         image_dir: str = "images",
         precomp_dir: str = "precomp",
         mapping_file: str = "id_mapping.json",
@@ -103,6 +107,13 @@ class ImageSplit(CaptionList):
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
+        expect(
+            str(interpolation) in INTERPOLATIONS,
+            "data.reader.interpolation",
+            f"one of {', '.join(INTERPOLATIONS)}",
+            interpolation,
+        )
+        self.interpolation = str(interpolation)
         self.n_bad = 0
         self.feat_dim = 3
 
@@ -221,13 +232,17 @@ class ImageSplit(CaptionList):
         x = x * (self.scale / 255.0)
         return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
 
+    def _filter(self):
+        from PIL import Image
+
+        return Image.Resampling[self.interpolation.upper()]
+
     def image(self, i: int) -> np.ndarray:
         """Evaluation view of image ``i``: the whole image resized to S×S, float32 ``[3, S, S]``."""
-        from PIL import Image
 
         im = self._open(i)
         if im is not None:
-            im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+            im = im.resize((self.image_size, self.image_size), self._filter())
         return self._to_array(im)
 
     def train_image(self, i: int, rng: np.random.Generator) -> np.ndarray:
@@ -237,7 +252,7 @@ class ImageSplit(CaptionList):
         im = self._open(i)
         if im is not None:
             box = train_crop_box(im.width, im.height, rng, self.crop_min_ratio)
-            im = im.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
+            im = im.resize((self.image_size, self.image_size), self._filter(), box=box)
             if rng.random() < self.hflip_p:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
         else:
