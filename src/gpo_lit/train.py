@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,6 +21,8 @@ from gpo_lit.cli import (
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.resume import ResumableCSVLogger, StopOnSigterm, TrainingInterrupted, logged_step
+from gpo_lit.run_dir import resume_command
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
@@ -47,7 +50,12 @@ def check_feature_width(cfg: DictConfig, datamodule) -> None:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt."""
+    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt.
+
+    The entry point has already refused a ``ckpt_path=last`` whose run folder does not exist
+    (:mod:`gpo_lit.run_dir`); a folder without a checkpoint yet (a job requeued before its first
+    save) starts afresh.
+    """
     ckpt = cfg.get("ckpt_path")
     if ckpt == "last":
         last = out_dir / "checkpoints" / "last.ckpt"
@@ -55,6 +63,17 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     if ckpt is not None and not Path(ckpt).is_file():
         raise GpoLitError(f"ckpt_path: expected a checkpoint file, found no file at {ckpt}")
     return ckpt
+
+
+def hpc_resume_path(out_dir: Path) -> str | None:
+    """The checkpoint Lightning resumes a requeued SLURM job from when ``ckpt_path`` is null
+    (``hpc_ckpt_<n>.ckpt`` with the largest n in the trainer's root folder, the run folder)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    found = [(int(n), p) for p in out_dir.glob("hpc_ckpt_*.ckpt") if (n := p.stem[9:]).isdigit()]
+    return str(max(found)[1]) if found else None
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -70,13 +89,29 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule.set_tokenizer(model.tokenizer)
+    resume = resume_path(cfg, out_dir)
     loggers = instantiate_loggers(cfg)
+    resumed_from = resume or hpc_resume_path(out_dir)
+    for logger in loggers:  # a resumed run appends to its CSV; a fresh one replaces it
+        if isinstance(logger, ResumableCSVLogger):
+            logger.resume_at(logged_step(resumed_from) if resumed_from else None)
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(StopOnSigterm(out_dir / "checkpoints" / "last.ckpt"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        except TrainingInterrupted as stop:
+            if trainer.is_global_zero:
+                print(
+                    f"stopped by SIGTERM: {stop.checkpoint} saved at step {trainer.global_step}; "
+                    f"resume with: {resume_command(out_dir)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
         results: dict[str, dict[str, float]] = {}
         if cfg.test_after_fit:
             results_path = out_dir / "metrics.json"
