@@ -23,3 +23,17 @@ class SignalAtStep(Callback):
 class KillAtStep(SignalAtStep):
     def __init__(self, step: int) -> None:
         super().__init__(step, "SIGKILL")
+
+
+class DiskFullAtStep(Callback):
+    """From ``step`` on, the disk reports 1 KiB free (as ``shutil.disk_usage`` sees it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self.step:
+            import shutil
+
+            usage = shutil.disk_usage("/")
+            shutil.disk_usage = lambda path: usage._replace(free=1024)

@@ -11,9 +11,11 @@ exactly what that experiment's grid encoder sees on the fly (evaluation view, fr
 Per split it writes ``{split}_ims.npy`` float32 ``(N_images, cells, C)`` (all h·w cells row-major,
 or ``pool_grid``² average-pooled cells), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
 ``extract.out_dir``, plus ``features_meta.json``. Rows stream into a memory-mapped
-``{split}_ims.partial.npy``; ``{split}_ims.progress.json`` records the rows safely on disk, so a
-rerun after an interruption continues where it stopped (with the same settings only). A finished
-feature file is never overwritten.
+``{split}_ims.partial.npy``, whose disk space is checked and allocated up front (a full disk is one
+line naming the file, the space needed and the space free, not a SIGBUS midway);
+``{split}_ims.progress.json`` records the rows safely on disk, so a rerun after an interruption
+continues where it stopped (with the same settings only). A finished feature file is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from gpo_lit.cli import entry_point
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import write_atomic
+from gpo_lit.files import check_free_space, reserve, write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
+_NPY_HEADER = 128  # bytes before the rows in a .npy file of this size (numpy aligns to 64)
 
 
 class EvalImages(Dataset):
@@ -125,6 +128,10 @@ def extract_split(
     key = {"settings": settings, "split": name, "shape": list(shape)}
 
     start = 0
+    # The rows are written through a memory map: space missing on disk would be a SIGBUS later,
+    # so it is checked first and then allocated for the whole file (rows × cells × C × 4 bytes).
+    size = _NPY_HEADER + 4 * int(np.prod(shape))
+    what = f"{shape[0]} images × {shape[1]} cells × {shape[2]} float32 features"
     if partial.exists():
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         expect(
@@ -133,11 +140,20 @@ def extract_split(
             f"an interrupted extraction with the same settings ({state_path.name}) to resume",
             "other settings or no progress file; remove it to start again",
         )
+        check_free_space(partial, size - 512 * partial.stat().st_blocks, f"the rest of {what}")
+        reserve(partial, partial.stat().st_size, what)
         mm = np.lib.format.open_memmap(partial, mode="r+")
         start = int(state["done"])
         log.info("%s: resuming at image %d of %d", partial, start, shape[0])
     else:
+        check_free_space(partial, size, what)
         mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            reserve(partial, os.path.getsize(partial), what)
+        except BaseException:
+            del mm
+            partial.unlink()  # made just now, holds nothing
+            raise
         _write_json(state_path, {**key, "done": 0})
 
     loader = DataLoader(
