@@ -139,3 +139,33 @@ def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
     run_id = (term / "wandb-run-id").read_text().strip()
     parts = sorted((term / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "step", "saved"),
+    [
+        ("validation", 18, 19),  # epoch 0's validation finishes, the next step is saved
+        ("test", 0, 36),  # training is over: last.ckpt was saved at its end
+    ],
+)
+def test_sigterm_while_evaluating_stops_at_a_resumable_point(
+    tmp_path: Path, straight, stage: str, step: int, saved: int
+) -> None:
+    ref, data = straight
+    folder = tmp_path / stage
+    args = [
+        *SMALL,
+        data,
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        f"+callbacks.kill.step={step}",
+        f"+callbacks.kill.stage={stage}",
+    ]
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert "resume with: make train EXP=demo" in res.stderr
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == saved and not (folder / "metrics.json").exists()
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", "ckpt_path=last", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(folder, ref)

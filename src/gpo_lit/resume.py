@@ -31,9 +31,9 @@ SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended 
 class TrainingInterrupted(SystemExit):
     """Training stopped on SIGTERM after saving its state; the process exits with status 143."""
 
-    def __init__(self, checkpoint: Path | None) -> None:
+    def __init__(self, checkpoint: Path, step: int) -> None:
         super().__init__(SIGTERM_EXIT)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.step = checkpoint, step
 
 
 def slurm_requeues(trainer: pl.Trainer) -> bool:
@@ -63,6 +63,7 @@ class StopOnSigterm(pl.Callback):
         self.last_path = Path(last_path)
         self.received = False  # the signal came
         self.stopping = False  # last_path holds the state to resume from; stop at the next hook
+        self.saved_step = -1  # the global step last_path was saved at
         self.flush_pending = False
 
     def _listen(self, trainer: pl.Trainer) -> None:
@@ -79,6 +80,10 @@ class StopOnSigterm(pl.Callback):
             return bool(trainer.strategy.reduce_boolean_decision(self.received, all=False))
         return self.received
 
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
+        self.saved_step = trainer.global_step
+
     def _after_step(self, trainer: pl.Trainer) -> None:
         """The first hook after a training step's metrics are logged."""
         if self.flush_pending:
@@ -86,7 +91,7 @@ class StopOnSigterm(pl.Callback):
             for logger in trainer.loggers:
                 logger.save()
         if self.stopping:
-            raise TrainingInterrupted(self.last_path)
+            raise TrainingInterrupted(self.last_path, self.saved_step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._listen(trainer)
@@ -96,7 +101,7 @@ class StopOnSigterm(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not self.stopping and self._agreed(trainer):
-            trainer.save_checkpoint(self.last_path)
+            self._save(trainer)
             self.stopping = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -111,13 +116,13 @@ class StopOnSigterm(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.stopping:
-            trainer.save_checkpoint(self.last_path)
+            self._save(trainer)
             self.stopping = self._agreed(trainer)
         self._after_step(trainer)
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self._agreed(trainer):
-            raise TrainingInterrupted(self.last_path)
+            raise TrainingInterrupted(self.last_path, self.saved_step)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -76,6 +76,24 @@ def hpc_resume_path(out_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+def fit_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, model, datamodule, resume: str | None
+) -> dict[str, dict[str, float]]:
+    """Fit (from ``resume`` if given), then test the best checkpoint into metrics.json."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    results: dict[str, dict[str, float]] = {}
+    if cfg.test_after_fit:
+        results_path = Path(cfg.paths.output_dir) / "metrics.json"
+        model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
+        trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+        if trainer.is_global_zero:
+            results = json.loads(results_path.read_text())
+            best = trainer.checkpoint_callback.best_model_path
+            log_final_summary(trainer, results)
+            print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
+    return results
+
+
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run one training job; returns the test metrics per protocol (empty if not tested)."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -102,27 +120,17 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            return fit_and_test(cfg, trainer, model, datamodule, resume)
         except TrainingInterrupted as stop:
             if trainer.is_global_zero:
+                saved = f"saved at step {stop.step}" if stop.step >= 0 else "kept"
                 print(
-                    f"stopped by SIGTERM: {stop.checkpoint} saved at step {trainer.global_step}; "
+                    f"stopped by SIGTERM: {stop.checkpoint} {saved}; "
                     f"resume with: {resume_command(out_dir)}",
                     file=sys.stderr,
                     flush=True,
                 )
             raise
-        results: dict[str, dict[str, float]] = {}
-        if cfg.test_after_fit:
-            results_path = out_dir / "metrics.json"
-            model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
-            trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
-            if trainer.is_global_zero:
-                results = json.loads(results_path.read_text())
-                best = trainer.checkpoint_callback.best_model_path
-                log_final_summary(trainer, results)
-                print(f"\nTest metrics of {best}:\n{format_table(results)}\n", flush=True)
-        return results
     finally:
         finish_wandb()
 
