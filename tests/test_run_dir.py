@@ -185,9 +185,7 @@ def test_config_changes_against_a_stored_config(tmp_path: Path) -> None:
         "train", ["experiment=demo", "seed=2", f"hydra.run.dir={folder}", "ckpt_path=last"]
     )
     assert value_of(same, "hydra.output_subdir") == ".hydra/resume-1"
-    with pytest.raises(
-        GpoLitError, match=r"model\.pooling\.name \(gpo → max\)"
-    ):
+    with pytest.raises(GpoLitError, match=r"model\.pooling\.name \(gpo → max\)"):
         prepare(
             "train",
             [
