@@ -27,9 +27,11 @@ SMALL = [
     "trainer.log_every_n_steps=1",  # a CSV row every step: a lost or repeated step shows
     "callbacks.last_checkpoint.every_n_train_steps=4",
 ]
-# 600 pairs / 32 = 18 batches per epoch; step 26 is epoch 1, batch 8, two steps after the last
-# step checkpoint (24).
+# 600 pairs / 32 = 18 batches per epoch. Step 26 is epoch 1, batch 8, two steps after the last
+# step checkpoint (24); step 19 is epoch 1, batch 1, after epoch 0's validation and its best
+# checkpoint, three steps after the last step checkpoint (16): the resumed run validates again.
 AT = 26
+KILL_AT = 19
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
@@ -67,19 +69,23 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, straight) -> No
         *SMALL,
         data,
         "+callbacks.kill._target_=tests.killer.KillAtStep",
-        f"+callbacks.kill.step={AT}",
+        f"+callbacks.kill.step={KILL_AT}",
     ]
     res = run("gpo_lit.train", *args, f"hydra.run.dir={killed}", cwd=tmp_path)
     assert res.returncode == -9 and not (killed / "metrics.json").exists()
     assert (killed / "checkpoints" / "last.ckpt").is_file()
-    # Rows past the checkpoint (global step 24 = logging step 23) were written before the kill:
+    # Rows past the checkpoint (global step 16 = logging step 15) were written before the kill:
     # the resume drops them, as it logs those steps again.
-    assert max(int(r["step"]) for r in rows(killed)) > 23
+    assert max(int(r["step"]) for r in rows(killed)) > 15
     original = records(killed)
 
     res = run("gpo_lit.train", *args, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(killed, ref)
+    # epoch 0's best checkpoint, saved again by the resumed run, replaced (not best-…-v1.ckpt)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == sorted(
+        p.name for p in (ref / "checkpoints").iterdir()
+    )
     assert records(killed) == original  # the original .hydra/ is kept …
     resume = (killed / ".hydra" / "resume-1" / "overrides.yaml").read_text()
     assert "ckpt_path=last" in resume  # … and the resume recorded beside it
