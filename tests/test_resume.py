@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_eval import ENV, run
+from tests.test_train_eval import ENV, one_line_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -175,3 +175,25 @@ def test_sigterm_while_evaluating_stops_at_a_resumable_point(
     res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", "ckpt_path=last", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(folder, ref)
+
+
+@pytest.mark.slow
+def test_continuing_from_a_checkpoint_file_checks_its_stored_config(
+    tmp_path: Path, straight
+) -> None:
+    ref, data = straight
+    last = ref / "checkpoints" / "last.ckpt"  # saved when training ended
+    before = {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()}
+    changed = tmp_path / "changed"
+    args = [*SMALL, data, f"ckpt_path={last}"]
+    res = run("gpo_lit.train", *args, "seed=5", f"hydra.run.dir={changed}", cwd=tmp_path)
+    msg = one_line_error(res)
+    assert msg.startswith(f"error: ckpt_path={last}: expected the configuration it was saved with")
+    assert "seed (0 → 5)" in msg and "output_dir" not in msg and "dirpath" not in msg
+    assert not (changed / "metrics.json").exists()
+    # The same configuration in a new folder: training is over, the test reproduces the run's.
+    same = tmp_path / "same"
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={same}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (same / "metrics.json").read_bytes() == (ref / "metrics.json").read_bytes()
+    assert {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before

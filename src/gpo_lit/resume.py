@@ -19,11 +19,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from gpo_lit.files import write_atomic
+from gpo_lit.run_dir import config_changes, refuse_changes
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
@@ -130,6 +132,30 @@ class StopOnSigterm(pl.Callback):
         for logger in trainer.loggers:
             logger.save()
         self.flush_pending = True
+
+
+def check_checkpoint_config(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """A run continued from a checkpoint file must have the configuration stored in it
+    (``gpo_lit_config``; the output folder and what derives from it aside), unless
+    ``resume_changes=allow``: one line naming the changed keys otherwise."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    stored = ckpt.get("gpo_lit_config")
+    if not isinstance(stored, dict):
+        return
+    new = OmegaConf.to_container(cfg, resolve=True)
+    old_out = str((stored.get("paths") or {}).get("output_dir") or "\0")
+    new_out = str(new["paths"]["output_dir"])
+
+    def rebase(x: Any) -> Any:  # the old run's folder in its paths is this run's
+        if isinstance(x, dict):
+            return {k: rebase(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rebase(v) for v in x]
+        return x.replace(old_out, new_out) if isinstance(x, str) else x
+
+    changes = config_changes(rebase(stored), new)
+    where = f"ckpt_path={ckpt_path}"
+    refuse_changes(where, "the configuration it was saved with", changes, cfg.get("resume_changes"))
 
 
 def logged_step(ckpt_path: str | Path) -> int:

@@ -76,18 +76,28 @@ def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: cfg}
 
 
-def config_changes(stored: DictConfig, new: DictConfig) -> list[str]:
-    """``key (old → new)`` for every value that differs (interpolations compared as written)."""
-    old = flat(OmegaConf.to_container(stored, resolve=False))
-    now = flat(OmegaConf.to_container(new, resolve=False))
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key (old → new)`` for every leaf that differs, but those a resume may always set anew."""
+    old, new = flat(old), flat(new)
     changes = []
-    for key in sorted(set(old) | set(now)):
+    for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in IGNORED_CHANGES:
             continue
-        a, b = old.get(key, "<unset>"), now.get(key, "<unset>")
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
         if a != b:
             changes.append(f"{key} ({a} → {b})")
     return changes
+
+
+def refuse_changes(where: object, expected: str, changes: list[str], allow: object) -> None:
+    """One line naming the changed keys, unless ``resume_changes=allow``."""
+    expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
+    if changes and allow != "allow":
+        raise GpoLitError(
+            f"{where}: expected {expected}, found changes in {'; '.join(changes)}; repeat the "
+            "run's overrides, or add resume_changes=allow to resume with these changes "
+            "(recorded in the run folder)"
+        )
 
 
 def next_resume_subdir(run_dir: Path, output_subdir: str) -> str:
@@ -123,19 +133,16 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         "an unfinished run to resume",
         "a finished one (it holds metrics.json; not overwritten)",
     )
-    allow = cfg.get("resume_changes", "refuse")
-    expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
     stored_path = run_dir / str(cfg.hydra.output_subdir) / "config.yaml"
+    allow = cfg.get("resume_changes", "refuse")
     if not stored_path.is_file():
+        expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
         return
-    new = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    changes = config_changes(OmegaConf.load(stored_path), new)
-    if changes and allow != "allow":
-        raise GpoLitError(
-            f"{stored_path}: expected the configuration of the run being resumed, found changes "
-            f"in {'; '.join(changes)}; repeat the run's overrides, or add resume_changes=allow "
-            "to resume with these changes (recorded in the run folder)"
-        )
+    new = OmegaConf.to_container(cfg, resolve=False)
+    new.pop("hydra")
+    stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=False)
+    changes = config_changes(stored, new)  # interpolations compared as written
+    refuse_changes(stored_path, "the configuration of the run being resumed", changes, allow)
 
 
 def prepare(config_name: str, argv: list[str]) -> list[str]:

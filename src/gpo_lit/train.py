@@ -21,7 +21,13 @@ from gpo_lit.cli import (
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
-from gpo_lit.resume import ResumableCSVLogger, StopOnSigterm, TrainingInterrupted, logged_step
+from gpo_lit.resume import (
+    ResumableCSVLogger,
+    StopOnSigterm,
+    TrainingInterrupted,
+    check_checkpoint_config,
+    logged_step,
+)
 from gpo_lit.run_dir import resume_command
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
@@ -108,6 +114,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule.set_tokenizer(model.tokenizer)
     resume = resume_path(cfg, out_dir)
+    if resume and cfg.ckpt_path != "last":  # a file: its own config (last: .hydra/, compared before)
+        check_checkpoint_config(cfg, resume)
     loggers = instantiate_loggers(cfg)
     resumed_from = resume or hpc_resume_path(out_dir)
     for logger in loggers:  # a resumed run appends to its CSV; a fresh one replaces it
