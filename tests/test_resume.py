@@ -197,3 +197,25 @@ def test_continuing_from_a_checkpoint_file_checks_its_stored_config(
     assert res.returncode == 0, res.stderr[-3000:]
     assert (same / "metrics.json").read_bytes() == (ref / "metrics.json").read_bytes()
     assert {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before
+
+
+def test_sigterm_handling_stays_lightnings_under_slurm_requeue() -> None:
+    """cluster=slurm: SIGUSR2 checkpoints and requeues (Lightning's SLURM path, untouched)."""
+    import signal
+
+    import pytorch_lightning as pl
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from gpo_lit.resume import StopOnSigterm
+
+    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    requeue = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR2)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = StopOnSigterm("last.ckpt")
+        stop.on_train_start(pl.Trainer(plugins=[requeue], **kw), None)
+        assert signal.getsignal(signal.SIGTERM) is previous
+        stop.on_train_start(pl.Trainer(**kw), None)
+        assert signal.getsignal(signal.SIGTERM) == stop._on_signal
+    finally:
+        signal.signal(signal.SIGTERM, previous)
