@@ -114,7 +114,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule.set_tokenizer(model.tokenizer)
     resume = resume_path(cfg, out_dir)
-    if resume and cfg.ckpt_path != "last":  # a file: its own config (last: .hydra/, compared before)
+    # A checkpoint file: the config stored in it (last: .hydra/, compared before Hydra ran).
+    if resume and cfg.ckpt_path != "last":
         check_checkpoint_config(cfg, resume)
     loggers = instantiate_loggers(cfg)
     resumed_from = resume or hpc_resume_path(out_dir)
