@@ -4,13 +4,13 @@ Reading: :func:`load_torch_file` is the one ``torch.load`` of the project (``wei
 tensors and plain values only, never arbitrary unpickling); :func:`read_checkpoint` adds the
 checks of a gpo_lit checkpoint (its entries, the components its configs name, the file paths its
 callback state holds); :func:`check_state_dict` compares stored weights with a model's.
-Writing: :class:`AtomicCheckpointIO`, whose saves a kill never half-writes and whose loads (the
-ones Lightning does when resuming or testing ``ckpt_path=best``) go through the same reader.
+Writing: :class:`AtomicCheckpointIO`, whose saves a kill or a full disk never half-writes (the
+previous checkpoint is kept) and whose loads (the ones Lightning does when resuming or testing
+``ckpt_path=best``) go through the same reader.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.utilities.cloud_io import _atomic_save
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from gpo_lit.errors import GpoLitError, first_line
+from gpo_lit.files import check_free_space, write_atomic
 
 # ModelCheckpoint state entries naming files that Lightning may delete or load after a resume.
 _CALLBACK_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
@@ -180,12 +180,37 @@ def check_state_dict(
         raise GpoLitError(f"{where}: expected {expected}, found {'; '.join(problems)}")
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor storage in a checkpoint (each shared storage once): what
+    ``torch.save`` writes, give or take its small metadata."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<path>.tmp`` in the same folder, flush to disk, then rename over ``path``;
-    read with :func:`load_torch_file` (``weights_only=True`` whatever Lightning asks).
+    """``torch.save`` streamed into a temporary file beside ``path``, flushed to disk, then
+    renamed over ``path`` (:func:`gpo_lit.files.write_atomic`); read with
+    :func:`load_torch_file` (``weights_only=True`` whatever Lightning asks).
 
     ``os.replace`` is atomic on POSIX file systems, so ``path`` always holds either the previous
-    complete checkpoint or the new complete one.
+    complete checkpoint or the new complete one. Unlike Lightning's own save (the whole
+    checkpoint serialised in memory, then staged through ``$TMPDIR``), nothing is written
+    elsewhere and no second copy is held in memory. Too little free space is refused before
+    writing, a disk that fills up during the write removes the temporary file; both are one line
+    naming the checkpoint, the space needed and the space free.
     """
 
     def save_checkpoint(
@@ -193,11 +218,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        _atomic_save(checkpoint, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        needed = tensor_bytes(checkpoint) + 2**20  # + the pickled structure and zip records
+        what = "the checkpoint (the previous one is kept)"
+        check_free_space(path, needed, what)
+        write_atomic(path, lambda f: torch.save(checkpoint, f), sync=True, needed=needed, what=what)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None

@@ -100,7 +100,8 @@ def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """``@entry_point("train")``: a Hydra main on ``conf/<config_name>.yaml`` whose user errors,
-    unknown group options and bad values included, are one line on stderr with exit status 2."""
+    unknown group options and bad values included, are one line on stderr with exit status 2,
+    and whose run folder is its own (:func:`gpo_lit.run_dir.prepare`)."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         import hydra
@@ -111,7 +112,14 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         @functools.wraps(task)
         def main() -> Any:
+            from gpo_lit.run_dir import prepare
+
             err = config_error(config_name, sys.argv[1:])
+            if err is None:  # the run folder, before Hydra writes into it (gpo_lit.run_dir)
+                try:
+                    sys.argv[1:] = prepare(config_name, sys.argv[1:])
+                except GpoLitError as refused:
+                    err = refused
             if err is not None:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)

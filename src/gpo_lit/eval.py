@@ -1,6 +1,6 @@
 """``gpo-eval``: embed a split with a checkpoint, count ranks, write ``metrics.json``.
 
-``ckpt=[a.ckpt,b.ckpt]`` (``make eval CKPT=a.ckpt,b.ckpt``) evaluates the ensemble of the models:
+``ckpt=[a.ckpt,b.ckpt]`` (``make eval CKPTS="a.ckpt b.ckpt"``) evaluates the ensemble of the models:
 each embeds the split with its own data pipeline (``member<i>/``: its metrics and embeddings),
 then the similarity matrices are averaged before ranking (REFERENCE §6) into ``metrics.json``.
 ``ties=optimistic`` counts only candidates strictly above the ground truth (default

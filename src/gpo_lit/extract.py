@@ -13,9 +13,11 @@ Per split it writes ``{split}_ims.npy`` float32 ``(N_images, cells, C)`` (all h�
 or ``pool_grid``² average-pooled cells; with ``model/visual=vit`` the ViT's prefix + patch tokens,
 to train on with ``model/visual=vit_precomp``), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
 ``extract.out_dir``, plus ``features_meta.json``. Rows stream into a memory-mapped
-``{split}_ims.partial.npy``; ``{split}_ims.progress.json`` records the rows safely on disk, so a
-rerun after an interruption continues where it stopped (with the same settings only). A finished
-feature file is never overwritten.
+``{split}_ims.partial.npy``, whose disk space is checked and allocated up front (a full disk is one
+line naming the file, the space needed and the space free, not a SIGBUS midway);
+``{split}_ims.progress.json`` records the rows safely on disk, so a rerun after an interruption
+continues where it stopped (with the same settings only). A finished feature file is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import write_atomic
+from gpo_lit.files import check_free_space, reserve, write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
+_NPY_HEADER = 128  # bytes before the rows in a .npy file of this size (numpy aligns to 64)
 
 #: encoders whose backbone set (``grid()``) the extractor stores, and the head config for it
 BackboneEncoder = GridEncoder | ViTEncoder
@@ -133,6 +136,10 @@ def extract_split(
     key = {"settings": settings, "split": name, "shape": list(shape)}
 
     start = 0
+    # The rows are written through a memory map: space missing on disk would be a SIGBUS later,
+    # so it is checked first and then allocated for the whole file (rows × cells × C × 4 bytes).
+    size = _NPY_HEADER + 4 * int(np.prod(shape))
+    what = f"{shape[0]} images × {shape[1]} cells × {shape[2]} float32 features"
     if partial.exists():
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         expect(
@@ -141,11 +148,20 @@ def extract_split(
             f"an interrupted extraction with the same settings ({state_path.name}) to resume",
             "other settings or no progress file; remove it to start again",
         )
+        check_free_space(partial, size - 512 * partial.stat().st_blocks, f"the rest of {what}")
+        reserve(partial, partial.stat().st_size, what)
         mm = np.lib.format.open_memmap(partial, mode="r+")
         start = int(state["done"])
         log.info("%s: resuming at image %d of %d", partial, start, shape[0])
     else:
+        check_free_space(partial, size, what)
         mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            reserve(partial, os.path.getsize(partial), what)
+        except BaseException:
+            del mm
+            partial.unlink()  # made just now, holds nothing
+            raise
         _write_json(state_path, {**key, "done": 0})
 
     loader = DataLoader(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,14 @@ from gpo_lit.config_check import check_config
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.resume import (
+    ResumableCSVLogger,
+    StopOnSigterm,
+    TrainingInterrupted,
+    check_checkpoint_config,
+    logged_step,
+)
+from gpo_lit.run_dir import resume_command
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
@@ -56,7 +65,12 @@ def check_data(cfg: DictConfig, datamodule) -> None:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt."""
+    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt.
+
+    The entry point has already refused a ``ckpt_path=last`` whose run folder does not exist
+    (:mod:`gpo_lit.run_dir`); a folder without a checkpoint yet (a job requeued before its first
+    save) starts afresh.
+    """
     ckpt = cfg.get("ckpt_path")
     if ckpt == "last":
         last = out_dir / "checkpoints" / "last.ckpt"
@@ -115,6 +129,50 @@ class TrainResult(NamedTuple):
     best_val_rsum: float | None
 
 
+def hpc_resume_path(out_dir: Path) -> str | None:
+    """The checkpoint Lightning resumes a requeued SLURM job from when ``ckpt_path`` is null
+    (``hpc_ckpt_<n>.ckpt`` with the largest n in the trainer's root folder, the run folder)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    found = [(int(n), p) for p in out_dir.glob("hpc_ckpt_*.ckpt") if (n := p.stem[9:]).isdigit()]
+    return str(max(found)[1]) if found else None
+
+
+def fit_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, model, datamodule, resume: str | None
+) -> TrainResult:
+    """Fit (from ``resume`` if given), then test the best checkpoint into metrics.json."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    best_val = trainer.callback_metrics.get("val/rsum_best")
+    best_val = None if best_val is None else float(best_val)
+    if best_val is not None:
+        log.info("best val/rsum: %.4f (the value a sweep optimises)", best_val)
+    results: dict[str, dict[str, float]] = {}
+    if cfg.test_after_fit:
+        results_path = Path(cfg.paths.output_dir) / "metrics.json"
+        model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
+        best_cb = best_checkpoint_callback(trainer)
+        best = best_cb.best_model_path if best_cb is not None else ""
+        if not best:  # fast_dev_run, or no val/rsum checkpoint configured
+            log.warning("no best checkpoint by val/rsum: testing the weights at the end of fit")
+        trainer.test(
+            model,
+            datamodule=datamodule,
+            ckpt_path=best or None,
+            verbose=False,
+            weights_only=True,
+        )
+        if trainer.is_global_zero:
+            results = json.loads(results_path.read_text())
+            log_final_summary(trainer, results)
+            which = best or "the weights at the end of fit"
+            print(f"\nTest metrics of {which}:\n{format_table(results)}\n", flush=True)
+            log.info("test metrics of %s: %s", which, json.dumps(results, sort_keys=True))
+    return TrainResult(results, best_val)
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Run one training job: fit, then test the best checkpoint by validation rsum."""
     check_config(cfg)
@@ -139,39 +197,32 @@ def train(cfg: DictConfig) -> TrainResult:
         check_state_dict(resume, expected, model.state_dict(), stored["state_dict"])
         del stored
     datamodule.set_tokenizer(model.tokenizer)
+    # A checkpoint file: the config stored in it (last: .hydra/, compared before Hydra ran).
+    if resume and cfg.ckpt_path != "last":
+        check_checkpoint_config(cfg, resume)
     loggers = instantiate_loggers(cfg)
+    resumed_from = resume or hpc_resume_path(out_dir)
+    for logger in loggers:  # a resumed run appends to its CSV; a fresh one replaces it
+        if isinstance(logger, ResumableCSVLogger):
+            logger.resume_at(logged_step(resumed_from) if resumed_from else None)
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(StopOnSigterm(out_dir / "checkpoints" / "last.ckpt"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        best_val = trainer.callback_metrics.get("val/rsum_best")
-        best_val = None if best_val is None else float(best_val)
-        if best_val is not None:
-            log.info("best val/rsum: %.4f (the value a sweep optimises)", best_val)
-        results: dict[str, dict[str, float]] = {}
-        if cfg.test_after_fit:
-            results_path = out_dir / "metrics.json"
-            model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
-            best_cb = best_checkpoint_callback(trainer)
-            best = best_cb.best_model_path if best_cb is not None else ""
-            if not best:  # fast_dev_run, or no val/rsum checkpoint configured
-                log.warning("no best checkpoint by val/rsum: testing the weights at the end of fit")
-            trainer.test(
-                model,
-                datamodule=datamodule,
-                ckpt_path=best or None,
-                verbose=False,
-                weights_only=True,
-            )
+        try:
+            return fit_and_test(cfg, trainer, model, datamodule, resume)
+        except TrainingInterrupted as stop:
             if trainer.is_global_zero:
-                results = json.loads(results_path.read_text())
-                log_final_summary(trainer, results)
-                which = best or "the weights at the end of fit"
-                print(f"\nTest metrics of {which}:\n{format_table(results)}\n", flush=True)
-                log.info("test metrics of %s: %s", which, json.dumps(results, sort_keys=True))
-        return TrainResult(results, best_val)
+                saved = f"saved at step {stop.step}" if stop.step >= 0 else "kept"
+                print(
+                    f"stopped by SIGTERM: {stop.checkpoint} {saved}; "
+                    f"resume with: {resume_command(out_dir)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
     finally:
         finish_wandb()
 
