@@ -237,6 +237,7 @@ def test_malformed_shard_paths_give_one_line(tmp_path: Path) -> None:
         ShardSplit(only_text, "train")
 
 
+@pytest.mark.slow
 def test_train_with_a_bad_shard_path_is_one_line(tmp_path: Path) -> None:
     res = run(
         "gpo_lit.train",
@@ -249,3 +250,66 @@ def test_train_with_a_bad_shard_path_is_one_line(tmp_path: Path) -> None:
     )
     msg = one_line_error(res)
     assert msg.startswith(f"error: {tmp_path / 'missing' / 'train-*.tar'}: expected webdataset")
+
+
+@pytest.mark.slow
+def test_training_on_shards_beats_the_untrained_model_of_the_same_seed(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from gpo_lit.cli import CONF_DIR
+    from gpo_lit.train import build_vocab, train
+
+    overrides = [
+        "experiment=demo_shards",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "++data.demo.n_train=80",
+        "++data.demo.n_dev=20",
+        "++data.demo.n_test=40",
+        "++data.demo.samples_per_shard=25",
+        "++data.demo.image_size=32",
+        "data.batch_size=40",
+        "data.eval_batch_size=40",
+        "model.embed_dim=64",
+        "trainer.max_epochs=3",
+        "logger=[]",
+    ]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides)
+    pl.seed_everything(cfg.seed, workers=True)  # as train() does before building the model
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=build_vocab(cfg, dm))
+    dm.set_tokenizer(model.tokenizer)
+    tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    untrained = tester.test(model, datamodule=dm, verbose=False)[0]["test/full/rsum"]
+    trained = train(cfg)["full"]["rsum"]
+    assert trained > untrained + 20, (trained, untrained)
+
+
+def test_demo_shards_command_line(tmp_path: Path, capsys) -> None:
+    from gpo_lit.data.demo_shards import main
+
+    args = ["--root", str(tmp_path), "--n-train", "3", "--n-dev", "1", "--n-test", "1"]
+    assert main([*args, "--image-size", "16", "--samples-per-shard", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [
+        "dev-000000.tar", "test-000000.tar", "train-000000.tar", "train-000001.tar"]  # fmt: skip
+    assert main([*args, "--image-size", "8"]) == 2
+    assert capsys.readouterr().err.startswith("error: demo_shards image_size: expected at least")
+
+
+@pytest.mark.slow
+def test_any_grid_experiment_reads_shards_with_data_shards(demo_shards, tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from gpo_lit.cli import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["experiment=f30k_wsl", "data=shards", f"data.root={demo_shards}",
+                                f"paths.output_dir={tmp_path}"])  # fmt: skip
+    dm = instantiate(cfg.data)
+    split = dm.split("dev")
+    assert isinstance(split, ShardSplit) and split.n_images == 6 and split.image_size == 512
