@@ -243,6 +243,9 @@ class PrecompSplit(CaptionList):
             return out
         fd, size = self._file(), self._row_bytes
         flat = out.reshape(-1).view(np.uint8)
+        if len(rows) == 1:  # the per-item path: no run splitting
+            _pread_into(fd, flat, self._offset + int(rows[0]) * size, self.path)
+            return out
         # split where the next row is not the following one: each piece is one contiguous read
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)], strict=True):
@@ -269,7 +272,7 @@ class PrecompSplit(CaptionList):
         if not 0 <= i < self.n_images:
             raise IndexError(f"image {i} out of range for {self.n_images} images in {self.path}")
         row = i * self._stride
-        x = self.read_rows([row])
+        x = self.read_rows((row,))
         if self.check_finite:
             self._expect_finite(x, row)
         return x[0] if keep is None else x[0][keep]
@@ -277,6 +280,9 @@ class PrecompSplit(CaptionList):
     def _expect_finite(self, rows: np.ndarray, first_row: int) -> None:
         """One line naming the first row of ``rows`` (``[n, R, D]``, file rows ``first_row``,
         ``first_row + stride``, …) holding NaN/inf."""
+        flat = rows.reshape(-1)
+        if np.isfinite(np.dot(flat, flat)):  # fast path (BLAS): any NaN/inf makes it non-finite;
+            return  # so can squares over 1e38, which the exact count below then clears
         bad = (~np.isfinite(rows)).reshape(len(rows), -1).sum(axis=1)
         if bad.any():
             k = int(np.argmax(bad > 0))
