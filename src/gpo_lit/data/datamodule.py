@@ -39,7 +39,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         val_max_images: validate on the first m images of ``val_split`` (1,000 in the paper).
         batch_size: the *global* training batch (split evenly over DDP ranks).
         eval_batch_size: per-process batch for embedding during evaluation.
-        num_workers: DataLoader workers (each opens the memory maps itself).
+        num_workers: DataLoader workers (each opens the feature files itself).
         augment: training augmentation, see :class:`Augment`.
         seed: seeds the data order and augmentation per (epoch, index).
         demo: when set, generate a demo data set into ``root`` first: the kwargs of
@@ -59,6 +59,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             ``train/noise_mismatched``.
         noise_derangement: every permuted caption lands on another image, so exactly ⌊r·N⌋
             pairs are wrong; off = PCME++'s plain permutation (a few keep their own image).
+        prefetch_factor: batches each worker loads ahead (None: PyTorch's 2; workers only).
+            Workers persist across epochs and validations; memory is pinned on CUDA only.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         scan_finite_bytes: int = 2 << 30,
         noise_ratio: float = 0.0,
         noise_derangement: bool = True,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -101,6 +104,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
         self.noise_ratio = float(noise_ratio)
         self.noise_derangement = bool(noise_derangement)
+        self.prefetch_factor = prefetch_factor
         self.tokenizer: CaptionTokenizer | None = None
         self._opened: dict[tuple[str, int | None], SplitReader] = {}
 
@@ -220,6 +224,18 @@ class RetrievalDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else 1
 
+    def _loader_kwargs(self) -> dict:
+        """Worker settings of every loader: workers kept alive across epochs and validations (the
+        epoch travels with the sampler's indices, not in the dataset), pinned memory for CUDA."""
+        trainer = getattr(self, "trainer", None)
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        kwargs: dict = {"num_workers": self.num_workers, "pin_memory": cuda}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = True
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
     def train_dataloader(self) -> DataLoader:
         split = self.split(self.splits["train"])
         world = self._world_size()
@@ -241,8 +257,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             sampler=EpochShuffleSampler(len(dataset), seed=self.seed),
             drop_last=True,
             collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            persistent_workers=False,
+            **self._loader_kwargs(),
         )
 
     def _batches_done_this_epoch(self, loader_batches: int) -> int:
@@ -261,7 +276,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         kwargs = {
             "batch_size": self.eval_batch_size,
             "collate_fn": self._collate(),
-            "num_workers": self.num_workers,
+            **self._loader_kwargs(),
         }
         datasets = [ImageDataset(split), CaptionDataset(split, self.tokenizer)]
         if self._world_size() == 1:

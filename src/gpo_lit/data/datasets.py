@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpo_lit.data.augment import drop_regions, perturb_words
+from gpo_lit.data.augment import drop_regions, kept_regions, perturb_words
+from gpo_lit.data.precomp import PrecompSplit
 from gpo_lit.data.reader import SplitReader
 from gpo_lit.data.tokenize import CaptionTokenizer
 
@@ -71,10 +72,16 @@ class PairDataset(Dataset):
         rng = np.random.default_rng((self.seed, epoch, index))
         image = int(self.split.cap2img[index])
         train_image = getattr(self.split, "train_image", None)  # raw images: random crop/flip
-        feats = train_image(image, rng) if train_image is not None else self.split.image(image)
         aug = self.augment
-        if aug.region_keep_prob is not None and aug.region_keep_prob < 1:
-            feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)
+        drop = aug.region_keep_prob is not None and aug.region_keep_prob < 1
+        if drop and train_image is None and isinstance(self.split, PrecompSplit):
+            # the same draws as drop_regions, but only the kept regions are copied out
+            keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)
+            feats = self.split.image(image, keep=keep)
+        else:
+            feats = train_image(image, rng) if train_image is not None else self.split.image(image)
+            if drop:
+                feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)
         shown = index if self.caption_map is None else int(self.caption_map[index])
         ids, word_ids = self.tokenizer.encode(self.split.caption(shown))
         if aug.per_token:  # every non-special token a "word" of its own
