@@ -99,23 +99,9 @@ class ImageSplit(CaptionList):
     ) -> None:
         root = Path(root)
         self.root, self.split = root, split
-        expect(int(image_size) >= 8, "image_size", "at least 8 pixels", image_size)
-        expect(0 < crop_min_ratio <= 1, "crop_min_ratio", "a ratio in (0, 1]", crop_min_ratio)
-        self.image_size = int(image_size)
-        self.crop_min_ratio = float(crop_min_ratio)
-        self.hflip_p = float(hflip_p)
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
-        self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
-        expect(
-            str(interpolation) in INTERPOLATIONS,
-            "data.reader.interpolation",
-            f"one of {', '.join(INTERPOLATIONS)}",
-            interpolation,
+        self._pixel_settings(
+            image_size, crop_min_ratio, hflip_p, mean, std, bgr, scale, skip_bad, interpolation
         )
-        self.interpolation = str(interpolation)
-        self.n_bad = 0
-        self.feat_dim = 3
 
         pre = root / precomp_dir
         self.path = ids_path = pre / f"{split}_ids.txt"
@@ -231,6 +217,38 @@ class ImageSplit(CaptionList):
             x = x[::-1]
         x = x * (self.scale / 255.0)
         return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
+
+    def _pixel_settings(
+        self,
+        image_size: int,
+        crop_min_ratio: float,
+        hflip_p: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        bgr: bool,
+        scale: float,
+        skip_bad: bool,
+        interpolation: str,
+    ) -> None:
+        """The image size, crop / flip, normalisation and resampling settings (checked), shared
+        by every reader of raw pictures."""
+        expect(int(image_size) >= 8, "image_size", "at least 8 pixels", image_size)
+        expect(0 < crop_min_ratio <= 1, "crop_min_ratio", "a ratio in (0, 1]", crop_min_ratio)
+        self.image_size = int(image_size)
+        self.crop_min_ratio = float(crop_min_ratio)
+        self.hflip_p = float(hflip_p)
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
+        expect(
+            str(interpolation) in INTERPOLATIONS,
+            "data.reader.interpolation",
+            f"one of {', '.join(INTERPOLATIONS)}",
+            interpolation,
+        )
+        self.interpolation = str(interpolation)
+        self.n_bad = 0
+        self.feat_dim = 3
 
     def _filter(self):
         from PIL import Image

@@ -134,20 +134,14 @@ class ShardSplit(ImageSplit):
         scale: float = 1.0,
         check_headers: bool = True,
         skip_bad: bool = False,
+        interpolation: str = "bilinear",
     ) -> None:
         # ImageSplit.__init__ reads the folder layout; only its pixel settings are shared here.
         root = Path(root)
         self.root, self.split = root, split
-        expect(int(image_size) >= 8, "image_size", "at least 8 pixels", image_size)
-        expect(0 < crop_min_ratio <= 1, "crop_min_ratio", "a ratio in (0, 1]", crop_min_ratio)
-        self.image_size = int(image_size)
-        self.crop_min_ratio = float(crop_min_ratio)
-        self.hflip_p = float(hflip_p)
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
-        self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
-        self.n_bad = 0
-        self.feat_dim = 3
+        self._pixel_settings(
+            image_size, crop_min_ratio, hflip_p, mean, std, bgr, scale, skip_bad, interpolation
+        )
         if max_images is not None:
             expect(max_images >= 1, "max_images", "a positive number of images", max_images)
 
