@@ -20,6 +20,7 @@ from gpo_lit.cli import (
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.losses import check_loss_node
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.paths.output_dir)
+    check_loss_node(OmegaConf.to_container(cfg.model.loss, resolve=True))  # before data work
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_feature_width(cfg, datamodule)
