@@ -47,7 +47,7 @@ def _top_level(names: Iterable[str]) -> str:
 
 def layer_decay_multipliers(names: list[str], cfg: dict[str, Any]) -> dict[str, float]:
     """``{parameter name: factor ** (num_blocks − k)}`` for the block parameters of each tower."""
-    factor = cfg.get("factor")
+    factor: Any = cfg.get("factor")
     expect(
         isinstance(factor, int | float) and 0 < factor <= 1,
         "optim.layer_decay.factor",

@@ -91,7 +91,7 @@ class PairEmbeddings:
             self,
             img=gather_with_grad(self.img),
             cap=gather_with_grad(self.cap),
-            img_ids=plain(self.img_ids),
+            img_ids=gather_no_grad(self.img_ids.to(self.img.device)),
             img_logvar=grad(self.img_logvar),
             cap_logvar=grad(self.cap_logvar),
             mix_lam=plain(self.mix_lam),

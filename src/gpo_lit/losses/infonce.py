@@ -116,7 +116,7 @@ class InfoNCELoss(RetrievalLoss):
         return LossOutput(
             value,
             {
-                "logit_scale": float(self.logit_scale().detach()),
+                "logit_scale": self.logit_scale().detach()[0],  # a tensor: no device sync
                 "negative_pool": float(self.negative_pool(batch.batch_size)),
             },
         )

@@ -161,13 +161,17 @@ class PCMEppLoss(RetrievalLoss):
         full = batch.gathered() if self.gather else batch
         n = full.batch_size
         rows = local_rows(b, n) if self.local_loss else slice(0, n)
-        var_i = full.img_logvar.exp() if self.uses_uncertainty else None
-        var_c = full.cap_logvar.exp() if self.uses_uncertainty else None
+        lv_i, lv_c = (full.img_logvar, full.cap_logvar) if self.uses_uncertainty else (None, None)
+        var_i = lv_i.exp() if lv_i is not None else None
+        var_c = lv_c.exp() if lv_c is not None else None
         eps = self.label_smoothing
         targets = eps + (1 - 2 * eps) * match_targets(full)  # [n, n] image × caption
         # image queries (local rows) × every caption, caption queries × every image
         i2t = self.logits(full.img[rows], _rows(var_i, rows), full.cap, var_c)
-        t2i = self.logits(full.cap[rows], _rows(var_c, rows), full.img, var_i)
+        if self.local_loss:
+            t2i = self.logits(full.cap[rows], _rows(var_c, rows), full.img, var_i)
+        else:  # d is symmetric: the caption queries' logits are the transpose
+            t2i = i2t.t()
         t_i2t, t_t2i = targets[rows], targets.t()[rows]
         bce = F.binary_cross_entropy_with_logits
         match = bce(i2t, t_i2t) + bce(t2i, t_t2i)  # = 2·BCE over all pairs when not local
@@ -179,10 +183,8 @@ class PCMEppLoss(RetrievalLoss):
             )
             value = value + self.pseudo_positive * pp
             parts["pseudo_positive"] = pp.detach()
-        if self.uses_uncertainty and self.kl_weight:
-            kl = self._kl(full.img[rows], full.img_logvar[rows]) + self._kl(
-                full.cap[rows], full.cap_logvar[rows]
-            )
+        if lv_i is not None and lv_c is not None and self.kl_weight:
+            kl = self._kl(full.img[rows], lv_i[rows]) + self._kl(full.cap[rows], lv_c[rows])
             value = value + self.kl_weight * kl
             parts["kl"] = kl.detach()
         return value, parts
@@ -196,8 +198,8 @@ class PCMEppLoss(RetrievalLoss):
     def training_loss(self, batch: PairEmbeddings, step: StepInfo) -> LossOutput:
         value, parts = self(batch)
         logs: dict[str, float | Tensor] = {f"loss_{k}": v for k, v in parts.items()}
-        logs["negative_scale"] = float(self.negative_scale.detach())
-        logs["shift"] = float(self.shift.detach())
+        logs["negative_scale"] = self.negative_scale.detach()[0]  # tensors: no device sync
+        logs["shift"] = self.shift.detach()[0]
         if self.uses_uncertainty and batch.img_logvar is not None and batch.cap_logvar is not None:
             logs["img_logvar_mean"] = batch.img_logvar.detach().mean()
             logs["cap_logvar_mean"] = batch.cap_logvar.detach().mean()
