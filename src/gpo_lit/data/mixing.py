@@ -9,7 +9,8 @@ left visible. Captions are unchanged; the loss turns ``(λ_i, id of image B − 
 targets (``gpo_lit.losses.base.match_targets``).
 
 The model applies it (``loss.mixing``) to the batch's raw images before the visual encoder, in
-training only. It needs raw images: precomputed feature sets (regions, grid cells, frames) cannot
+training only; under DDP each rank mixes within its local batch (as the released code does, one
+mixing per GPU), while the soft targets reach the gathered loss through the partners' image ids. It needs raw images: precomputed feature sets (regions, grid cells, frames) cannot
 be mixed this way and get a one-line error.
 """
 
