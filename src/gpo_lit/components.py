@@ -39,6 +39,11 @@ COMPONENT_PACKAGES = (
     "gpo_lit.pooling",
     "gpo_lit.schedules",
 )
+# Classes of other libraries that configs name and a checkpoint may rebuild: the optimiser and
+# schedule nodes (``conf/optim/``), called only with the model's parameters / the optimiser.
+FOREIGN_COMPONENTS = frozenset(
+    {"torch.optim.AdamW", "torch.optim.lr_scheduler.MultiStepLR", "adamp.AdamP"}
+)
 # The functions a stored data config may name as its demo generator.
 DEMO_GENERATORS = frozenset(
     {
@@ -77,7 +82,7 @@ def allowed_targets() -> frozenset[str]:
             for name, obj in vars(m).items():
                 if not name.startswith("_") and inspect.isclass(obj) and _own(obj.__module__):
                     names.add(f"{m.__name__}.{name}")
-    return frozenset(names)
+    return frozenset(names | FOREIGN_COMPONENTS)
 
 
 def check_stored_configs(where: object, ckpt: dict) -> None:

@@ -212,17 +212,28 @@ def model_config(
         "pooling": gpo,
         "embed_dim": int(embed_dim),
         "loss": {
+            "_target_": "gpo_lit.losses.TripletLoss",
             "margin": 0.2,
             "all_negatives_epochs": 1,
             "mask_same_image": False,
             "gather": True,
         },
         "optim": {
+            "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
             "lr": 5e-4,
             "weight_decay": 1e-4,
             "lr_mults": None,
+            "layer_decay": None,
+            "no_weight_decay": ["loss_fn"],
             "decay_epochs": [15],
             "decay_gamma": 0.1,
+            "scheduler": {
+                "_target_": "torch.optim.lr_scheduler.MultiStepLR",
+                "_partial_": True,
+                "milestones": [15],
+                "gamma": 0.1,
+            },
+            "interval": "epoch",
         },
         "evaluation": {
             "val_protocol": "full",

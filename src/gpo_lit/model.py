@@ -1,5 +1,6 @@
-"""The LightningModule: encoders + pooling + l2norm per modality, the triplet loss, optimiser
-groups, and evaluation that embeds each image and each caption once."""
+"""The LightningModule: encoders + pooling + l2norm per modality, the loss (a ``_target_`` node
+behind :mod:`gpo_lit.losses.base`'s interface), optimiser groups (:mod:`gpo_lit.optim`), and
+evaluation that embeds each image and each caption once."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from torch import Tensor
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.divergence import LossWatch
+from gpo_lit.encoders.uncertainty import UncertaintyHead
 from gpo_lit.errors import GpoLitError, expect, first_line
-from gpo_lit.losses import TripletLoss
+from gpo_lit.losses import PairEmbeddings, RetrievalLoss, StepInfo, instantiate_loss
 from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
-from gpo_lit.schedules import under
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,12 @@ class VSEModel(pl.LightningModule):
         pooling: pooling used for both modalities unless overridden (``{"name": ..., **kwargs}``).
         visual_pooling, text_pooling: per-modality override of ``pooling`` (None = use it).
         embed_dim: joint embedding width d.
-        loss: kwargs of :class:`TripletLoss`.
-        optim: ``lr``, ``weight_decay``, ``lr_mults`` ({parameter-name prefix: multiplier}),
-            ``decay_epochs`` and ``decay_gamma`` (lr × gamma at each listed epoch).
+        loss: ``_target_`` node of a :class:`gpo_lit.losses.RetrievalLoss` (``conf/loss/``).
+        optim: the ``conf/optim/`` node (see :mod:`gpo_lit.optim`).
         evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``, ``ties``
             (``pessimistic``, the default, or ``optimistic``; see ``gpo_lit.metrics.ranks``).
+        uncertainty_pooling: pooling of the log σ² heads, built only when the loss uses them
+            (``loss.uses_uncertainty``; None = GPO's defaults).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -90,6 +92,7 @@ class VSEModel(pl.LightningModule):
         evaluation: dict,
         visual_pooling: dict | None = None,
         text_pooling: dict | None = None,
+        uncertainty_pooling: dict | None = None,
         vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -102,7 +105,14 @@ class VSEModel(pl.LightningModule):
         self.text_encoder = instantiate(encoder_cfg)
         self.visual_pool = create_pooling(dim=embed_dim, **(visual_pooling or pooling))
         self.text_pool = create_pooling(dim=embed_dim, **(text_pooling or pooling))
-        self.loss_fn = TripletLoss(**loss)
+        self.loss_fn: RetrievalLoss = instantiate_loss(loss)
+        # log σ² heads (PCME++): only for losses that use them, so other models are unchanged
+        self.visual_uncertainty: UncertaintyHead | None = None
+        self.text_uncertainty: UncertaintyHead | None = None
+        if self.loss_fn.uses_uncertainty:
+            head_pool = uncertainty_pooling or {"name": "gpo"}
+            self.visual_uncertainty = UncertaintyHead(embed_dim, head_pool)
+            self.text_uncertainty = UncertaintyHead(embed_dim, head_pool)
         self.optim_cfg = optim
         check_ties(evaluation.get("ties", "pessimistic"))  # not after the first epoch
         self.eval_cfg = evaluation
@@ -115,26 +125,54 @@ class VSEModel(pl.LightningModule):
         self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
 
     # -- embedding -------------------------------------------------------------------------
+    def encode_images(self, img: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``[B, N, D_in]`` padded sets (or raw images) + lengths → (l2-normalised mean
+        ``[B, d]``, log σ² ``[B, d]`` or None without an uncertainty head)."""
+        feats, lengths = self.visual_encoder(img, lengths)
+        mean = F.normalize(self.visual_pool(feats, lengths), dim=-1)
+        head = self.visual_uncertainty
+        return mean, (head(feats, lengths) if head is not None else None)
+
+    def encode_captions(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``[B, L]`` token ids + lengths → (l2-normalised mean ``[B, d]``, log σ² or None)."""
+        feats, lengths = self.text_encoder(ids, lengths)
+        mean = F.normalize(self.text_pool(feats, lengths), dim=-1)
+        head = self.text_uncertainty
+        return mean, (head(feats, lengths) if head is not None else None)
+
     def embed_images(self, img: Tensor, lengths: Tensor) -> Tensor:
         """``[B, N, D_in]`` padded sets + lengths → l2-normalised ``[B, d]``."""
-        feats, lengths = self.visual_encoder(img, lengths)
-        return F.normalize(self.visual_pool(feats, lengths), dim=-1)
+        return self.encode_images(img, lengths)[0]
 
     def embed_captions(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """``[B, L]`` token ids + lengths → l2-normalised ``[B, d]``."""
-        feats, lengths = self.text_encoder(ids, lengths)
-        return F.normalize(self.text_pool(feats, lengths), dim=-1)
+        return self.encode_captions(ids, lengths)[0]
+
+    def retrieval_embeddings(self, batch: dict[str, Tensor], which: int) -> Tensor:
+        """Evaluation vectors of a batch of images (``which`` 0) or captions (1): their inner
+        products are the loss's test similarity (the l2-normalised means for dot-product losses)."""
+        if which == 0:
+            mean, logvar = self.encode_images(batch["img"], batch["img_len"])
+            return self.loss_fn.retrieval_vectors(mean, logvar, "img")
+        mean, logvar = self.encode_captions(batch["cap"], batch["cap_len"])
+        return self.loss_fn.retrieval_vectors(mean, logvar, "cap")
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        img = self.embed_images(batch["img"], batch["img_len"])
-        cap = self.embed_captions(batch["cap"], batch["cap_len"])
-        hardest = self.loss_fn.hardest_for_epoch(self.current_epoch)
-        loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest) * self.loss_scale
+        images, ids = batch["img"], batch["img_idx"]
+        mix_lam = mix_ids = None
+        if self.loss_fn.mixing is not None:  # batch augmentation of raw images (PCME++)
+            images, mix_lam, partner = self.loss_fn.mixing(images)
+            mix_ids = ids[partner.to(ids.device)]
+        img, img_logvar = self.encode_images(images, batch["img_len"])
+        cap, cap_logvar = self.encode_captions(batch["cap"], batch["cap_len"])
+        pairs = PairEmbeddings(img, cap, ids, img_logvar, cap_logvar, mix_lam, mix_ids)
+        out = self.loss_fn.training_loss(pairs, self._step_info(batch_idx))
+        loss = out.value * self.loss_scale
         self.loss_watch.update(loss, self.global_step, self.current_epoch)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
-        self.log("train/hardest_negatives", float(hardest), batch_size=img.shape[0])
-        self.log("train/negative_pool", float(self.loss_fn.negative_pool(img.shape[0])))
+        for key, value in out.logs.items():
+            self.log(f"train/{key}", value, batch_size=img.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -148,43 +186,25 @@ class VSEModel(pl.LightningModule):
     def on_validation_start(self) -> None:
         self.loss_watch.check()
 
+    def _step_info(self, batch_idx: int) -> StepInfo:
+        trainer = self._trainer
+        if trainer is None:  # called outside a Trainer (tests, benchmarks)
+            return StepInfo(epoch=0, batch_idx=batch_idx)
+        return StepInfo(
+            epoch=self.current_epoch,
+            batch_idx=batch_idx,
+            batches_per_epoch=trainer.num_training_batches,
+            global_step=self.global_step,
+        )
+
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
-        lr = cfg["lr"]
-        mults: dict[str, float] = dict(cfg.get("lr_mults") or {})
-        # Every parameter, frozen ones included: schedules unfreeze backbones later, and AdamW
-        # skips parameters without gradients.
-        named = list(self.named_parameters())
-        for prefix in mults:
-            if not any(under(n, prefix) for n, _ in named):
-                raise GpoLitError(
-                    f"optim.lr_mults: expected a parameter-name prefix of this model, found "
-                    f"{prefix!r} (top-level modules: visual_encoder, text_encoder, visual_pool, "
-                    f"text_pool)"
-                )
-        groups: dict[float, list[Tensor]] = {}
-        for name, param in named:
-            mult = next((m for p, m in mults.items() if under(name, p)), 1.0)
-            groups.setdefault(mult, []).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": lr * m} for m, ps in groups.items()],
-            lr=lr,
-            weight_decay=cfg["weight_decay"],
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=list(cfg.get("decay_epochs") or []), gamma=cfg["decay_gamma"]
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        from gpo_lit.optim import configure_optimization
+
+        return configure_optimization(list(self.named_parameters()), self.optim_cfg)
 
     # -- evaluation ------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        if dataloader_idx == 0:
-            emb = self.embed_images(batch["img"], batch["img_len"])
-        else:
-            emb = self.embed_captions(batch["cap"], batch["cap_len"])
+        emb = self.retrieval_embeddings(batch, dataloader_idx)
         self._eval_buffers[dataloader_idx].append((batch["idx"], emb.float()))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):

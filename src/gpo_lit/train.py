@@ -26,6 +26,7 @@ from gpo_lit.config_check import check_config
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.losses import check_loss_node
 from gpo_lit.resume import (
     ResumableCSVLogger,
     StopOnSigterm,
@@ -186,6 +187,7 @@ def train(cfg: DictConfig) -> TrainResult:
         torch.set_num_threads(cfg.num_threads)
     if cfg.get("tags"):
         log.info("tags: %s", ", ".join(str(t) for t in cfg.tags))
+    check_loss_node(OmegaConf.to_container(cfg.model.loss, resolve=True))  # before data work
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data(cfg, datamodule)
