@@ -108,7 +108,7 @@ def test_a_loss_from_a_test_config_trains_through_train(tmp_path: Path) -> None:
     )
     ToyLoss.calls.clear()
     ToyLoss.vectors.update(img=0, cap=0)
-    results = train(cfg)
+    results = train(cfg).test
     assert 0 < results["full"]["rsum"] <= 600
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == results
     assert len(ToyLoss.calls) == 3
@@ -307,7 +307,7 @@ def test_pcmepp_with_mixing_on_raw_images(tmp_path: Path, monkeypatch) -> None:
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.output_dir={tmp_path / 'run'}",
     )
-    results = train(cfg)
+    results = train(cfg).test
     assert 0 < results["full"]["rsum"] <= 600
     assert [shape for shape, _ in seen] == [(24, 3, 64, 64)] * 2  # training batches only
     assert sum(frac for _, frac in seen) > 0  # some images were mixed

@@ -285,7 +285,7 @@ def test_training_on_shards_beats_the_untrained_model_of_the_same_seed(tmp_path:
     dm.set_tokenizer(model.tokenizer)
     tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     untrained = tester.test(model, datamodule=dm, verbose=False)[0]["test/full/rsum"]
-    trained = train(cfg)["full"]["rsum"]
+    trained = train(cfg).test["full"]["rsum"]
     assert trained > untrained + 20, (trained, untrained)
 
 

@@ -49,6 +49,7 @@ DEMO_GENERATORS = frozenset(
     {
         "gpo_lit.data.demo.generate_demo",
         "gpo_lit.data.demo_images.generate_demo_images",
+        "gpo_lit.data.demo_shards.generate_demo_shards",
         "gpo_lit.data.demo_video.generate_demo_video",
     }
 )
