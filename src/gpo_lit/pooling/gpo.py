@@ -8,7 +8,6 @@ GRU (directions averaged) → bias-free linear score → softmax(score / tempera
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,27 +39,13 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
-_SORT_POOL: ThreadPoolExecutor | None = None
-
-
 def _sort_rows_inplace(a: np.ndarray, idx: np.ndarray) -> None:
     """Sort each row of ``a [R, N]`` ascending in place and write where each value came from into
-    ``idx [R, N]``, rows split across ``torch.get_num_threads()`` threads (numpy's sorts release
-    the GIL, but one call runs on one thread)."""
-    global _SORT_POOL
-
-    def work(lo: int, hi: int) -> None:
-        idx[lo:hi] = np.argsort(a[lo:hi], axis=-1)  # cast into idx's narrow dtype on the fly
-        a[lo:hi].sort(axis=-1)
-
-    threads = min(torch.get_num_threads(), a.shape[0] // 1024)
-    if threads <= 1:
-        work(0, a.shape[0])
-        return
-    if _SORT_POOL is None or _SORT_POOL._max_workers < threads:
-        _SORT_POOL = ThreadPoolExecutor(max_workers=threads)
-    bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
-    list(_SORT_POOL.map(work, bounds[:-1], bounds[1:]))
+    ``idx [R, N]`` (cast to its narrow dtype on the fly). One thread: splitting rows over a thread
+    pool was several times slower at 2 threads on a loaded machine (it fights torch's spinning
+    OpenMP workers for the cores)."""
+    idx[...] = np.argsort(a, axis=-1)
+    a.sort(axis=-1)
 
 
 def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
