@@ -67,3 +67,22 @@ def test_loader_speed_refuses_without_disk() -> None:
     )
     assert res.returncode == 2
     assert res.stderr.startswith("error: --dir ") and "GB free" in res.stderr
+
+
+def test_pooling_speed_smoke() -> None:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pooling_speed.py"), "--smoke"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| 1 |")]
+    assert len(rows) == 1, res.stdout
+    threads, b, n, max_ms, gpo_ms, ratio, max_mem, gpo_mem = (c.strip() for c in rows[0][:8])
+    assert (threads, b, n) == ("1", "4", "5")
+    assert float(max_ms) > 0 and float(gpo_ms) > 0 and ratio.endswith("x")
+    # Saved-for-backward bytes: max keeps about its (masked) input; GPO more than max.
+    assert float(max_mem) >= 1.0 and float(gpo_mem) > float(max_mem)
+    assert "load average" in res.stdout
