@@ -16,7 +16,7 @@ from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.losses import TripletLoss
-from gpo_lit.metrics import evaluate
+from gpo_lit.metrics import evaluate_protocols
 from gpo_lit.pooling import create_pooling
 
 
@@ -45,7 +45,8 @@ class VSEModel(pl.LightningModule):
         loss: kwargs of :class:`TripletLoss`.
         optim: ``lr``, ``weight_decay``, ``lr_mults`` ({parameter-name prefix: multiplier}),
             ``decay_epochs`` and ``decay_gamma`` (lr × gamma at each listed epoch).
-        evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``.
+        evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``, ``coco_ids``
+            (folder of the CxC id files for eccv / cxc; None: found beside the data root).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -77,6 +78,7 @@ class VSEModel(pl.LightningModule):
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
+        self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
 
@@ -172,11 +174,16 @@ class VSEModel(pl.LightningModule):
         cap = self._collect(1, split.n_captions)
         self._eval_buffers = [[], []]
         cap2img = torch.as_tensor(split.cap2img, device=img.device)
-        protocols = (
-            [self.eval_cfg["val_protocol"]] if stage == "val" else self.eval_cfg["test_protocols"]
-        )
+        from gpo_lit.eval_checks import coco_ids_for, stage_protocols
+        from gpo_lit.metrics import get_protocol
+
+        protocols = stage_protocols(self.eval_cfg, stage)
+        ids = None
+        if any(get_protocol(p).package for p in protocols):
+            root = getattr(self.trainer.datamodule, "root", None)
+            ids = self.coco_ids or coco_ids_for(self.eval_cfg, root, split)
         shard = self.eval_cfg.get("shard_size", 1024)
-        results = {p: evaluate(img, cap, cap2img, protocol=p, shard_size=shard) for p in protocols}
+        results = evaluate_protocols(img, cap, cap2img, protocols, shard, ids)
         # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples).
         self.last_eval = (img, cap, cap2img, stage)
         if self.eval_cfg.get("save_embeddings_to") and stage == "test":
@@ -217,18 +224,9 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[VSEModel, d
 
     Returns the model in eval mode and the run config stored with it (or None).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise GpoLitError(f"{path}: expected a checkpoint file, found no such file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise GpoLitError(
-            f"{path}: expected a gpo_lit checkpoint readable with weights_only=True, found "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from None
-    for key in ("hyper_parameters", "state_dict"):
-        expect(key in ckpt, path, f"a '{key}' entry (a gpo_lit checkpoint)", sorted(ckpt)[:6])
+    from gpo_lit.checkpoint_file import read_checkpoint
+
+    ckpt = read_checkpoint(path, map_location)
     model = VSEModel(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt.get("gpo_lit_config")

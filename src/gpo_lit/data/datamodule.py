@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gpo_lit.data.collate import Collate
 from gpo_lit.data.datasets import Augment, CaptionDataset, ImageDataset, PairDataset
 from gpo_lit.data.precomp import PrecompSplit
-from gpo_lit.data.reader import SplitReader
+from gpo_lit.data.reader import SplitReader, open_split
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
-from gpo_lit.errors import GpoLitError, MissingFileError
+from gpo_lit.errors import GpoLitError
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -85,12 +85,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Open (once) and validate split ``name``; a missing file says where the data comes from."""
         key = (name, max_images)
         if key not in self._opened:
-            try:
-                self._opened[key] = self.reader(root=self.root, split=name, max_images=max_images)
-            except MissingFileError as err:
-                if not self.source_hint:
-                    raise
-                raise MissingFileError(f"{err}; {self.source_hint}") from None
+            self._opened[key] = open_split(
+                self.reader, self.root, name, max_images, self.source_hint
+            )
         return self._opened[key]
 
     @cached_property

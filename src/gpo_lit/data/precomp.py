@@ -212,6 +212,10 @@ class PrecompSplit(CaptionList):
             expect(bad == 0, self.path, f"finite features in row {row}", f"{bad} NaN/inf values")
         return x
 
+    def display_image(self, i: int) -> None:
+        """No picture: precomputed region features only (figures show the image id instead)."""
+        return None
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_mm"] = None  # never pickle the map: it would carry the whole array
