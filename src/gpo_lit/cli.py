@@ -19,6 +19,10 @@ from gpo_lit.errors import GpoLitError
 log = logging.getLogger("gpo_lit")
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Optional files of a run folder (besides metrics.json): written by gpo_lit.callbacks after
+# testing (figures=true, save_ranks=true); make report links the figures.
+FIGURE_FILE = "retrieval.png"
+RANKS_FILE = "ranks.npz"
 
 
 def user_error(err: BaseException) -> GpoLitError | None:

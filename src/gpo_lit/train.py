@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from gpo_lit.callbacks import output_callbacks
 from gpo_lit.cli import (
     entry_point,
     finish_wandb,
@@ -20,6 +21,7 @@ from gpo_lit.cli import (
 )
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.eval_checks import check_evaluation
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
@@ -70,8 +72,14 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule.set_tokenizer(model.tokenizer)
+    # Protocol sizes and COCO ids now, not after training.
+    model.coco_ids = check_evaluation(
+        model.eval_cfg, datamodule, ("val", "test") if cfg.test_after_fit else ("val",)
+    )
     loggers = instantiate_loggers(cfg)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.test_after_fit:
+        callbacks += output_callbacks(out_dir, cfg.get("figures"), cfg.get("save_ranks"))
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
