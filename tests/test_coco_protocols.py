@@ -144,6 +144,10 @@ def test_eccv_and_cxc_come_from_the_package(coco5k, lists, ours) -> None:
 
 def test_ids_are_checked_against_the_split_and_the_package(coco5k, tmp_path: Path) -> None:
     d = coco5k
+    # the folder holding cxc_annots/ (README), or cxc_annots/ itself
+    for given in (d["root"], d["root"] / "cxc_annots"):
+        again = read_coco_ids(find_ids_dir(given, None), d["cap2img"])
+        assert (again.img == d["ids"].img).all() and (again.cap == d["ids"].cap).all()
     with pytest.raises(GpoLitError, match="found no .*testall_capids.txt.*VSE-infinity"):
         find_ids_dir(None, tmp_path / "precomp")
     shuffled = d["cap_ids"].copy()
@@ -270,3 +274,62 @@ def test_cli_eccv_needs_the_ids(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cli_main([str(path), "--protocol", "eccv"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--coco-ids" in err
+
+
+@pytest.mark.slow
+def test_make_eval_with_eccv_and_cxc_on_a_coco_shaped_split(coco5k, tmp_path: Path) -> None:
+    """``make eval CKPT=… protocols=[coco_1k,coco_5k,eccv,cxc]`` on a COCO-shaped precomp split
+    (the package's ids; the CxC files beside precomp/ as in the authors' layout), a tiny model."""
+    from tests.test_model import tiny_model
+    from tests.test_train_eval import ENV
+
+    d = coco5k
+    root = tmp_path / "coco"
+    pre = root / "precomp"
+    pre.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    np.save(pre / "testall_ims.npy", rng.standard_normal((5000, 2, 6)).astype(np.float32))
+    words = ["red", "ball", "dog"]  # tiny_model knows red and ball; lengths 9-14: few duplicates
+    caps = [" ".join(rng.choice(words, rng.integers(9, 15))) for _ in range(25000)]
+    (pre / "testall_caps.txt").write_text("\n".join(caps) + "\n")
+    (pre / "testall_ids.txt").write_text("\n".join(map(str, d["img_ids"])) + "\n")
+    write_cxc_annots(root, d["per_cap_img"], d["cap_ids"])
+    model = tiny_model()
+    data = {"_target_": "gpo_lit.data.datamodule.RetrievalDataModule", "root": str(pre)}
+    data.update(test_split="testall", eval_batch_size=2500)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save(
+        {
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+            "gpo_lit_config": {"data": data},
+        },
+        ckpt,
+    )
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpo_lit.eval",
+            f"ckpt={ckpt}",
+            "protocols=[coco_1k,coco_5k,eccv,cxc]",
+            "save_embeddings=true",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| eccv |" in proc.stdout and "| cxc |" in proc.stdout and "I2T mAP@R" in proc.stdout
+    got = json.loads((out / "metrics.json").read_text())
+    assert set(got) == {"coco_1k", "coco_5k", "eccv", "cxc"}
+    from gpo_lit.metrics import load_embeddings
+
+    img, cap, cap2img = load_embeddings(out / "embeddings.npz")
+    want = evaluate_protocols(img, cap, cap2img, list(got), coco_ids=d["ids"])
+    for proto in got:
+        assert got[proto] == pytest.approx(want[proto], abs=1e-9), proto

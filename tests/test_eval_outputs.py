@@ -118,6 +118,14 @@ def test_save_ranks_and_figure_write_new_files_only(tmp_path: Path) -> None:
     # the top lists agree with the ranks: rank < 10 iff a ground truth is listed
     listed = (got["cap2img"][got["i2t_top"]] == np.arange(12)[:, None]).any(axis=1)
     assert (listed == (got["i2t_rank"] < 10)).all()
+    # README's error-analysis snippet
+    r = np.load(tmp_path / "ranks.npz")
+    worst = np.argsort(-r["t2i_rank"])[:10]
+    lines = [
+        f"{r['captions'][j]} -> {r['item_ids'][r['t2i_top'][j, 0]]} rank {r['t2i_rank'][j] + 1}"
+        for j in worst
+    ]
+    assert len(lines) == 10 and lines[0].startswith("caption ")
     with pytest.raises(GpoLitError, match="ranks.npz: expected a new file"):
         SaveRanks(tmp_path / "ranks.npz").on_test_end(trainer, module)
     RetrievalFigure(tmp_path / "retrieval.png", n_queries=2).on_test_end(trainer, module)

@@ -42,14 +42,15 @@ def ground_truth_pairs(p: PreparedEmbeddings, direction: str) -> tuple[Tensor, T
     return (p.cap2img, caps) if direction == "i2t" else (caps, p.cap2img)
 
 
-def _order(vals: Tensor, idx: Tensor, is_pos: Tensor) -> Tensor:
+def _order(vals: Tensor, idx: Tensor, is_pos: Tensor, n_gal: int) -> Tensor:
     """Positions sorting each row by (similarity desc, positive last, gallery index asc).
 
-    Stable sorts from the last key to the first; ``vals``/``idx``/``is_pos`` are [r, m].
+    ``vals`` [r, m] must be sorted descending along rows (``topk`` output): equal values are then
+    contiguous groups, and one argsort of the key (group, positive, index) orders them.
     """
-    o = torch.argsort(idx, dim=1, stable=True)
-    o = o.gather(1, torch.argsort(is_pos.gather(1, o).to(torch.uint8), dim=1, stable=True))
-    return o.gather(1, torch.argsort(vals.gather(1, o), dim=1, descending=True, stable=True))
+    group = torch.zeros_like(idx)
+    torch.cumsum(vals[:, 1:] != vals[:, :-1], dim=1, out=group[:, 1:])
+    return torch.argsort((group * 2 + is_pos.to(torch.int64)) * n_gal + idx, dim=1)
 
 
 def _query_sims(p: PreparedEmbeddings, direction: str, q: Tensor, out: Tensor) -> Tensor:
@@ -123,7 +124,6 @@ def topk_lists_multi(
     outs = [torch.empty(q_all.numel(), k, dtype=torch.int64, device=dev) for _ in sets]
     rows_max = min(shard_size, max(1, q_all.numel()))
     sims_buf = torch.empty(rows_max, n_gal, dtype=p.img.dtype, device=dev)
-    gallery = torch.arange(n_gal, device=dev)
     extra = 1 if k < n_gal else 0  # one more: a tie across the K-th place shows as equal values
     for s0 in range(0, q_all.numel(), shard_size):
         q = q_all[s0 : s0 + shard_size]
@@ -143,12 +143,15 @@ def topk_lists_multi(
             if t_rows.numel():
                 tv, ti = vals[t_rows], idx[t_rows]
                 pos = _is_positive(keys, q[t_rows, None], ti, n_gal)
-                out[s0 + t_rows] = ti.gather(1, _order(tv, ti, pos))
+                out[s0 + t_rows] = ti.gather(1, _order(tv, ti, pos, n_gal))
             for c0 in range(0, c_rows.numel(), 64):  # which tied items make the list at all
                 rows = c_rows[c0 : c0 + 64]
-                g = gallery.expand(rows.numel(), n_gal)
-                pos = _is_positive(keys, q[rows, None], g, n_gal)
-                out[s0 + rows] = _order(sims[rows], g, pos)[:, :k]
+                s = sims[rows]
+                # every item scoring >= the K-th value competes: the top m hold them all
+                m = int((s >= vals[rows, k - 1 :]).sum(dim=1).max())
+                cv, ci = s.topk(m, dim=1)
+                pos = _is_positive(keys, q[rows, None], ci, n_gal)
+                out[s0 + rows] = ci.gather(1, _order(cv, ci, pos, n_gal)[:, :k])
     return outs
 
 
