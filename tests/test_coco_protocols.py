@@ -3,7 +3,7 @@
 The COCO-5K-shaped data sit on the package's own test ids (25,000 captions in its 5-fold order,
 5 per image): each caption is its image's embedding plus noise, so ground-truth matches rank high
 but not always first. Reference top-500 lists are built here by brute force (numpy, float64: no
-ties), and the package's own functions score them.
+ties), and the package's own functions score them. Those tests take ~20 s of CPU together: slow.
 """
 
 from __future__ import annotations
@@ -99,12 +99,14 @@ def ours(coco5k):
     return evaluate_protocols(d["img"], d["cap"], d["cap2img"], protocols, coco_ids=d["ids"])
 
 
+@pytest.mark.slow  # COCO 5K x 25K lists: ~20 s of CPU
 def test_topk_lists_equal_brute_force_at_coco_size(coco5k, lists) -> None:
     p = prepare_embeddings(coco5k["img"], coco5k["cap"], coco5k["cap2img"])
     np.testing.assert_array_equal(topk_lists(p, "i2t", 500).numpy(), lists["i2t_idx"])
     np.testing.assert_array_equal(topk_lists(p, "t2i", 500).numpy(), lists["t2i_idx"])
 
 
+@pytest.mark.slow  # COCO 5K x 25K lists: ~20 s of CPU
 def test_coco_recalls_equal_the_packages_on_the_same_lists(coco5k, lists, ours) -> None:
     got = coco5k["m"].compute_all_metrics(
         lists["i2t"], lists["t2i"], ["coco_1k_recalls", "coco_5k_recalls"], Ks=(1, 5, 10)
@@ -118,6 +120,7 @@ def test_coco_recalls_equal_the_packages_on_the_same_lists(coco5k, lists, ours) 
     assert ours["coco_1k"]["t2i_r1"] > ours["coco_5k"]["t2i_r1"]
 
 
+@pytest.mark.slow  # COCO 5K x 25K lists: ~20 s of CPU
 def test_eccv_and_cxc_come_from_the_package(coco5k, lists, ours) -> None:
     with __import__("contextlib").redirect_stderr(__import__("io").StringIO()):
         got = coco5k["m"].compute_all_metrics(

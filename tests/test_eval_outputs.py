@@ -212,7 +212,7 @@ def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path) -> None:
     msg = one_line_error(proc)
     assert "protocol coco_5k: expected 5000 images" in msg and "found 40" in msg
     assert elapsed < 30, elapsed  # the check costs an import of torch, nothing more
-    assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_dir()], "run folder left"
+    assert not (tmp_path / "logs").exists(), "run folder left"
 
     # gpo-train checks its test protocols before training, too
     res = run(
@@ -249,3 +249,37 @@ def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path) -> None:
         "gpo_lit.eval", f"ckpt={ckpt}", "figures=true", f"hydra.run.dir={eval_dir}", cwd=tmp_path
     )
     assert "metrics.json: expected a new file" in one_line_error(res)
+
+
+def test_a_failed_eval_removes_only_an_unused_run_folder(tmp_path: Path, monkeypatch) -> None:
+    from gpo_lit.eval import holds_only_hydra_files, remove_unused_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    logs = tmp_path / "logs"
+
+    def hydra_run(name: str, log: str = "") -> Path:
+        run_dir = logs / "eval" / "eval" / name
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("ckpt: x\n")
+        (run_dir / "eval.log").write_text(log)
+        return run_dir
+
+    kept = hydra_run("with_log", log="something was logged\n")
+    results = hydra_run("with_results")
+    (results / "metrics.json").write_text("{}")
+    for run_dir in (kept, results):
+        assert not holds_only_hydra_files(run_dir)
+        remove_unused_run_dir(run_dir, "logs")
+        assert run_dir.is_dir()
+    fresh = hydra_run("fresh")
+    remove_unused_run_dir(fresh, "logs")
+    assert not fresh.exists() and (logs / "eval" / "eval").is_dir()  # siblings keep the parents
+    for run_dir in (kept, results):
+        (run_dir / "eval.log").unlink()
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+    remove_unused_run_dir(kept, "logs")
+    remove_unused_run_dir(results, "logs")
+    assert not logs.exists()  # the last run gone: the empty folders above it up to logs/ too
+    (tmp_path / ".hydra").mkdir()
+    remove_unused_run_dir(tmp_path, "logs")  # hydra.run.dir=. : never the working folder
+    assert tmp_path.is_dir()

@@ -181,16 +181,19 @@ def holds_only_hydra_files(folder: Path) -> bool:
 
 
 def remove_unused_run_dir(out_dir: Path, log_dir: Any) -> None:
-    """Remove a run folder holding only Hydra's files, then the empty folders above it that lie
-    inside ``log_dir`` (Hydra made them for this run: ``logs/eval/<name>/``)."""
-    if not holds_only_hydra_files(out_dir):
-        return
+    """Remove a run folder holding only Hydra's files, then the empty folders above it up to
+    ``log_dir`` itself (Hydra made them for this run: ``logs/eval/<name>/``)."""
+    cwd = Path.cwd().resolve()
+    if not holds_only_hydra_files(out_dir) or out_dir.resolve() in (cwd, *cwd.parents):
+        return  # results inside, or the working folder itself (hydra.run.dir=.)
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
         stop = Path(log_dir).resolve()
         here = out_dir.resolve().parent
-        while here != stop and stop in here.parents:
-            here.rmdir()  # only ever removes an empty folder
+        while here == stop or stop in here.parents:
+            here.rmdir()  # only ever removes an empty folder (else OSError: stop)
+            if here == stop:
+                break
             here = here.parent
     except (OSError, TypeError):
         pass
