@@ -29,7 +29,7 @@ train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoin
 features:  ## precompute grid features of a grid experiment's backbone (default EXP=demo_grid)
 	$(PY) -m gpo_lit.extract experiment=$(if $(filter command line,$(origin EXP)),$(EXP),demo_grid) $(HYDRA_ARGS)
 
-eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true); CKPT=a,b: ensemble
+eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true figures=true save_ranks=true); CKPT=a,b: ensemble
 	$(PY) -m gpo_lit.eval ckpt=$(if $(findstring $(comma),$(CKPT)),[$(CKPT)],$(CKPT)) $(HYDRA_ARGS)
 
 sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP (launcher: hydra/launcher=parallel, cluster=slurm)

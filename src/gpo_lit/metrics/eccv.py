@@ -132,11 +132,16 @@ def read_coco_ids(
                 f"caption order), found several for image {int(c2i[bad[0]])} (line {bad[0] + 1})"
             )
         if split_ids is not None and not np.array_equal(split_ids, img):
-            first = int(np.flatnonzero(split_ids != img)[0]) if len(split_ids) == n_img else 0
+            found = f"{len(split_ids)} split ids for {n_img} images"
+            if len(split_ids) == n_img:
+                first = int(np.flatnonzero(split_ids != img)[0])
+                found = (
+                    f"{int((split_ids != img).sum())} images with another id (first: image "
+                    f"{first}, {img[first]} here, {split_ids[first]} in the split)"
+                )
             raise GpoLitError(
-                f"{img_path}: expected the split's image ids ({len(split_ids)} ids, image "
-                f"{first}: {split_ids[first] if len(split_ids) else '-'}), found "
-                f"{img[first] if n_img else '-'} (another image order?)"
+                f"{img_path}: expected the image ids of the split's own ids file, in its order, "
+                f"found {found}"
             )
         source = f"{img_path}, {cap_path}"
     elif split_ids is not None and len(split_ids) == n_img:

@@ -1,4 +1,4 @@
-"""Top-K retrieval lists and per-query results, from the same similarities the ranker uses.
+"""Top-K retrieval lists and per-query results, from the similarity the ranker uses.
 
 For each query the K best gallery items, best first. Equal similarities are ordered AGAINST the
 query: among tied candidates the query's positives come last (so a tie between a positive and
@@ -10,7 +10,8 @@ is ordered against its own positives.
 
 Directions: ``i2t`` = image queries over the captions, ``t2i`` = caption queries over the images.
 Similarity = ``img @ cap.T`` of :class:`~gpo_lit.metrics.ranks.PreparedEmbeddings` (ensembles
-averaged), computed in shards of ``shard_size`` queries.
+averaged), computed in shards of ``shard_size`` queries (text→image as ``cap @ img.T``: in float32
+a product may round one ulp apart from the ranker's, which matters only for near-exact ties).
 """
 
 from __future__ import annotations
