@@ -42,7 +42,7 @@ train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoin
 features:  ## precompute grid features of a grid experiment's backbone (default EXP=demo_grid)
 	$(PY) -m gpo_lit.extract $(call sq,experiment=$(if $(filter command line,$(origin EXP)),$(value EXP),demo_grid)) $(HYDRA_ARGS)
 
-eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true); CKPTS="a b": ensemble
+eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true figures=true save_ranks=true); CKPTS="a b": ensemble
 	$(PY) -m gpo_lit.eval $(CKPT_ARG) $(HYDRA_ARGS)
 
 sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP, or an Optuna search: hparams_search=pooling_optuna

@@ -20,6 +20,10 @@ from gpo_lit.errors import GpoLitError, one_line
 log = logging.getLogger("gpo_lit")
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Optional files of a run folder (besides metrics.json): written by gpo_lit.callbacks after
+# testing (figures=true, save_ranks=true); make report links the figures.
+FIGURE_FILE = "retrieval.png"
+RANKS_FILE = "ranks.npz"
 
 
 def user_error(err: BaseException) -> GpoLitError | None:
@@ -147,18 +151,11 @@ def finish_wandb() -> None:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table of retrieval metrics, one row per protocol (i2t = image/video → text)."""
-    cols = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")]
-    names = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "MdR", "meanr": "MnR"}
-    head = (
-        "| protocol | " + " | ".join(f"{c[:3].upper()} {names[c[4:]]}" for c in cols) + " | RSUM |"
-    )
-    rule = "|---" * (len(cols) + 2) + "|"
-    rows = [
-        f"| {p} | " + " | ".join(f"{m[c]:.2f}" for c in [*cols, "rsum"]) + " |"
-        for p, m in results.items()
-    ]
-    return "\n".join([head, rule, *rows])
+    """Markdown table(s) of retrieval metrics, one row per protocol: ``gpo_lit.metrics.table``
+    (imported here on use, so that entry points without metrics do not load torch for it)."""
+    from gpo_lit.metrics.table import format_table as metrics_table
+
+    return metrics_table(results)
 
 
 def ensure_new(path: Path) -> None:

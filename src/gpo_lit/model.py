@@ -20,7 +20,7 @@ from gpo_lit.divergence import LossWatch
 from gpo_lit.encoders.uncertainty import UncertaintyHead
 from gpo_lit.errors import GpoLitError, expect, first_line
 from gpo_lit.losses import PairEmbeddings, RetrievalLoss, StepInfo, instantiate_loss
-from gpo_lit.metrics import check_ties, evaluate
+from gpo_lit.metrics import check_ties, evaluate, evaluate_protocols, get_protocol
 from gpo_lit.pooling import create_pooling
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class VSEModel(pl.LightningModule):
             (``pessimistic``, the default, or ``optimistic``; see ``gpo_lit.metrics.ranks``).
         uncertainty_pooling: pooling of the log σ² heads, built only when the loss uses them
             (``loss.uses_uncertainty``; None = GPO's defaults).
+            ``coco_ids`` (folder of the CxC id files for eccv / cxc; None: found beside the data root).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -118,6 +119,7 @@ class VSEModel(pl.LightningModule):
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
+        self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
         self.loss_watch = LossWatch(optim["lr"])
@@ -246,9 +248,9 @@ class VSEModel(pl.LightningModule):
         cap, cap_seen = self._collect(1, split.n_captions)
         self._eval_buffers = [[], []]
         cap2img = torch.as_tensor(split.cap2img, device=img.device)
-        protocols = (
-            [self.eval_cfg["val_protocol"]] if stage == "val" else self.eval_cfg["test_protocols"]
-        )
+        from gpo_lit.eval_checks import coco_ids_for, stage_protocols
+
+        protocols = stage_protocols(self.eval_cfg, stage)
         subset = not bool(img_seen.all() and cap_seen.all())
         if subset:
             if not self._eval_limited(stage):
@@ -258,7 +260,6 @@ class VSEModel(pl.LightningModule):
                 )
             img, cap, cap2img = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
             # Fold protocols (coco_1k) need the whole split: the subset is ranked at once.
-            rank_as = {p: "full" for p in protocols}
             level = logging.DEBUG if stage in self._subset_said else logging.WARNING
             self._subset_said.add(stage)  # once per stage, not every validation epoch
             log.log(
@@ -267,14 +268,19 @@ class VSEModel(pl.LightningModule):
                 "protocol ranks this subset at once, and metrics.json records its size",
                 stage, img.shape[0], split.n_images, cap.shape[0], split.n_captions,
             )  # fmt: skip
-        else:
-            rank_as = {p: p for p in protocols}
         shard = self.eval_cfg.get("shard_size", 1024)
         ties = self.eval_cfg.get("ties", "pessimistic")  # checkpoints written before it: default
-        results = {p: evaluate(img, cap, cap2img, rank_as[p], shard, ties) for p in protocols}
         if subset:
-            for metrics in results.values():
-                metrics.update(n_images=float(img.shape[0]), n_captions=float(cap.shape[0]))
+            # eccv / cxc score the whole COCO testall only: no subset figure for them
+            whole = evaluate(img, cap, cap2img, "full", shard, ties)
+            whole.update(n_images=float(img.shape[0]), n_captions=float(cap.shape[0]))
+            results = {p: dict(whole) for p in protocols if not get_protocol(p).package}
+        else:
+            ids = None
+            if any(get_protocol(p).package for p in protocols):
+                root = getattr(self.trainer.datamodule, "root", None)
+                ids = self.coco_ids or coco_ids_for(self.eval_cfg, root, split)
+            results = evaluate_protocols(img, cap, cap2img, protocols, shard, ties, ids)
         # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples),
         # whose rows are the split's items: none for a subset (its rows are renumbered).
         self.last_eval = None if subset else (img, cap, cap2img, stage)

@@ -48,20 +48,19 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_lit.cli import entry_point
+from gpo_lit.cli import FIGURE_FILE, entry_point
 from gpo_lit.errors import GpoLitError, UnsafeCheckpointError, first_line
 
-# Metrics of the table (a higher mean is better for all of them), in column order.
+# Metrics of the table (a higher mean is better for all of them), in column order: R@K protocols
+# show TABLE_METRICS; others the known metrics they have (ECCV Caption: mAP@R, R-Precision, R@1).
 TABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-METRIC_TITLES = {
-    "i2t_r1": "i2t R@1",
-    "i2t_r5": "i2t R@5",
-    "i2t_r10": "i2t R@10",
-    "t2i_r1": "t2i R@1",
-    "t2i_r5": "t2i R@5",
-    "t2i_r10": "t2i R@10",
-    "rsum": "rsum",
-}
+_PER_DIRECTION = {"map_at_r": "mAP@R", "rprecision": "R-P", "r1": "R@1", "r5": "R@5", "r10": "R@10"}
+KNOWN_METRICS = (
+    *(f"{d}_{m}" for d in ("i2t", "t2i") for m in _PER_DIRECTION),
+    "rsum",
+)
+METRIC_TITLES = {f"{d}_{m}": f"{d} {t}" for d in ("i2t", "t2i") for m, t in _PER_DIRECTION.items()}
+METRIC_TITLES["rsum"] = "rsum"
 MODALITIES = ("visual", "text")
 # Set sizes when neither the options nor the data config say: BUTD's 36 regions per image; a
 # caption length for θ plots; a K at or above ``DEFAULT_SET_SIZE`` is labelled N (mean pooling).
@@ -73,6 +72,7 @@ DEFINING_OPTIONS = {"kmax": ("k",)}
 _POOLING_KEYS = ("model/pooling", "model.pooling", "model.visual_pooling", "model.text_pooling")
 _GROUP_KEYS = ("experiment", "name", "model/visual", "model/text")
 OUTPUT_FILES = ("report.md", "summary.csv", "rsum.png", "kmax_grid.png", "gpo_theta.png")
+RETRIEVAL_FIGURE = FIGURE_FILE  # a job's example-retrieval grid (train/eval figures=true)
 
 
 # ---- collecting -----------------------------------------------------------------------------------
@@ -438,13 +438,14 @@ def aggregate(
     rows = []
     for key, group in members.items():
         done = [j.metrics[protocol] for j in group if j.metrics is not None]
-        names = [m for m in TABLE_METRICS if any(m in d for d in done)]
+        names = [m for m in KNOWN_METRICS if any(m in d for d in done)]
         names += sorted({m for d in done for m in d} - set(names))
         mean, std = {}, {}
         for m in names:
             mean[m], std[m] = mean_std([float(d[m]) for d in done if m in d])
         rows.append(Row(configs[key], group, mean, std, len(done)))
-    rows.sort(key=lambda r: math.inf if math.isnan(_rsum(r)) else -_rsum(r))
+    cols = table_metrics(rows)
+    rows.sort(key=lambda r: math.inf if math.isnan(_score(r, cols)) else -_score(r, cols))
     return protocol, rows
 
 
@@ -452,10 +453,32 @@ def _rsum(row: Row) -> float:
     return row.mean.get("rsum", math.nan)
 
 
-def best_means(rows: Sequence[Row], metrics: Sequence[str] = TABLE_METRICS) -> dict[str, float]:
+def table_metrics(rows: Sequence[Row]) -> tuple[str, ...]:
+    """The table's columns: :data:`TABLE_METRICS` for R@K protocols, else the known metrics the
+    protocol has (``eccv``: mAP@R, R-Precision and R@1 per direction; ``cxc``: R@1/5/10)."""
+    have = {m for r in rows for m in r.mean}
+    if "rsum" in have or not have & set(KNOWN_METRICS):
+        return TABLE_METRICS
+    return tuple(m for m in KNOWN_METRICS if m in have)
+
+
+def sort_label(rows: Sequence[Row]) -> str:
+    """What the rows are sorted by: rsum, else the sum of the table's columns."""
+    return "rsum" if "rsum" in table_metrics(rows) else "the sum of the columns"
+
+
+def _score(row: Row, cols: Sequence[str]) -> float:
+    """rsum when the protocol has it, else the sum of the row's table columns."""
+    if "rsum" in cols:
+        return _rsum(row)
+    vals = [row.mean.get(m, math.nan) for m in cols]
+    return math.nan if any(math.isnan(v) for v in vals) else sum(vals)
+
+
+def best_means(rows: Sequence[Row], metrics: Sequence[str] | None = None) -> dict[str, float]:
     """The best (highest) mean per metric over the rows that have one."""
     best = {}
-    for m in metrics:
+    for m in metrics if metrics is not None else table_metrics(rows):
         vals = [r.mean[m] for r in rows if not math.isnan(r.mean.get(m, math.nan))]
         if vals:
             best[m] = max(vals)
@@ -478,15 +501,16 @@ def _n_cell(row: Row) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """Markdown table, one row per configuration (as sorted), best mean per metric in bold."""
-    best = best_means(rows)
+    cols = table_metrics(rows)
+    best = best_means(rows, cols)
     show_other = any(r.config.other for r in rows)
     head = ["experiment", "visual pooling", "text pooling", *(["other"] if show_other else [])]
-    head += ["n", *(METRIC_TITLES[m] for m in TABLE_METRICS)]
+    head += ["n", *(METRIC_TITLES[m] for m in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = r.config
         cells = [c.group, c.visual, c.text, *([c.other] if show_other else []), _n_cell(r)]
-        for m in TABLE_METRICS:
+        for m in cols:
             mean, std = r.mean.get(m, math.nan), r.std.get(m, math.nan)
             cells.append(format_cell(mean, std, bold=m in best and mean == best[m]))
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
@@ -501,8 +525,10 @@ def format_markdown(
     notes: Sequence[str] = (),
     plots: Sequence[str] = (),
     tags: Sequence[str] = (),
+    retrieval: Sequence[str] = (),
 ) -> str:
-    """The whole ``report.md``: header, table, missing jobs, notes and plot links."""
+    """The whole ``report.md``: header, table, missing jobs, notes, plot links and the best
+    configuration's example-retrieval figures (``retrieval``: links to the jobs' PNGs)."""
     jobs = [j for r in rows for j in r.jobs]
     missing = [(r, j) for r in rows for j in r.missing]
     out = [
@@ -510,7 +536,8 @@ def format_markdown(
         "",
         f"Protocol `{protocol}`; {len(jobs)} jobs, {len(jobs) - len(missing)} finished, "
         f"{len(missing)} missing; {len(rows)} configurations. Cells: mean ± sample std over "
-        "seeds (n = finished seeds); best mean per column in **bold**; sorted by rsum.",
+        f"seeds (n = finished seeds); best mean per column in **bold**; sorted by "
+        f"{sort_label(rows)}.",
     ]
     if tags:
         out += ["", "Tags: " + ", ".join(f"`{t}`" for t in tags)]
@@ -526,13 +553,17 @@ def format_markdown(
         out += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     if plots:
         out += ["", "## Plots", "", *(f"![{Path(p).stem}]({p})" for p in plots)]
+    if retrieval:
+        best = rows[0].config
+        out += ["", f"## Example retrievals of the best configuration ({best.group}: {best.label})"]
+        out += ["", *(f"![{Path(p).parent.name}]({p})" for p in retrieval)]
     return "\n".join(out) + "\n"
 
 
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:
     """``summary.csv``: configuration columns, n, missing, seeds, then ``<metric>_mean`` and
     ``<metric>_std`` for every metric (empty where undefined)."""
-    metrics = list(TABLE_METRICS)
+    metrics = list(table_metrics(rows))
     for r in rows:
         metrics += [m for m in r.mean if m not in metrics]
     head = ["experiment", "visual_pooling", "text_pooling", "other", "overrides", "n", "missing"]
@@ -575,7 +606,10 @@ def plot_rsum(rows: Sequence[Row]) -> Figure | None:
     """
     from matplotlib.patches import Patch
 
-    groups = {g: [r for r in rs if r.n] for g, rs in _groups(rows).items()}
+    # the eccv / cxc protocols have no rsum: no bars for them
+    groups = {
+        g: [r for r in rs if r.n and not math.isnan(_rsum(r))] for g, rs in _groups(rows).items()
+    }
     groups = {g: rs for g, rs in groups.items() if rs}
     if not groups:
         return None
@@ -644,7 +678,8 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
             vis, txt = r.config.node("visual"), r.config.node("text")
             ks = vis.get("k"), txt.get("k")
             both_kmax = vis.get("name") == "kmax" == txt.get("name")
-            if r.n and both_kmax and all(isinstance(k, int) for k in ks):
+            has_rsum = not math.isnan(_rsum(r))  # eccv / cxc have none: no grid
+            if r.n and has_rsum and both_kmax and all(isinstance(k, int) for k in ks):
                 by_other.setdefault(r.config.other, {})[ks] = r
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
@@ -853,9 +888,13 @@ class Report:
     curves: list[ThetaCurve]
     notes: list[str] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)  # file name -> figure
+    retrieval: list[Path] = field(default_factory=list)  # the best configuration's job figures
+    out_dir: Path | None = None  # where report.md goes (links are relative to it)
 
     @property
     def markdown(self) -> str:
+        base = self.out_dir if self.out_dir is not None else self.sweep_dir / "report"
+        links = [os.path.relpath(p, base) for p in self.retrieval]
         return format_markdown(
             self.sweep_dir,
             self.protocol,
@@ -864,6 +903,7 @@ class Report:
             self.notes,
             list(self.figures),
             tags=sweep_tags(self.jobs),
+            retrieval=links,
         )
 
 
@@ -891,8 +931,12 @@ def build_report(
         "gpo_theta.png": plot_theta(curves),
     }
     figures = {k: f for k, f in figures.items() if f is not None}
+    if any(r.n for r in rows) and "rsum.png" not in figures:
+        notes.append(f"protocol {protocol} has no rsum: no rsum / K-max plots")
     common = common_overrides(jobs)
-    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures)
+    retrieval = [j.path / RETRIEVAL_FIGURE for j in rows[0].jobs] if rows and rows[0].n else []
+    retrieval = [p for p in retrieval if p.is_file()]
+    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures, retrieval)
 
 
 def write_report(report: Report, out_dir: str | Path | None = None, overwrite: bool = False):
@@ -903,6 +947,7 @@ def write_report(report: Report, out_dir: str | Path | None = None, overwrite: b
     if not overwrite:
         check_new(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report.out_dir = out_dir  # figure links relative to it
     for name, fig in report.figures.items():
         fig.savefig(out_dir / name, dpi=120)
     write_csv(report.rows, out_dir / "summary.csv")

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from gpo_lit.callbacks import output_callbacks
 from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
 from gpo_lit.cli import (
     entry_point,
@@ -26,6 +27,7 @@ from gpo_lit.config_check import check_config
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.eval_checks import check_evaluation
 from gpo_lit.losses import check_loss_node
 from gpo_lit.resume import (
     ResumableCSVLogger,
@@ -202,12 +204,18 @@ def train(cfg: DictConfig) -> TrainResult:
     # A checkpoint file: the config stored in it (last: .hydra/, compared before Hydra ran).
     if resume and cfg.ckpt_path != "last":
         check_checkpoint_config(cfg, resume)
+    # Protocol sizes and COCO ids now, not after training.
+    model.coco_ids = check_evaluation(
+        model.eval_cfg, datamodule, ("val", "test") if cfg.test_after_fit else ("val",)
+    )
     loggers = instantiate_loggers(cfg)
     resumed_from = resume or hpc_resume_path(out_dir)
     for logger in loggers:  # a resumed run appends to its CSV; a fresh one replaces it
         if isinstance(logger, ResumableCSVLogger):
             logger.resume_at(logged_step(resumed_from) if resumed_from else None)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.test_after_fit:
+        callbacks += output_callbacks(out_dir, cfg.get("figures"), cfg.get("save_ranks"))
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(StopOnSigterm(out_dir / "checkpoints" / "last.ckpt"))

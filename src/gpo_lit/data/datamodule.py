@@ -16,10 +16,10 @@ from gpo_lit.data.collate import Collate
 from gpo_lit.data.datasets import Augment, CaptionDataset, ImageDataset, PairDataset
 from gpo_lit.data.noise import mismatched_fraction, noisy_caption_map
 from gpo_lit.data.precomp import PrecompSplit
-from gpo_lit.data.reader import SplitReader
+from gpo_lit.data.reader import SplitReader, open_split
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
-from gpo_lit.errors import GpoLitError, MissingFileError, expect
+from gpo_lit.errors import GpoLitError, expect
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Open (once) and validate split ``name``; a missing file says where the data comes from."""
         key = (name, max_images)
         if key not in self._opened:
-            try:
-                self._opened[key] = self.reader(root=self.root, split=name, max_images=max_images)
-            except MissingFileError as err:
-                if not self.source_hint:
-                    raise
-                raise MissingFileError(f"{err}; {self.source_hint}") from None
+            self._opened[key] = open_split(
+                self.reader, self.root, name, max_images, self.source_hint
+            )
         return self._opened[key]
 
     def check_splits(
@@ -147,7 +144,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         (training drops the last partial batch), enough images for each stage's ``protocols``
         and finite features of every split of at most ``scan_finite_bytes``.
         """
-        from gpo_lit.metrics.protocols import get_protocol
+        from gpo_lit.metrics.protocols import check_size
 
         opened = {
             stage: self.split(self.splits["train"]) if stage == "train" else self.eval_split(stage)
@@ -178,9 +175,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                     f"width {split.feat_dim}",
                 )
             for name in (protocols or {}).get(stage, ()):
-                get_protocol(name).check_images(
-                    split.n_images, f"protocol {name} on the {stage} split {split.path}"
-                )
+                check_size(name, split.n_images, where=f"the {stage} split {split.path}")
         for split in {id(s): s for s in opened.values()}.values():
             scan = getattr(split, "scan_finite", None)
             if scan is not None and split.feature_bytes() <= self.scan_finite_bytes:

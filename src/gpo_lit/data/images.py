@@ -255,6 +255,11 @@ class ImageSplit(CaptionList):
 
         return Image.Resampling[self.interpolation.upper()]
 
+    def display_image(self, i: int):
+        """Image ``i`` as the file holds it (RGB ``PIL.Image``), for figures; None if unreadable
+        with ``skip_bad``."""
+        return self._open(i)
+
     def image(self, i: int) -> np.ndarray:
         """Evaluation view of image ``i``: the whole image resized to S×S, float32 ``[3, S, S]``."""
 

@@ -308,6 +308,10 @@ class PrecompSplit(CaptionList):
             chunk = self.read_rows(range(start * stride, stop * stride, stride))
             self._expect_finite(chunk, start * stride)
 
+    def display_image(self, i: int) -> None:
+        """No picture: precomputed region features only (figures show the image id instead)."""
+        return None
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fd"], state["_fd_pid"] = None, -1  # each process opens the file itself

@@ -241,6 +241,10 @@ class _VideoSplit(CaptionList):
             expect(bad == 0, where, f"finite features for video {name!r}", f"{bad} NaN/inf values")
         return x
 
+    def display_image(self, i: int) -> None:
+        """No picture: the frames are feature vectors, not images (figures show the video id)."""
+        return None
+
     def __repr__(self) -> str:
         t = self.lengths
         return (
