@@ -238,8 +238,8 @@ def test_feature_width_other_than_the_model_blames_the_config(data, run_dir, cap
 def test_fold_protocol_on_too_few_images_is_found_before_training(data, run_dir, capsys, no_fit):
     msg = train_error(data, run_dir, capsys, "evaluation.test_protocols=[coco_1k]")
     assert msg == (
-        f"error: protocol coco_1k on the test split {data / 'test_ims.npy'}: expected 5000 "
-        "images (5 folds × 1000), found 80"
+        "error: protocol coco_1k: expected 5000 images (5 folds × 1000), found 80 in the test "
+        f"split {data / 'test_ims.npy'} (protocol full ranks a split of any size)"
     )
 
 
@@ -274,7 +274,10 @@ def fake_checkpoint(data: Path, tmp_path: Path) -> Path:
             "split=dev",
             f"dev_ims.npy: expected features of width {DIM} (the model.visual.in_dim of ",
         ),
-        ("protocols=[coco_1k]", "test_ims.npy: expected 5000 images"),
+        (
+            "protocols=[coco_1k]",
+            "expected 5000 images (5 folds × 1000), found 80 in the test split",
+        ),
     ],
 )
 def test_eval_checks_its_split_before_embedding(

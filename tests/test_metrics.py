@@ -497,7 +497,7 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     for extra, rule in (([], "pessimistic"), (["--ties", "optimistic"], "optimistic")):
         assert cli_main([str(ties), *extra, "--json", str(tmp_path / f"{rule}.json")]) == 0
         assert f"ties {rule}" in capsys.readouterr().out
-        got = json.loads((tmp_path / f"{rule}.json").read_text())
+        got = json.loads((tmp_path / f"{rule}.json").read_text())["full"]
         assert got == pytest.approx(TIE_METRICS[rule])
     assert cli_main([str(ties), "--ties", "strict"]) == 2
     err = capsys.readouterr().err

@@ -215,7 +215,8 @@ def test_retrieval_examples_marks_hits() -> None:
     cols, rows = out["text_to_image"]
     assert cols[3:] == ["top 1", "top 2", "top 3"]  # top_k capped by the number of items
     assert rows[0][:4] == ["c0", "a", 1, f"{HIT} a"]
-    assert rows[5][:4] == ["c5", "c", 2, "a"]
+    # c5's ground truth c scores 0, tied with b: the tie counts against the query (rank 3)
+    assert rows[5][:4] == ["c5", "c", 3, "a"]
     assert sum(c.startswith(HIT) for c in rows[5][3:]) == 1
     cols, rows = out["image_to_text"]
     assert len(cols) == 3 + 5 and [r[0] for r in rows] == ["a", "b", "c"]

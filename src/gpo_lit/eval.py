@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.checkpoint_io import read_checkpoint
@@ -76,7 +77,10 @@ def precheck(ckpt: str, cfg: DictConfig, out_dir: Path) -> None:
     from gpo_lit.eval_checks import check_protocols
 
     ensure_new(out_dir / "metrics.json")
+    from gpo_lit.model import check_model_hparams
+
     stored = read_checkpoint(ckpt, mmap=True)
+    check_model_hparams(ckpt, stored["hyper_parameters"])
     data_cfg = data_config(stored.get("gpo_lit_config"), cfg, ckpt)
     reader = instantiate(data_cfg["reader"]) if data_cfg.get("reader") else PrecompSplit
     name = data_cfg.get("test_split", "test")
@@ -91,7 +95,6 @@ def evaluate_one(
     """Embed and evaluate one checkpoint's test split into ``out_dir``; (results, split name,
     the split's COCO ids when a protocol needed them)."""
     import pytorch_lightning as pl
-    import torch
     from hydra.utils import instantiate
 
     from gpo_lit.callbacks import output_callbacks

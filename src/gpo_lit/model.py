@@ -331,20 +331,11 @@ class VSEModel(pl.LightningModule):
 _OUTPUT_KEYS = ("results_to", "save_embeddings_to")
 
 
-def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
-    """Rebuild a model from a gpo_lit checkpoint, read by
-    :func:`gpo_lit.checkpoint_io.read_checkpoint` (``weights_only=True``; stored configs may name
-    gpo_lit components only), with one-line errors for any other file.
-
-    Returns the model in eval mode on the CPU and the run config stored with it (or None).
-    """
+def check_model_hparams(path: str | Path, hp: dict) -> None:
+    """One line unless ``hp`` holds the arguments of a :class:`VSEModel` (another model's
+    checkpoint names other ones)."""
     import inspect
 
-    from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
-    from gpo_lit.cli import user_error
-
-    ckpt = read_checkpoint(path)
-    hp = ckpt["hyper_parameters"]
     params = inspect.signature(VSEModel).parameters
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
     odd = [k for k in hp if k not in params] + [f"no {k}" for k in required if k not in hp]
@@ -354,6 +345,21 @@ def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
         "the hyper_parameters of a gpo_lit VSEModel",
         f"those of another model ({', '.join(map(str, odd[:4]))})",
     )
+
+
+def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
+    """Rebuild a model from a gpo_lit checkpoint, read by
+    :func:`gpo_lit.checkpoint_io.read_checkpoint` (``weights_only=True``; stored configs may name
+    gpo_lit components only), with one-line errors for any other file.
+
+    Returns the model in eval mode on the CPU and the run config stored with it (or None).
+    """
+    from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
+    from gpo_lit.cli import user_error
+
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    check_model_hparams(path, hp)
     try:
         model = VSEModel(**hp)
         model.eval_cfg = {k: v for k, v in dict(model.eval_cfg).items() if k not in _OUTPUT_KEYS}
