@@ -19,7 +19,8 @@ from gpo_lit.errors import GpoLitError, one_line
 
 log = logging.getLogger("gpo_lit")
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The configs ship inside the package (in the repository a link to conf/ at its top).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 # Optional files of a run folder (besides metrics.json): written by gpo_lit.callbacks after
 # testing (figures=true, save_ranks=true); make report links the figures.
 FIGURE_FILE = "retrieval.png"

@@ -1,0 +1,1 @@
+"""Data: on-disk formats, the embedded demo data, augmentation, collate and DataModules."""

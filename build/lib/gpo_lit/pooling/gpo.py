@@ -1,0 +1,313 @@
+"""GPO, the Generalized Pooling Operator of VSE∞ (REFERENCE §1), as in the released code.
+
+``pooled[b, d] = Σ_k θ_k(n_b) · (k-th largest of x[b, :n_b, d])`` where the weights θ(n) come from a
+generator that sees only the set size n: sinusoidal encodings of the ranks 0..n-1 → bidirectional
+GRU (directions averaged) → bias-free linear score → softmax(score / temperature).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gpo_lit.errors import expect
+from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+
+
+def positional_encoding(
+    n: int, d_pe: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Sinusoidal encoding of ranks 0..n-1: ``[n, d_pe]`` in ``dtype``, ``pe[k, 2j] = sin(k·ω_j)``,
+    ``pe[k, 2j+1] = cos(k·ω_j)``, ``ω_j = 10000^(-2j/d_pe)``."""
+    k = torch.arange(n, dtype=dtype, device=device).unsqueeze(1)  # [n, 1]
+    two_j = torch.arange(0, d_pe, 2, dtype=dtype, device=device)  # [d_pe/2]
+    omega = torch.exp(two_j * (-math.log(10000.0) / d_pe))
+    pe = torch.zeros(n, d_pe, dtype=dtype, device=device)
+    pe[:, 0::2] = torch.sin(k * omega)
+    pe[:, 1::2] = torch.cos(k * omega)
+    return pe
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype that holds positions 0..n-1 (sort indices kept for backward)."""
+    return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
+
+
+def _sort_rows_inplace(a: np.ndarray, idx: np.ndarray) -> None:
+    """Sort each row of ``a [R, N]`` ascending in place and write where each value came from into
+    ``idx [R, N]`` (cast to its narrow dtype on the fly). One numpy call on one thread: splitting
+    the rows over a thread pool measured several times slower at 2 torch threads on a loaded
+    2-core machine."""
+    idx[...] = np.argsort(a, axis=-1)
+    a.sort(axis=-1)
+
+
+def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort ``xt [B, D, N]`` ascending along N, in place where it can: the values ``[B, D, N]``
+    and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
+    N = 32768: a quarter of int64's bytes, kept for backward).
+
+    On the CPU through numpy (an argsort, then an in-place values sort of the same rows: several
+    times faster than ``torch.sort`` on many short rows; equal values are interchangeable, so the
+    two agree). ``xt`` must be contiguous."""
+    b, d, n = xt.shape
+    idt = _index_dtype(n)
+    if xt.device.type != "cpu" or b * d * n == 0:
+        vals, idx = xt.sort(dim=-1)
+        return vals, idx.to(idt)
+    idx = torch.empty(b, d, n, dtype=idt)
+    _sort_rows_inplace(xt.numpy().reshape(b * d, n), idx.numpy().reshape(b * d, n))
+    return xt, idx
+
+
+class _SortedWeightedSum(torch.autograd.Function):
+    """``out[b, d] = Σ_k theta[b, k] · sort_desc(x[b, valid, d])_k``; padding sorts last as 0.
+    Computed in ``theta``'s dtype whatever ``x``'s; the gradient for ``x`` comes back in x's dtype.
+
+    Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
+    θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
+    ever flipped. Keeps for backward the sorted values and the sort positions in int16
+    (``sort_ascending_``): 1.5x the bytes of an fp32 input. The backward is one scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
+        pad = ~valid.transpose(1, 2)  # [B, 1, N]
+        # One pass: cast to the working dtype and transpose into a fresh [B, D, N] buffer.
+        xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
+        ctx.x_dtype = x.dtype
+        xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
+        # Padding now sits in front, at positions < N - length; zero it (0 · -inf would be NaN).
+        xs.masked_fill_(pad.flip(-1), 0.0)
+        theta_rev = theta.flip(-1)  # [B, N]: weight of ascending position j
+        ctx.save_for_backward(xs, idx, theta_rev)
+        return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        xs, idx, theta_rev = ctx.saved_tensors
+        grad_x = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            # idx is a permutation per (b, d), so the scatter writes every entry of the buffer.
+            per_pos = grad.unsqueeze(-1) * theta_rev.unsqueeze(1)  # [B, D, N]
+            grad_x = torch.empty_like(xs).scatter_(2, idx.long(), per_pos).transpose(1, 2)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_theta = torch.bmm(grad.unsqueeze(1), xs).squeeze(1).flip(-1)  # [B, N]
+        return grad_x, grad_theta, None
+
+
+def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
+    """GPO's pooling step. ``x [B, N, D]``, ``theta [B, N]`` (zero past each length), ``valid``
+    bool ``[B, N, 1]`` -> ``[B, D]``: each dimension sorted descending over the valid elements,
+    weighted by ``theta`` per rank. Padding content never reaches the output or the gradients."""
+    return _SortedWeightedSum.apply(x, theta, valid)
+
+
+@register_pooling("gpo")
+class GPO(Pooling):
+    """Generalized Pooling Operator: ``[B, N, D], lengths [B] -> [B, D]`` (and ``θ [B, N]``).
+
+    The generator (encoding, BiGRU, score, softmax) works in the parameters' dtype promoted to at
+    least fp32: a float64 module gives float64 θ, a float32, bf16 or fp16 one fp32 θ (never
+    autocast: a 0.1 temperature and -inf masks are not fp16-safe).
+
+    θ depends only on the set size, so the generator never runs per sample: with ``lengths`` on
+    the CPU it runs once per distinct length (found without a device sync); with ``lengths`` on an
+    accelerator it runs once for every size 1..N in one batched call (no host sync, which a
+    ``unique`` would force). In eval mode with gradients off, θ is cached per length as a table
+    (cleared on every ``train(mode)``, device/dtype move and state-dict load, and rebuilt if any
+    parameter changed in place).
+    """
+
+    def __init__(
+        self, *, dim: int, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1
+    ) -> None:
+        super().__init__(dim=dim)
+        expect(
+            isinstance(d_pe, int) and d_pe > 0 and d_pe % 2 == 0,
+            "gpo d_pe",
+            "an even int > 0",
+            d_pe,
+        )
+        expect(isinstance(d_hidden, int) and d_hidden > 0, "gpo d_hidden", "an int > 0", d_hidden)
+        expect(temperature > 0, "gpo temperature", "a number > 0", temperature)
+        self.d_pe = d_pe
+        self.d_hidden = d_hidden
+        self.temperature = float(temperature)
+        # Names match the authors' checkpoints: gpool.gru.*, gpool.linear.weight.
+        self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+        # Eval cache: row n-1 is θ(n) over the table's width (zero past n); θ's dtype, no graph.
+        self._table: Tensor | None = None
+        self._table_stamp: tuple[tuple[int, int], ...] = ()
+        self._consts: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _table_inputs
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, d_pe={self.d_pe}, d_hidden={self.d_hidden}, "
+            f"temperature={self.temperature}"
+        )
+
+    # ---- cache invalidation -------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        self._table = None
+
+    def train(self, mode: bool = True) -> GPO:
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...
+        self.clear_cache()
+        self._consts.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _param_stamp(self) -> tuple[tuple[int, int], ...]:
+        # In-place updates (optimizer steps, copy_, load_state_dict) bump the version counter.
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def _use_cache(self) -> bool:
+        # Only where θ can neither change nor need a graph: eval mode with gradients off.
+        return not self.training and not torch.is_grad_enabled()
+
+    # ---- weight generator -----------------------------------------------------------------------
+    def theta_dtype(self) -> torch.dtype:
+        """The dtype θ is computed and returned in: the parameters' dtype, at least fp32."""
+        return torch.promote_types(self.linear.weight.dtype, torch.float32)
+
+    def _encoding(self, width: int) -> Tensor:
+        """Positional encoding of ranks 0..width-1 ``[width, d_pe]``, computed in θ's dtype and
+        handed to the generator in the parameters' dtype."""
+        w = self.linear.weight
+        return positional_encoding(width, self.d_pe, w.device, self.theta_dtype()).to(w.dtype)
+
+    def _gru_inputs(self, sizes: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """GRU input ``[U+1, width, d_pe]`` (each size's ranks right-aligned, then one full-length
+        row) and, per size, the column holding rank k: ``[U, width, d_hidden]`` (for ``gather``)."""
+        w = self.linear.weight
+        rows = torch.cat([sizes, sizes.new_full((1,), width)])
+        ranks = torch.arange(width, device=w.device)
+        shift = (width - rows).unsqueeze(1)  # [U+1, 1]
+        pe = self._encoding(width)
+        inp = pe[(ranks - shift).clamp(min=0)]  # columns in front of a row's ranks: filler
+        col = (shift[:-1] + ranks).clamp(max=width - 1)  # ranks past the size: masked later
+        return inp, col.unsqueeze(-1).expand(-1, -1, self.d_hidden)
+
+    def _table_inputs(self, width: int) -> tuple[Tensor, Tensor]:
+        """``_gru_inputs`` for every size 1..width: constants, kept per (width, device, dtype)."""
+        w = self.linear.weight
+        key = (width, w.device, w.dtype)
+        if key not in self._consts:
+            if len(self._consts) >= 64:  # text widths vary per batch: keep this bounded
+                self._consts.clear()
+            # Built as ordinary tensors even under inference_mode: training reuses them later.
+            with torch.inference_mode(False), torch.no_grad():
+                sizes = torch.arange(1, width + 1, device=w.device)
+                self._consts[key] = self._gru_inputs(sizes, width)
+        return self._consts[key]
+
+    def _scores(
+        self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """Raw scores of ranks ``0..width-1`` for set sizes ``sizes`` (``[U]`` int64, each in
+        ``[1, width]``): ``[U, width]`` in θ's dtype; entries at ranks >= size are arbitrary.
+
+        Same numbers as the released code's packed BiGRU, without packing: the forward direction
+        at rank k sees ranks 0..k whatever the size, so one full-length row serves every size; the
+        reverse direction needs each size's own start, so each row is right-aligned (rank k at
+        column width - size + k) and the filler columns in front are only reached afterwards.
+        """
+        hid = self.d_hidden
+        inp, col = self._gru_inputs(sizes, width) if inputs is None else inputs
+        out = self.gru(inp)[0]  # [U+1, width, 2·hid]
+        fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
+        bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
+        return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged
+
+    def _theta_rows(
+        self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """θ for set sizes ``sizes`` (``[U]`` int64 in ``[1, width]``): ``[U, width]``, each
+        row summing to 1 and zero at ranks >= its size."""
+        sizes = sizes.to(self.linear.weight.device)
+        scores = self._scores(sizes, width, inputs) / self.temperature
+        scores = scores.masked_fill(~valid_mask(sizes, width), float("-inf"))
+        return torch.softmax(scores, dim=1)  # every row has >= 1 finite entry
+
+    def _theta_table(self, width: int) -> Tensor:
+        """θ for every size 1..width: ``[width, width]``, row n-1 = θ(n)."""
+        sizes = torch.arange(1, width + 1, device=self.linear.weight.device)
+        return self._theta_rows(sizes, width, self._table_inputs(width))
+
+    def _cached_table(self, width: int) -> Tensor:
+        """Eval-mode ``_theta_table`` of width >= ``width``, rebuilt only when it is too narrow or
+        a parameter changed since it was built."""
+        stamp = self._param_stamp()
+        if self._table is None or stamp != self._table_stamp or self._table.shape[0] < width:
+            self._table = self._theta_table(width).detach()
+            self._table_stamp = stamp
+        return self._table
+
+    def weights_for_length(self, n: int) -> Tensor:
+        """θ for a set of size ``n``: ``[n]`` on the parameters' device, sums to 1 (fp32, or
+        fp64 for a float64 module)."""
+        expect(isinstance(n, int) and n >= 1, "gpo weights_for_length n", "an int >= 1", n)
+        with torch.autocast(device_type=self.linear.weight.device.type, enabled=False):
+            if self._use_cache():
+                return self._cached_table(n)[n - 1, :n]
+            return self._theta_rows(torch.tensor([n]), n)[0]
+
+    @staticmethod
+    def _host_lengths(lengths: Tensor) -> Tensor | None:
+        """``lengths`` if reading them costs no device sync (they are on the CPU), else None."""
+        return lengths if lengths.device.type == "cpu" else None
+
+    def _batch_theta(
+        self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
+    ) -> tuple[Tensor, int]:
+        """θ of every set in a batch, ``[B, width, …]`` on ``device``, and ``width`` (ranks past
+        it are padding for everyone): from the eval cache; else once per distinct length when
+        the lengths are on the CPU (no sync); else the all-sizes table, indexed on the device."""
+        if self._use_cache():
+            return self._cached_table(n)[lengths - 1, :n].to(device), n
+        if host is not None:
+            uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
+            width = int(uniq[-1])  # the longest set
+            return self._theta_rows(uniq, width).to(device)[inverse.to(device)], width
+        return self._theta_table(n).to(device)[lengths - 1], n
+
+    # ---- pooling --------------------------------------------------------------------------------
+    def forward(
+        self, x: Tensor, lengths: Tensor, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
+        ``return_weights`` also ``θ [B, N]`` (``theta_dtype()``, zero on padding).
+
+        Lengths are range-checked when they are on the CPU; on an accelerator they are trusted
+        (checking would cost a host sync).
+        """
+        host = self._host_lengths(lengths)
+        lengths = check_inputs(x, lengths, "gpo pooling")
+        b, n, d = x.shape
+        if b == 0:
+            empty = x.new_zeros(0, d)
+            return (empty, x.new_zeros(0, n, dtype=self.theta_dtype())) if return_weights else empty
+        # fp32 (fp64) throughout: a 0.1 temperature and -inf masks are not fp16-safe.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            theta, width = self._batch_theta(lengths, host, n, x.device)
+            valid = valid_mask(lengths, width).unsqueeze(-1)  # [B, width, 1]
+            work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
+            pooled = sorted_weighted_sum(x[:, :width], theta.to(work), valid)
+            pooled = pooled.to(x.dtype)
+        if not return_weights:
+            return pooled
+        if width < n:
+            theta = nn.functional.pad(theta, (0, n - width))
+        return pooled, theta
