@@ -226,3 +226,107 @@ def test_drop_regions_memmap_and_validation(tmp_path):
         drop_regions(np.zeros((0, 3)), random.Random(0))
     with pytest.raises(ValueError):
         drop_regions(np.zeros((3, 3)), random.Random(0), p_keep=0.0)
+
+
+# --- specials perturbed like words (the released BiGRU code) -------------------------------------
+
+START, END = 1, 2  # BiGRU-style caption: <start> w1 … wn <end>, one id per word
+P, P_MASK, P_RANDOM = 0.2, 0.5, 0.1  # REFERENCE §4
+P_DELETE = 1 - P_MASK - P_RANDOM
+
+
+def bigru_caption(n):
+    """``<start> w0 … w(n-1) <end>``: word k has id 10 + k (all distinct, below RANDOM_LOW)."""
+    return [START, *range(10, 10 + n), END], [None, *range(n), None]
+
+
+@pytest.mark.parametrize("perturb_specials", [True, False])
+def test_caption_statistics_match_reference_probabilities(perturb_specials):
+    """100,000 captions of 4-15 words against the per-token probabilities of REFERENCE §4.
+
+    Per perturbed unit (a word, and with ``perturb_specials`` each of <start>/<end>): kept 0.8,
+    masked 0.2·0.5, random 0.2·0.1, deleted 0.2·0.4, independently. The every-word-deleted guard
+    fires with probability <= 0.08**4 = 4e-5 per caption: it moves each mean by < 0.02 standard
+    errors, so it is left out of the expectations here (it has its own tests).
+    """
+    rng = np.random.default_rng(123)
+    n_caps = 100_000
+    n_words = np.random.default_rng(7).integers(4, 16, size=n_caps)
+    outs = []
+    for n in n_words:
+        ids, word_ids = bigru_caption(int(n))
+        outs.append(
+            perturb_words(
+                ids,
+                word_ids,
+                mask_id=MASK,
+                vocab_size=VOCAB,
+                rng=rng,
+                random_low=RANDOM_LOW,
+                perturb_specials=perturb_specials,
+            )
+        )
+    lengths = np.array([len(o) for o in outs])
+    flat = np.concatenate([np.asarray(o) for o in outs])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    intact = (flat[starts] == START) & (flat[starts + lengths - 1] == END)
+    per_cap = np.repeat(np.arange(n_caps), lengths)
+    masks = np.bincount(per_cap, weights=flat == MASK, minlength=n_caps)
+    randoms = np.bincount(per_cap, weights=flat >= RANDOM_LOW, minlength=n_caps)
+
+    units = n_words + 2 if perturb_specials else n_words  # tokens that can be perturbed
+    fixed = 0 if perturb_specials else 2  # tokens that never change
+
+    def check(observed, expected_per_cap, var_per_cap):
+        expected = expected_per_cap.mean()
+        se = math.sqrt(var_per_cap.sum()) / n_caps
+        assert abs(observed.mean() - expected) <= 4 * se, (observed.mean(), expected, se)
+
+    def binomial(k, q):
+        return k * q, k * q * (1 - q)
+
+    p_keep = 1 - P
+    if perturb_specials:
+        check(intact, np.full(n_caps, p_keep**2), np.full(n_caps, p_keep**2 * (1 - p_keep**2)))
+        assert abs(intact.mean() - 0.64) < 0.01
+    else:
+        assert intact.all()
+    kept_mean, kept_var = binomial(units, 1 - P * P_DELETE)  # a masked / random token still counts
+    check(lengths, fixed + kept_mean, kept_var)
+    check(masks, *binomial(units, P * P_MASK))
+    check(randoms, *binomial(units, P * P_RANDOM))
+
+
+def test_perturbed_specials_act_alone():
+    """p = 1, all masked: every token masked, each special on its own; all deleted: the guard."""
+    ids, word_ids = bigru_caption(3)
+    kwargs = dict(mask_id=MASK, vocab_size=VOCAB, rng=random.Random(0), perturb_specials=True)
+    assert perturb_words(ids, word_ids, p=1.0, p_mask=1.0, p_random=0.0, **kwargs) == [MASK] * 5
+    assert perturb_words(ids, word_ids, p=1.0, p_mask=0.0, p_random=0.0, **kwargs) == ids
+    # no words and both specials deleted: kept whole, never empty
+    bare = perturb_words([START, END], [None, None], p=1.0, p_mask=0.0, p_random=0.0, **kwargs)
+    assert bare == [START, END]
+
+
+def test_all_words_deleted_guard_with_perturbed_specials():
+    """1-word captions: unchanged iff the word is deleted (guard, 0.08) or all 3 tokens kept
+    (0.8³ = 0.512), i.e. 0.592; without the option 0.88 (see test_all_deleted_keeps_original).
+    Only the specials gone (the word kept): 0.8 · 0.08² = 0.00512, as the released code allows."""
+    rng = np.random.default_rng(5)
+    ids, word_ids = bigru_caption(1)
+    n = 40_000
+    outs = [
+        perturb_words(
+            ids,
+            word_ids,
+            mask_id=MASK,
+            vocab_size=VOCAB,
+            rng=rng,
+            random_low=RANDOM_LOW,
+            perturb_specials=True,
+        )
+        for _ in range(n)
+    ]
+    assert within(sum(o == ids for o in outs), n, 0.08 + 0.8**3)
+    assert within(sum(o == [10] for o in outs), n, 0.8 * 0.08**2)
+    assert all(outs)  # never empty

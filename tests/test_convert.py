@@ -14,6 +14,7 @@ from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
 from gpo_lit.model import load_model
 from tests.test_model import WORDS, compose_cfg, tiny_model
+from tests.test_text import scan_file
 from tests.test_train_eval import run
 
 
@@ -80,6 +81,21 @@ def test_bigru_checkpoint_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(GpoLitError, match="existing"):
         convert(tmp_path / "model_best.pth", out, "data/x", vocab=str(tmp_path / "vocab.json"))
+
+
+def test_bigru_checkpoint_with_scan_vocab_file(tmp_path: Path) -> None:
+    """``--vocab`` reads SCAN's JSON through ``Vocabulary.load`` (as training's vocab_file):
+    its ids kept, ``<mask>`` appended as the released training did; a bad file is one line."""
+    model = tiny_model()  # 7 embedding rows
+    torch.save(authors_layout(model), tmp_path / "model_best.pth")
+    path = scan_file(tmp_path, ["<pad>", "<start>", "<end>", "<unk>", "ball", "red"])
+    out = convert(tmp_path / "model_best.pth", tmp_path / "c.ckpt", "data/x", vocab=str(path))
+    tok = load_model(out)[0].tokenizer
+    assert tok.encode("Red ball.")[0] == [1, 5, 4, 3, 2] and tok.mask_id == 6  # "." unknown
+    path.write_text('{"word2idx": {}, "idx2word": {}, "idx": 0}')
+    with pytest.raises(GpoLitError, match="word2idx") as err:
+        convert(tmp_path / "model_best.pth", tmp_path / "d.ckpt", "data/x", vocab=str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bert_checkpoint_with_dataparallel_prefix(tmp_path: Path) -> None:

@@ -5,34 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from gpo_lit.data.demo import generate_demo
 from gpo_lit.metrics import load_embeddings
 from tests.test_convert import save_native
+from tests.test_metrics import naive_metrics
 from tests.test_model import tiny_model
 from tests.test_train_eval import one_line_error, run
-
-
-def brute_force_recalls(sim: np.ndarray, cap2img: np.ndarray) -> dict[str, float]:
-    """R@1/5/10 both ways and rsum from a full similarity matrix, one query at a time.
-
-    rank = number of candidates scoring strictly above the ground truth (ties count in favour,
-    as documented in gpo_lit.metrics.ranks); i2t takes the best of the image's captions.
-    """
-    i2t = [
-        min(int((sim[i] > sim[i, j]).sum()) for j in np.flatnonzero(cap2img == i))
-        for i in range(sim.shape[0])
-    ]
-    t2i = [int((sim[:, j] > sim[cap2img[j], j]).sum()) for j in range(sim.shape[1])]
-    out = {}
-    for name, ranks in (("i2t", np.array(i2t)), ("t2i", np.array(t2i))):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks < k))
-    out["rsum"] = sum(out.values())
-    return out
 
 
 def spread_model(seed: int):
@@ -59,7 +40,7 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
     cap2img = members[0][2].numpy()
     sim = sum(img.double().numpy() @ cap.double().numpy().T for img, cap, _ in members) / 2
     got = json.loads((out / "metrics.json").read_text())["full"]
-    want = brute_force_recalls(sim, cap2img)
+    want = naive_metrics(sim, cap2img)
     assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-9)
     # each member alone is what a single evaluation gives, and differs from the ensemble
     single = tmp_path / "single"
@@ -69,9 +50,7 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
     assert json.loads((out / "member0" / "metrics.json").read_text()) == alone
     first = {k: alone["full"][k] for k in want}
     assert first == pytest.approx(
-        brute_force_recalls(
-            members[0][0].double().numpy() @ members[0][1].double().numpy().T, cap2img
-        ),
+        naive_metrics(members[0][0].double().numpy() @ members[0][1].double().numpy().T, cap2img),
         abs=1e-9,
     )
 
@@ -89,3 +68,41 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
     err = one_line_error(res)
     assert "member1/embeddings.npz: expected the test split of" in err
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def collapsed_model():
+    """A tiny model with every parameter zero: every embedding is the zero vector, so every
+    similarity ties (0) — a model that learned nothing."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+@pytest.mark.slow
+def test_eval_ties_option_single_and_ensemble(tmp_path: Path) -> None:
+    # 20 test images × 5 captions, all similarities tied: pessimistic (the default) every query
+    # ranks behind every other candidate (rsum 0, i2t rank 95, t2i rank 19); ties=optimistic gives
+    # the strict count (every rank 0, rsum 600), for the ensemble and its members alike.
+    data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=20, feat_dim=6)
+    ckpt = save_native(collapsed_model(), tmp_path / "flat.ckpt", data)
+    res = run("gpo_lit.eval", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((tmp_path / "p" / "metrics.json").read_text())["full"]
+    assert got["rsum"] == 0.0 and got["i2t_medr"] == 96.0 and got["t2i_medr"] == 20.0
+
+    out = tmp_path / "o"
+    res = run(
+        "gpo_lit.eval", f"ckpt=[{ckpt},{ckpt}]", "ties=optimistic", f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for path in (out / "metrics.json", out / "member0" / "metrics.json"):
+        got = json.loads(path.read_text())["full"]
+        assert got["rsum"] == 600.0 and got["i2t_medr"] == 1.0, path
+
+    res = run("gpo_lit.eval", f"ckpt={ckpt}", "ties=worst", f"hydra.run.dir={tmp_path / 'x'}",
+              cwd=tmp_path)  # fmt: skip
+    assert one_line_error(res) == "error: ties: expected pessimistic or optimistic, found 'worst'"
+    assert not (tmp_path / "x" / "metrics.json").exists()

@@ -3,9 +3,14 @@ released recipe (REFERENCE §2–§5): checked key by key on the composed config
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from gpo_lit.cli import CONF_DIR
 from tests.test_model import compose_cfg
+
+CONF = Path(CONF_DIR)
 
 GRID = "gpo_lit.encoders.grid.GridEncoder"
 REGION = "gpo_lit.encoders.RegionEncoder"
@@ -88,6 +93,10 @@ def test_paper_rows_use_the_released_recipe(name: str) -> None:
     assert cfg.model.visual._target_ == visual and cfg.model.text.encoder._target_ == text
     if text == BERT:
         assert cfg.model.text.encoder.name_or_path == "bert-base-uncased"
+    # caption augmentation as the released code for the text encoder: the BiGRU vocabulary's
+    # <start>/<end> are perturbed like words, BERT's [CLS]/[SEP] are not (tests/test_text.py)
+    assert cfg.data.augment.perturb_specials is None
+    assert cfg.model.text.tokenizer.kind == ("hf" if text == BERT else "vocab")
     # optimisation: AdamW 5e-4, ×0.1 at epoch 15 of 25, clip 2.0, margin 0.2, warm-up epoch 0
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (5e-4, wd)
     assert (list(cfg.optim.decay_epochs), cfg.optim.decay_gamma) == ([15], 0.1)
@@ -109,3 +118,20 @@ def test_paper_rows_use_the_released_recipe(name: str) -> None:
     assert cfg.data.reader.get("bgr", False) == detector
     if detector:
         assert list(cfg.data.reader.mean) == [102.9801, 115.9465, 122.7717]
+
+
+BIGRU_EXPERIMENTS = sorted(
+    p.stem
+    for pattern in ("*bigru*.yaml", "demo*.yaml")
+    for p in (CONF / "experiment").glob(pattern)
+)
+
+
+@pytest.mark.parametrize("name", BIGRU_EXPERIMENTS)
+def test_bigru_experiments_perturb_start_and_end(name: str) -> None:
+    """Every BiGRU recipe and demo uses the word vocabulary with the released augmentation, which
+    perturbs <start>/<end> like words (perturb_specials=null resolves to that for the vocabulary
+    tokenizer, tests/test_text.py)."""
+    cfg = compose_cfg("train", f"experiment={name}", "paths.output_dir=unused")
+    assert cfg.model.text.tokenizer.kind == "vocab"
+    assert cfg.data.augment.perturb_specials is None and cfg.data.augment.word_prob == 0.2

@@ -1,9 +1,10 @@
 """Retrieval metrics against independent references (REFERENCE §6).
 
-The reference ranks are computed the way the authors' evaluation code does: the full similarity
-matrix, then a per-query ``argsort``; i2t rank = best position of the image's ground-truth
-captions, t2i rank = position of the caption's image. Continuous random data (no ties) makes that
-reference unambiguous; ties are covered by hand-worked examples.
+Two references from the full similarity matrix: the authors' way (a per-query ``argsort``; i2t
+rank = best position of the image's ground-truth captions, t2i rank = position of the caption's
+image), unambiguous on continuous random data (no ties), and a brute-force count per query of the
+candidates that are not ground truth and score ≥ (pessimistic) or > (optimistic) the ground truth,
+which also defines the answer under ties. Ties are covered by hand-worked examples too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from gpo_lit.metrics.__main__ import main as cli_main
 # references and data
 
 
-def naive_ranks(sims: np.ndarray, cap2img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def argsort_ranks(sims: np.ndarray, cap2img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Authors'-style ranks from the full matrix sims [n_img, n_cap] by per-query argsort."""
     n_img, n_cap = sims.shape
     i2t = np.empty(n_img, dtype=np.int64)
@@ -51,10 +52,32 @@ def naive_ranks(sims: np.ndarray, cap2img: np.ndarray) -> tuple[np.ndarray, np.n
     return i2t, t2i
 
 
-def naive_metrics(sims: np.ndarray, cap2img: np.ndarray) -> dict[str, float]:
-    """R@1/5/10, medr, meanr, rsum written out independently of ``recall_metrics``."""
+def naive_ranks(
+    sims: np.ndarray, cap2img: np.ndarray, ties: str = "pessimistic"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force, one query at a time, from the full matrix sims [n_img, n_cap]: i2t = captions
+    of other images scoring ≥ (pessimistic) / > (optimistic) the image's best GT caption; t2i =
+    other images scoring ≥ / > the caption's image."""
+    against = np.greater_equal if ties == "pessimistic" else np.greater
+    n_img, n_cap = sims.shape
+    i2t = np.empty(n_img, dtype=np.int64)
+    for i in range(n_img):
+        best = sims[i, cap2img == i].max()
+        i2t[i] = np.count_nonzero(against(sims[i, cap2img != i], best))
+    t2i = np.empty(n_cap, dtype=np.int64)
+    for j in range(n_cap):
+        others = np.arange(n_img) != cap2img[j]
+        t2i[j] = np.count_nonzero(against(sims[others, j], sims[cap2img[j], j]))
+    return i2t, t2i
+
+
+def naive_metrics(
+    sims: np.ndarray, cap2img: np.ndarray, ties: str = "pessimistic"
+) -> dict[str, float]:
+    """R@1/5/10, medr, meanr, rsum of ``naive_ranks``, written out independently of
+    ``recall_metrics``."""
     out: dict[str, float] = {}
-    for name, r in zip(("i2t", "t2i"), naive_ranks(sims, cap2img), strict=True):
+    for name, r in zip(("i2t", "t2i"), naive_ranks(sims, cap2img, ties), strict=True):
         for k in (1, 5, 10):
             out[f"{name}_r{k}"] = 100.0 * np.count_nonzero(r < k) / len(r)
         out[f"{name}_medr"] = np.floor(np.median(r)) + 1
@@ -83,72 +106,197 @@ def assert_close_dicts(a: dict[str, float], b: dict[str, float]) -> None:
 # ranks
 
 
+TIES = ("pessimistic", "optimistic")
+
+
 @pytest.mark.parametrize("shard_size", [1, 3, 16, 37, 1000])
 def test_ranks_match_naive_argsort(shard_size: int) -> None:
+    # Tie-free data: both tie rules, the brute-force count and the authors' argsort all agree.
     img, cap, cap2img = random_data(37)
-    want_i2t, want_t2i = naive_ranks(img @ cap.T, cap2img)
-    i2t, t2i = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(cap), cap2img, shard_size)
-    assert i2t.dtype == t2i.dtype == torch.int64
-    np.testing.assert_array_equal(i2t.numpy(), want_i2t)
-    np.testing.assert_array_equal(t2i.numpy(), want_t2i)
+    sims = img @ cap.T
+    want_i2t, want_t2i = argsort_ranks(sims, cap2img)
+    for ties in TIES:
+        for ref, w in zip(naive_ranks(sims, cap2img, ties), (want_i2t, want_t2i), strict=True):
+            np.testing.assert_array_equal(ref, w)
+        i2t, t2i = retrieval_ranks(
+            torch.from_numpy(img), torch.from_numpy(cap), cap2img, shard_size, ties=ties
+        )
+        assert i2t.dtype == t2i.dtype == torch.int64
+        np.testing.assert_array_equal(i2t.numpy(), want_i2t)
+        np.testing.assert_array_equal(t2i.numpy(), want_t2i)
 
 
 def test_ranks_float32_and_numpy_inputs() -> None:
     img, cap, cap2img = random_data(50, d=32, seed=1, dtype=np.float32)
-    want = naive_ranks(img.astype(np.float64) @ cap.astype(np.float64).T, cap2img)
+    want = argsort_ranks(img.astype(np.float64) @ cap.astype(np.float64).T, cap2img)
     got = retrieval_ranks(img, cap, cap2img.tolist(), shard_size=8)  # numpy + a plain list
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g.numpy(), w)
 
 
-def test_ties_count_in_the_querys_favour() -> None:
-    # 2-D embeddings with exactly representable similarities:
-    #          c0   c1   c2   c3          cap2img = [0, 1, 2, 2]
-    #   i0  [ 1.0  0.5  0.5  0.0 ]
-    #   i1  [ 0.0  0.5  0.5  1.0 ]
-    #   i2  [ 1.0  0.5  0.5  0.0 ]
-    # i2t: i0 best GT c0=1 → none above → 0; i1 GT c1=.5 → c3 above, c2 ties → 1;
-    #      i2 best GT max(c2, c3)=.5 → c0 above, c1 ties → 1.
-    # t2i: c0 (GT i0=1) i2 ties → 0; c1, c2 all tie at .5 → 0; c3 (GT i2=0) → i1 above → 1.
-    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    cap = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0]])
-    cap2img = torch.tensor([0, 1, 2, 2])
-    for shard_size in (1, 2, 3):
-        i2t, t2i = retrieval_ranks(img, cap, cap2img, shard_size)
-        assert i2t.tolist() == [0, 1, 1]
-        assert t2i.tolist() == [0, 0, 0, 1]
+def tie_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Duplicate images (i2 = i0) and duplicate captions (c1 = c3 across images, c4 = c0), 2-D
+    embeddings with exactly representable similarities in any summation order:
+
+    ```
+                  c0   c1   c2   c3   c4   c5       cap2img = [0, 0, 1, 1, 2, 3]
+       i0 (1, 0) [ 1   .5    0   .5    1    0 ]    c0 = c4 = (1, 0), c1 = c3 = (.5, .5),
+       i1 (0, 1) [ 0   .5    1   .5    0    1 ]    c2 = c5 = (0, 1)
+       i2 (1, 0) [ 1   .5    0   .5    1    0 ]
+       i3 (1, 1) [ 1    1    1    1    1    1 ]
+    ```
+    """
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    cap = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
+    return img, cap, torch.tensor([0, 0, 1, 1, 2, 3])
 
 
-def test_near_tie_one_ulp_above_counts() -> None:
-    # float32, exact arithmetic:        c0          c1      c2       cap2img = [1, 2, 0]
-    #   i0 = (2^-23, 1)          [ 0.5 + 2^-24   2^-23    1.0 ]
-    #   i1 = (0, 1)              [ 0.5           0.0      1.0 ]
-    #   i2 = (1, 0)              [ 0.5           1.0      0.0 ]
-    # c0's ground truth i1 = 0.5 is beaten by i0 by one ulp: rank 1, no epsilon. With one image
-    # per shard, i0's entry is seen before the exact GT value exists (kept, resolved at the end).
-    img = torch.tensor([[2.0**-23, 1.0], [0.0, 1.0], [1.0, 0.0]])
-    cap = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
-    for shard_size in (1, 2, 3):
-        i2t, t2i = retrieval_ranks(img, cap, torch.tensor([1, 2, 0]), shard_size)
-        assert i2t.tolist() == [0, 1, 0]
-        assert t2i.tolist() == [1, 0, 0]
+# Worked by hand from the matrix in tie_example (≥: pessimistic, >: optimistic):
+#   i2t  i0: best GT c0 = 1; others c2 0, c3 .5, c4 1 (tie), c5 0   → 1 | 0  (GT c1 never counts)
+#        i1: best GT c2 = 1; others c0 0, c1 .5, c4 0, c5 1 (tie)   → 1 | 0
+#        i2: GT c4 = 1;      others c0 1 (tie), c1, c3 .5, c2, c5 0  → 1 | 0
+#        i3: GT c5 = 1;      the 5 others all 1 (ties)               → 5 | 0
+#   t2i  c0: GT i0 = 1;  i1 0, i2 1 (tie), i3 1 (tie)                → 2 | 0
+#        c1: GT i0 = .5; i1 .5, i2 .5 (ties), i3 1 (above)           → 3 | 1
+#        c2: GT i1 = 1;  i0 0, i2 0, i3 1 (tie)                      → 1 | 0
+#        c3: GT i1 = .5; i0 .5, i2 .5 (ties), i3 1 (above)           → 3 | 1
+#        c4: GT i2 = 1;  i0 1 (tie), i1 0, i3 1 (tie)                → 2 | 0
+#        c5: GT i3 = 1;  i0 0, i1 1 (tie), i2 0                      → 1 | 0
+TIE_RANKS = {
+    "pessimistic": ([1, 1, 1, 5], [2, 3, 1, 3, 2, 1]),
+    "optimistic": ([0, 0, 0, 0], [0, 1, 0, 1, 0, 0]),
+}
+TIE_METRICS = {
+    # i2t [1, 1, 1, 5]: R@1 0, R@5 3/4, R@10 all; median 1 → medr 2; mean 2 → meanr 3.
+    # t2i [2, 3, 1, 3, 2, 1]: R@1 0, R@5 all; median 2 → medr 3; mean 2 → meanr 3.
+    "pessimistic": {
+        "i2t_r1": 0.0, "i2t_r5": 75.0, "i2t_r10": 100.0, "i2t_medr": 2.0, "i2t_meanr": 3.0,
+        "t2i_r1": 0.0, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 3.0, "t2i_meanr": 3.0,
+        "rsum": 375.0,
+    },
+    # i2t all 0; t2i [0, 1, 0, 1, 0, 0]: R@1 4/6, median 0 → medr 1, mean 1/3 → meanr 4/3.
+    "optimistic": {
+        "i2t_r1": 100.0, "i2t_r5": 100.0, "i2t_r10": 100.0, "i2t_medr": 1.0, "i2t_meanr": 1.0,
+        "t2i_r1": 400 / 6, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 1.0, "t2i_meanr": 4 / 3,
+        "rsum": 300 + 400 / 6 + 200,
+    },
+}  # fmt: skip
 
 
-def test_identical_embeddings_all_rank_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every similarity ties exactly (0.5·0.5·4 = 1): all ranks 0, every recall 100. With one image
-    # per shard the near-tie band overflows its memory budget: the columns are recounted.
-    calls = []
+@pytest.mark.parametrize("path", ["single pass", "reduced precision", "bad estimate", "ulp high"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_ties_hand_worked(monkeypatch: pytest.MonkeyPatch, path: str, dtype) -> None:
+    img, cap, cap2img = tie_example()
+    img, cap = img.to(dtype), cap.to(dtype)
+    real = ranks_mod._gt_estimate
+    if path == "reduced precision":  # every column counted again in the second pass
+        monkeypatch.setattr(ranks_mod, "_unit_roundoff", lambda dtype: 2.0**-6)
+    elif path == "bad estimate":  # odd columns' GT estimate off its bound: only they recount
+
+        def estimate(p, u):
+            g, delta = real(p, u)
+            return g + 0.3 * (torch.arange(p.n_cap) % 2), delta
+
+        monkeypatch.setattr(ranks_mod, "_gt_estimate", estimate)
+    elif path == "ulp high":  # band [g + 1 ulp, g + 1 ulp]: entries equal to g (ties) fall
+        # below it, so the exact GT just outside the band must send every column to the recount
+
+        def estimate(p, u):
+            g, _ = real(p, u)
+            return torch.nextafter(g, torch.full_like(g, torch.inf)), torch.zeros_like(g)
+
+        monkeypatch.setattr(ranks_mod, "_gt_estimate", estimate)
+    sims = (img @ cap.T).double().numpy()
+    for ties in TIES:
+        want = TIE_RANKS[ties]
+        for ref, w in zip(naive_ranks(sims, cap2img.numpy(), ties), want, strict=True):
+            assert ref.tolist() == w  # the brute-force reference agrees with the hand count
+        for shard_size in (1, 2, 3, 4):
+            i2t, t2i = retrieval_ranks(img, cap, cap2img, shard_size, ties=ties)
+            assert (i2t.tolist(), t2i.tolist()) == want, (ties, shard_size)
+        assert evaluate(img, cap, cap2img, ties=ties) == pytest.approx(TIE_METRICS[ties])
+    assert evaluate(img, cap, cap2img) == pytest.approx(TIE_METRICS["pessimistic"])  # default
+
+
+def test_near_ties_one_ulp_apart_are_exact() -> None:
+    # float32, exact arithmetic:          c0             c1        c2     c3   cap2img [1, 2, 0, 3]
+    #   i0 = (2^-23, 1)          [ 0.5 + 2^-24       2^-23      1     -2^-23    ]
+    #   i1 = (0, 1)              [ 0.5               0          1      0        ]
+    #   i2 = (1, 0)              [ 0.5               1          0     -1        ]
+    #   i3 = (1 - 2^-24, 0)      [ 0.5 - 2^-25       1 - 2^-24  0     -1 + 2^-24 ]
+    # c0's GT i1 = 0.5: i0 one ulp above (counts), i2 equal (a tie), i3 one ulp below (never):
+    # rank 2 pessimistic, 1 optimistic, no epsilon. c2's GT i0 = 1 ties with i1: 1 | 0.
+    # c3's GT i3 = -1 + 2^-24: i0, i1 above → 2 | 2. i2t: only i1 (c2 above its 0.5) and
+    # i3 (3 above) rank > 0. With one image per shard, i0's entries are seen before the exact
+    # GT values exist (kept in the band, resolved at the end).
+    img = torch.tensor([[2.0**-23, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0 - 2.0**-24, 0.0]])
+    cap = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    cap2img = torch.tensor([1, 2, 0, 3])
+    want = {"pessimistic": [2, 0, 1, 2], "optimistic": [1, 0, 0, 2]}
+    for ties in TIES:
+        for shard_size in (1, 2, 4):
+            i2t, t2i = retrieval_ranks(img, cap, cap2img, shard_size, ties=ties)
+            assert i2t.tolist() == [0, 1, 0, 3]
+            assert t2i.tolist() == want[ties], (ties, shard_size)
+
+
+def _spy_recount(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
     real = ranks_mod._recount
     monkeypatch.setattr(ranks_mod, "_recount", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def test_identical_embeddings_rank_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every similarity ties exactly (0.5·0.5·4 = 1): pessimistic, every query ranks behind every
+    # other candidate (all recalls 0); optimistic, all ranks 0. With one image per shard the
+    # near-tie band overflows its memory budget: the columns are recounted.
+    calls = _spy_recount(monkeypatch)
     _, _, cap2img = random_data(40)
+    counts = np.bincount(cap2img)
     img = torch.full((40, 4), 0.5)
     cap = torch.full((len(cap2img), 4), 0.5)
     for shard_size in (1, 7, 64):
         i2t, t2i = retrieval_ranks(img, cap, cap2img, shard_size)
+        np.testing.assert_array_equal(i2t.numpy(), len(cap2img) - counts)  # other images' caps
+        assert (t2i == 39).all()
+        i2t, t2i = retrieval_ranks(img, cap, cap2img, shard_size, ties="optimistic")
         assert not i2t.any() and not t2i.any()
     assert calls, "the overflow path was not exercised"
-    m = evaluate(img, cap, cap2img)
+    assert evaluate(img, cap, cap2img)["rsum"] == 0.0
+    m = evaluate(img, cap, cap2img, ties="optimistic")
     assert m["rsum"] == 600.0 and m["i2t_medr"] == 1.0 and m["t2i_meanr"] == 1.0
+
+
+def test_flat_nonzero_indices_and_its_limit() -> None:
+    # The band extraction against torch.nonzero, sizes around its 8-entry words; past ``limit``
+    # set entries (counted in whole words) it gives up, so a dense band costs no index tensors.
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 1000, 4097):
+        for p in (0.0, 0.01, 0.5, 1.0):
+            mask = (torch.rand(n, generator=gen) < p).to(torch.uint8)
+            got = ranks_mod._flat_nonzero(mask, n)
+            assert got is not None and torch.equal(got, mask.nonzero().squeeze(1)), (n, p)
+            in_words = int(mask[: n // 8 * 8].sum())
+            assert ranks_mod._flat_nonzero(mask, in_words) is not None
+            if in_words:
+                assert ranks_mod._flat_nonzero(mask, in_words - 1) is None
+
+
+@pytest.mark.parametrize(
+    ("protocol", "n_img"), [("full", 100), ("f30k_1k", 1000), ("coco_5k", 5000), ("coco_1k", 5000)]
+)
+def test_collapsed_model_scores_no_better_than_chance(protocol: str, n_img: int) -> None:
+    # A collapsed model (all embeddings equal, 5 captions per image) can only guess: with n
+    # candidates of which g are ground truth, a random tie-break gives R@1 = 100·g/n on average.
+    # Ties count against it: R@1 ≤ that bound both ways, rsum ~0 (strict counting gave 600).
+    n_fold = 1000 if protocol == "coco_1k" else n_img  # images ranked together
+    cap2img = np.arange(5 * n_img) // 5
+    m = evaluate(np.ones((n_img, 8), np.float32), np.ones((5 * n_img, 8), np.float32), cap2img,
+                 protocol)  # fmt: skip
+    assert m["i2t_r1"] <= 100 * 5 / (5 * n_fold) and m["t2i_r1"] <= 100 * 1 / n_fold
+    assert m["rsum"] < 10
+    assert m["i2t_medr"] == 5 * n_fold - 5 + 1 and m["t2i_medr"] == n_fold  # ranked last
 
 
 def test_second_pass_paths_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,6 +331,27 @@ def test_ensemble_equals_naive_on_averaged_similarities() -> None:
     )
 
 
+def test_ensemble_with_ties_averages_before_ranking() -> None:
+    # Member a sees S + u vᵀ, member b sees S − u vᵀ (S: tie_example's matrix; u, v multiples of
+    # 1/8, so every product and sum is exact): neither member ties like S, their mean is S exactly,
+    # so the ensemble must give tie_example's hand-worked ranks under both rules.
+    img, cap, cap2img = tie_example()
+    u = torch.tensor([[1.0], [2.0], [3.0], [4.0]]) / 8
+    v = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]) / 8
+    imgs = [torch.cat([img, u], 1), torch.cat([img, -u], 1)]
+    caps = [torch.cat([cap, v], 1), torch.cat([cap, v], 1)]
+    for ties in TIES:
+        for shard_size in (1, 3):
+            got = retrieval_ranks(imgs, caps, cap2img, shard_size, ties=ties)
+            assert tuple(t.tolist() for t in got) == TIE_RANKS[ties]
+        assert evaluate(imgs, caps, cap2img, ties=ties) == pytest.approx(TIE_METRICS[ties])
+        member = retrieval_ranks(imgs[0], caps[0], cap2img, ties=ties)
+        sims_a = (imgs[0] @ caps[0].T).double().numpy()
+        want_a = naive_ranks(sims_a, cap2img.numpy(), ties)
+        assert tuple(t.tolist() for t in member) == tuple(w.tolist() for w in want_a)
+        assert tuple(t.tolist() for t in member) != TIE_RANKS[ties]  # the mean is what counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_naive() -> None:
     img, cap, cap2img = random_data(60, seed=5)
@@ -193,6 +362,13 @@ def test_cuda_matches_naive() -> None:
     for g, w in zip(got, want, strict=True):
         assert g.is_cuda
         np.testing.assert_array_equal(g.cpu().numpy(), w)
+    img, cap, cap2img = (t.cuda() for t in tie_example())
+    for ties in TIES:
+        for shard_size in (1, 3):
+            got = retrieval_ranks(img, cap, cap2img, shard_size, ties=ties)
+            assert tuple(t.tolist() for t in got) == TIE_RANKS[ties]
+    m = evaluate(torch.ones(200, 8).cuda(), torch.ones(1000, 8).cuda(), torch.arange(1000) // 5)
+    assert m["rsum"] == 0.0 and m["t2i_medr"] == 200.0  # collapsed: the recount path on CUDA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +445,9 @@ def test_errors_on_bad_input_are_one_line() -> None:
     msg = _err(evaluate, img, cap, cap2img, "coco_2k")
     assert "full" in msg and "coco_1k" in msg and "coco_2k" in msg
     assert "expected 5000 images" in _err(evaluate, img, cap, cap2img, "coco_1k")
+    msg = _err(evaluate, img, cap, cap2img, ties="worst")
+    assert msg == "ties: expected pessimistic or optimistic, found 'worst'"
+    assert "ties: expected" in _err(retrieval_ranks, img, cap, cap2img, ties=None)
     assert "rank" in _err(recall_metrics, [], [0])
 
 
@@ -313,6 +492,17 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected 5000 images" in err
 
+    # --ties: the hand-worked tie example, strict counting on request, pessimistic by default
+    ties = save_embeddings(tmp_path / "ties.npz", *tie_example())
+    for extra, rule in (([], "pessimistic"), (["--ties", "optimistic"], "optimistic")):
+        assert cli_main([str(ties), *extra, "--json", str(tmp_path / f"{rule}.json")]) == 0
+        assert f"ties {rule}" in capsys.readouterr().out
+        got = json.loads((tmp_path / f"{rule}.json").read_text())
+        assert got == pytest.approx(TIE_METRICS[rule])
+    assert cli_main([str(ties), "--ties", "strict"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: ties: expected pessimistic or optimistic, found 'strict'\n"
+
     # the module entry point itself, in a fresh interpreter
     src = str(Path(gpo_lit.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
@@ -325,3 +515,15 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "coco_1k" in proc.stderr
+
+
+def test_model_takes_ties_from_the_evaluation_config() -> None:
+    from gpo_lit.cli import user_error
+    from tests.test_model import tiny_model
+
+    assert tiny_model().eval_cfg["ties"] == "pessimistic"
+    assert tiny_model("evaluation.ties=optimistic").eval_cfg["ties"] == "optimistic"
+    with pytest.raises(Exception) as info:  # at construction, not after the first epoch
+        tiny_model("evaluation.ties=strict")
+    msg = str(user_error(info.value))  # what the entry points print (Hydra wraps it)
+    assert msg == "ties: expected pessimistic or optimistic, found 'strict'"

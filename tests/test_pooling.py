@@ -54,22 +54,59 @@ def ref_kmax(x, lengths, k):
     return out
 
 
-def ref_theta(gpo: GPO, n: int) -> torch.Tensor:
-    """θ for one set size from the description: PE -> BiGRU (unpadded) -> mean of dirs -> linear."""
-    pe = torch.tensor(
+def pe_ref(n: int, d_pe: int) -> torch.Tensor:
+    """Sinusoidal rank encodings ``[n, d_pe]`` from the formula, in float64."""
+    return torch.tensor(
         [
             [
-                math.sin(k * 10000 ** (-j / gpo.d_pe))
+                math.sin(k * 10000 ** (-j / d_pe))
                 if j % 2 == 0
-                else math.cos(k * 10000 ** (-(j - 1) / gpo.d_pe))
-                for j in range(gpo.d_pe)
+                else math.cos(k * 10000 ** (-(j - 1) / d_pe))
+                for j in range(d_pe)
             ]
             for k in range(n)
-        ]
+        ],
+        dtype=torch.float64,
     )
+
+
+def ref_theta(gpo: GPO, n: int) -> torch.Tensor:
+    """θ for one set size from the description: PE -> BiGRU (unpadded) -> mean of dirs -> linear."""
+    pe = pe_ref(n, gpo.d_pe).float()
     out, _ = gpo.gru(pe.unsqueeze(0))  # a single unpadded sequence: no packing involved
     h = (out[0, :, : gpo.d_hidden] + out[0, :, gpo.d_hidden :]) / 2
     return torch.softmax(gpo.linear(h).squeeze(-1) / gpo.temperature, dim=0)
+
+
+def bigru_ref64(gru: torch.nn.GRU, seq: torch.Tensor) -> torch.Tensor:
+    """A 1-layer bidirectional GRU written out in float64 (PyTorch's gate equations, gates r, z,
+    n): ``seq [n, d_in] -> [n, 2·hidden]``, forward states then reverse states."""
+    hid = gru.hidden_size
+
+    def run(sfx: str, xs: torch.Tensor) -> torch.Tensor:
+        w_ih, w_hh, b_ih, b_hh = (
+            getattr(gru, f"{name}_l0{sfx}").detach().double()
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
+        h, states = torch.zeros(hid, dtype=torch.float64), []
+        for x_t in xs:
+            gi, gh = w_ih @ x_t + b_ih, w_hh @ h + b_hh
+            r = torch.sigmoid(gi[:hid] + gh[:hid])
+            z = torch.sigmoid(gi[hid : 2 * hid] + gh[hid : 2 * hid])
+            cand = torch.tanh(gi[2 * hid :] + r * gh[2 * hid :])
+            h = (1 - z) * cand + z * h
+            states.append(h)
+        return torch.stack(states)
+
+    return torch.cat([run("", seq), run("_reverse", seq.flip(0)).flip(0)], dim=1)
+
+
+def ref_theta64(gpo: GPO, n: int) -> torch.Tensor:
+    """θ(n) ``[n]`` in float64 from the module's weights, independently of its code: formula PE,
+    the written-out BiGRU, mean of the directions, bias-free linear, softmax(score / T)."""
+    out = bigru_ref64(gpo.gru, pe_ref(n, gpo.d_pe))
+    h = (out[:, : gpo.d_hidden] + out[:, gpo.d_hidden :]) / 2
+    return torch.softmax((h @ gpo.linear.weight.detach().double().T)[:, 0] / gpo.temperature, 0)
 
 
 def ref_gpo(gpo: GPO, x, lengths):
@@ -205,6 +242,41 @@ def test_gpo_matches_brute_force_reference():
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(theta[i, :n], ref_theta(gpo, n), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gpo.weights_for_length(n), ref_theta(gpo, n))
+
+
+def test_gpo_float64_module_computes_theta_in_float64(monkeypatch):
+    # A .double() GPO: θ from every path (per distinct length, the all-sizes table, the eval
+    # cache, weights_for_length) equals the written-out float64 reference to ~1e-12, not to
+    # fp32's ~1e-7, and the pooled output is float64 too.
+    gpo = make("gpo").double()
+    x, lengths = make_batch(seed=21, n=11)
+    x = x.double()
+    want = {n: ref_theta64(gpo, n) for n in range(1, 12)}
+    pooled, theta = gpo(x, lengths, return_weights=True)
+    assert pooled.dtype == theta.dtype == gpo.weights_for_length(3).dtype == torch.float64
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(theta[i, :n], want[n], rtol=0, atol=1e-12)
+        srt = x[i, :n].sort(dim=0, descending=True).values  # [n, D]
+        torch.testing.assert_close(pooled[i], want[n] @ srt, rtol=0, atol=1e-12)
+    for n in (1, 5, 11):
+        torch.testing.assert_close(gpo.weights_for_length(n), want[n], rtol=0, atol=1e-12)
+    for n, row in enumerate(gpo._theta_table(11), start=1):  # the accelerator path's table
+        torch.testing.assert_close(row[:n], want[n], rtol=0, atol=1e-12)
+    gpo.eval()
+    with torch.no_grad():
+        cached = gpo(x, lengths, return_weights=True)[1]
+    assert cached.dtype == torch.float64
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(cached[i, :n], want[n], rtol=0, atol=1e-12)
+    assert gpo(x[:0], lengths[:0], return_weights=True)[1].dtype == torch.float64
+
+    # float32 (and bf16) modules keep fp32 θ, within fp32 accuracy of the same reference
+    gpo32 = make("gpo")
+    for n in (1, 5, 11):
+        got = gpo32.weights_for_length(n)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref_theta64(gpo32, n), rtol=0, atol=1e-5)
+    assert make("gpo").bfloat16().weights_for_length(4).dtype == torch.float32
 
 
 def test_gpo_theta_sums_to_one_and_zero_on_padding():

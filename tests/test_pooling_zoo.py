@@ -18,7 +18,7 @@ import gpo_lit.pooling
 from gpo_lit.errors import GpoLitError
 from gpo_lit.pooling import Pooling, available_poolings, create_pooling, valid_mask
 from gpo_lit.pooling.gpo import GPO
-from tests.test_pooling import CONF, B, D, N, make_batch
+from tests.test_pooling import CONF, B, D, N, make_batch, pe_ref
 
 # Register every operator module of the package (the zoo, and any other), whatever __init__ imports.
 for _mod in pkgutil.iter_modules(gpo_lit.pooling.__path__):
@@ -54,20 +54,6 @@ def sizes(lengths):
 
 
 # ---- references ---------------------------------------------------------------------------------
-def pe_ref(n: int, d_pe: int) -> torch.Tensor:
-    return torch.tensor(
-        [
-            [
-                math.sin(k * 10000 ** (-j / d_pe))
-                if j % 2 == 0
-                else math.cos(k * 10000 ** (-(j - 1) / d_pe))
-                for j in range(d_pe)
-            ]
-            for k in range(n)
-        ]
-    )
-
-
 def ref_gem(pool, x, lengths):
     p, eps = float(pool.p), pool.eps
     out = [x[i, :n].double().clamp(min=eps).pow(p).mean(0).pow(1 / p) for i, n in sizes(lengths)]
@@ -138,7 +124,7 @@ def ref_netvlad(pool, x, lengths):
 
 def ref_theta(pool, n: int) -> torch.Tensor:
     """θ(n) from one unpadded sequence of rank encodings: ``[n]`` or ``[n, D]`` (gpo_perdim)."""
-    pe = pe_ref(n, pool.d_pe).unsqueeze(0)
+    pe = pe_ref(n, pool.d_pe).to(pool.linear.weight.dtype).unsqueeze(0)  # float64 formula
     with torch.no_grad():
         if pool.name == "gpo_transformer":
             h = pool.encoder(pool.input(pe))  # no mask: nothing to mask
@@ -409,6 +395,26 @@ def test_gpo_variant_theta_sums_to_one_zero_on_padding_depends_only_on_n(name, m
     assert not torch.allclose(changed, pooled)
     pool.train()  # eval runs PyTorch's fused encoder kernel; sharper θ after the change
     torch.testing.assert_close(changed, pool(x, lengths), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpo_transformer", "gpo_perdim"])
+def test_gpo_variant_float64_module_computes_theta_in_float64(name, monkeypatch):
+    # As GPO: a .double() module's θ (every path) is float64 and matches the float64 reference
+    # (formula PE, the module's own sub-networks on one unpadded sequence) to ~1e-12.
+    pool = make(name).double()
+    x, lengths = make_batch(seed=22, b=6, n=12)
+    x = x.double()
+    tol = {"rtol": 0, "atol": 1e-12}
+    pooled, theta = pool(x, lengths, return_weights=True)
+    assert pooled.dtype == theta.dtype == torch.float64
+    torch.testing.assert_close(pooled, ref_gpo_variant(pool, x, lengths), **tol)
+    for i, n in sizes(lengths):
+        want = ref_theta(pool, n)
+        torch.testing.assert_close(theta[i, :n], want, **tol)
+        torch.testing.assert_close(pool.weights_for_length(n), want, **tol)
+    monkeypatch.setattr(GPO, "_host_lengths", staticmethod(lambda lengths: None))
+    torch.testing.assert_close(pool(x, lengths, return_weights=True)[1], theta, **tol)
+    assert make(name).weights_for_length(3).dtype == torch.float32  # fp32 modules: fp32 θ
 
 
 def test_gpo_variant_structure():

@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
+from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import SPECIALS, Vocabulary, tokenize_words
 from gpo_lit.errors import GpoLitError
@@ -31,21 +33,53 @@ def minilm_dir() -> pathlib.Path:
 # --- word tokenization ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "words"),
-    [
-        ("A Dog's ball.", ["a", "dog", "'s", "ball", "."]),
-        ("Don't stop, can't stop!", ["do", "n't", "stop", ",", "ca", "n't", "stop", "!"]),
-        (
-            "A half-pipe at 3.5 m, 1,000 people...",
-            ["a", "half-pipe", "at", "3.5", "m", ",", "1,000", "people", "..."],
-        ),
-        ("  they're   (smiling)  ", ["they", "'re", "(", "smiling", ")"]),
-        ("", []),
-    ],
-)
-def test_tokenize_words(text, words):
+# Tricky captions and their tokens, worked out by hand from the Treebank conventions nltk's word
+# tokenizer follows on lower-cased text: clitics and n't split off, hyphenated words and numbers
+# kept whole, double quotes rewritten as `` and '', only the caption's final period detached.
+TRICKY = [
+    ("A man's dog.", ["a", "man", "'s", "dog", "."]),
+    ("The dogs' bowls", ["the", "dogs", "'", "bowls"]),
+    (
+        "A black-and-white photo of 3.5 cats and 2 dogs.",
+        ["a", "black-and-white", "photo", "of", "3.5", "cats", "and", "2", "dogs", "."],
+    ),
+    ("Don't stop, can't stop!", ["do", "n't", "stop", ",", "ca", "n't", "stop", "!"]),
+    ('A sign reads "STOP" here.', ["a", "sign", "reads", "``", "stop", "''", "here", "."]),
+    ("it's a 'fake' dog", ["it", "'s", "a", "'", "fake", "'", "dog"]),
+    ("  two   men  walking .", ["two", "men", "walking", "."]),
+    ("1,000 people...", ["1,000", "people", "..."]),
+    ("a (red) ball; a cat: 10:30", ["a", "(", "red", ")", "ball", ";", "a", "cat", ":", "10:30"]),
+    ("people at the u.s. open", ["people", "at", "the", "u.s.", "open"]),
+    ("A man cannot wait, gonna go", ["a", "man", "can", "not", "wait", ",", "gon", "na", "go"]),
+    ("Two dogs playing in the snow.", ["two", "dogs", "playing", "in", "the", "snow", "."]),
+    ("A dog. A cat.", ["a", "dog.", "a", "cat", "."]),  # no sentence splitting (docstring)
+    ("", []),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), TRICKY)
+def test_tokenize_words_as_nltk(text, words):
+    from nltk.tokenize import word_tokenize
+
     assert tokenize_words(text) == words
+    assert tokenize_words(text) == word_tokenize(text.lower(), preserve_line=True)
+
+
+def test_tokenize_words_fast_path_equals_nltk():
+    """Plain captions (letters, digits, hyphens, commas, spaces, a final period) skip nltk:
+    same tokens, including what nltk splits or keeps ("cannot", "--", "1,000", ",,")."""
+    import random
+
+    from nltk.tokenize import word_tokenize
+
+    rng = random.Random(0)
+    pool = ["a", "man", "Dog", "2", "10", "on", "the", "x9", "Snow", "black-and-white", "t-shirt"]
+    pool += ["cannot", "gonna", "gotta", "gimme", "lemme", "wanna", "wan", "can-not", "wanna-be"]
+    pool += ["-", "--", "a--b", "x-", "-y", ",", "red,", ",x", "1,000", "a,2", "x,,y", "2,"]
+    for _ in range(3000):
+        words = [rng.choice(pool) for _ in range(rng.randint(0, 8))]
+        text = (" " * rng.randint(1, 3)).join(words) + rng.choice(["", ".", ". ", "  ", " ."])
+        assert tokenize_words(text) == word_tokenize(text.lower(), preserve_line=True), text
 
 
 # --- vocabulary ----------------------------------------------------------------------------------
@@ -53,18 +87,14 @@ def test_tokenize_words(text, words):
 
 def test_build_counts_min_count_and_order():
     vocab = Vocabulary.build(CAPTIONS, min_count=2)
-    assert vocab.idx2word[:5] == list(SPECIALS)
-    assert (vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id, vocab.mask_id) == (
-        0,
-        1,
-        2,
-        3,
-        4,
-    )
+    # the released layout: SCAN's <pad> <start> <end> <unk> and words, then <mask> appended
+    assert vocab.idx2word[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert (vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id) == (0, 1, 2, 3)
+    assert vocab.idx2word[-1] == "<mask>" and vocab.mask_id == len(vocab) - 1
     # counts: a=6, .=5, dog=4, the=3, man=2, on=2 (ties alphabetical); "dogs", "'s" … once
-    assert vocab.idx2word[5:] == ["a", ".", "dog", "the", "man", "on"]
+    assert vocab.idx2word[4:-1] == ["a", ".", "dog", "the", "man", "on"]
     assert "fence" not in vocab and vocab("fence") == vocab.unk_id
-    assert vocab("dog") == 7 and len(vocab) == 11
+    assert vocab("dog") == 6 and len(vocab) == 11
     assert (
         len(Vocabulary.build(CAPTIONS, min_count=1))
         > len(Vocabulary.build(CAPTIONS, min_count=4))
@@ -97,7 +127,7 @@ def test_save_load_round_trip_scan_layout(tmp_path):
     assert set(data) == {"word2idx", "idx2word", "idx"}
     assert (
         data["idx2word"]["0"] == "<pad>"
-        and data["word2idx"]["dog"] == 7
+        and data["word2idx"]["dog"] == 6
         and data["idx"] == len(vocab)
     )
     assert Vocabulary.load(path) == vocab
@@ -154,6 +184,10 @@ def test_load_scan_file_mask_anywhere(tmp_path):
             ),
             "inverse",
         ),
+        (
+            json.dumps({"word2idx": {"<pad>": 0}, "idx2word": {"0": "<pad>"}, "idx": 5}),
+            "word count 1",
+        ),
     ],
 )
 def test_load_bad_files(tmp_path, content, match):
@@ -169,8 +203,46 @@ def test_load_missing_specials_and_missing_file(tmp_path):
     with pytest.raises(GpoLitError, match=r"<end>") as err:
         Vocabulary.load(path)
     assert str(path) in str(err.value)
-    with pytest.raises(GpoLitError, match="cannot read"):
+    with pytest.raises(GpoLitError, match="expected a vocabulary JSON file.*no such file"):
         Vocabulary.load(tmp_path / "nope.json")
+
+
+# SCAN's layout as its vocab.py writes it: specials first, words in whatever order the counter
+# gave (not by count), no <mask>; idx2word keys are strings after JSON.
+SCAN_WORDS = ["<pad>", "<start>", "<end>", "<unk>", "snow", "a", "'s", "dog", ".", "man", "in"]
+
+
+@pytest.mark.parametrize("experiment", ["demo", "f30k_butd_bigru"])
+def test_vocab_file_trains_with_the_files_ids(tmp_path, experiment):
+    """``model.text.tokenizer.vocab_file``: the model's tokenizer gives the JSON's ids, with
+    <mask> appended at id ``idx`` as the released training script does."""
+    from hydra.utils import instantiate
+
+    from gpo_lit.train import build_vocab
+    from tests.test_model import compose_cfg
+
+    path = scan_file(tmp_path, SCAN_WORDS)
+    data = json.loads(path.read_text())
+    cfg = compose_cfg(
+        "train",
+        f"experiment={experiment}",
+        "paths.output_dir=unused",
+        "model.embed_dim=8",
+        "model.text.encoder.word_dim=4",
+        f"model.text.tokenizer.vocab_file={path}",
+    )
+    words = build_vocab(cfg, datamodule=None)  # a file needs no captions
+    assert words == [*SCAN_WORDS, "<mask>"]
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=words)
+    tok = model.tokenizer
+    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, data["idx"], len(SCAN_WORDS) + 1)
+    assert model.text_encoder.embed.num_embeddings == len(SCAN_WORDS) + 1
+    ids, _ = tok.encode("A man's dog in the Snow.")
+    w2i = data["word2idx"]
+    assert ids == [w2i[w] for w in ["<start>", "a", "man", "'s", "dog", "in", "<unk>", "snow"]] + [
+        w2i["."],
+        w2i["<end>"],
+    ]
 
 
 # --- tokenizers ----------------------------------------------------------------------------------
@@ -180,7 +252,7 @@ def test_vocab_tokenizer():
     vocab = Vocabulary.build(CAPTIONS, min_count=2)
     tok = VocabTokenizer(vocab)
     assert isinstance(tok, CaptionTokenizer)
-    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, 4, len(vocab))
+    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (0, len(vocab) - 1, len(vocab))
     ids, word_ids = tok.encode("A dog on a FENCE.")
     assert ids == [
         1,
@@ -276,3 +348,40 @@ def test_hf_tokenizer_not_found(tmp_path):
         HFTokenizer(str(tmp_path / "missing"))
     with pytest.raises(GpoLitError, match="tokenizer.json"):
         HFTokenizer(str(tmp_path))  # exists, but holds no tokenizer
+
+
+# --- caption augmentation per tokenizer ----------------------------------------------------------
+
+
+class _OneCaptionSplit:
+    """The little of a split reader PairDataset reads: one image, one caption."""
+
+    def __init__(self, caption: str) -> None:
+        self.cap2img = np.zeros(1, dtype=np.int64)
+        self.n_captions = 1
+        self._caption = caption
+
+    def image(self, i: int) -> np.ndarray:
+        return np.zeros((2, 3), dtype=np.float32)
+
+    def caption(self, j: int) -> str:
+        return self._caption
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_perturb_specials_default_follows_the_released_code(tiny_tokenizer_dir, setting):
+    """``data.augment.perturb_specials=null``: the BiGRU vocabulary's <start>/<end> are
+    perturbed like words (first token still <start> in 80 % of items), HF [CLS]/[SEP] never."""
+    bigru = VocabTokenizer(Vocabulary.build(CAPTIONS, min_count=1))
+    hf = HFTokenizer(str(tiny_tokenizer_dir))
+    n = 2000
+    for tok, released in ((bigru, True), (hf, False)):
+        augment = Augment(region_keep_prob=None, perturb_specials=setting)
+        ids, _ = tok.encode("a dog jumps over a fence.")
+        data = PairDataset(_OneCaptionSplit("a dog jumps over a fence."), tok, augment)
+        first = sum(data[(0, epoch)]["cap"][0] == ids[0] for epoch in range(n))
+        perturbed = released if setting is None else setting
+        if perturbed:
+            assert abs(first - 0.8 * n) <= 5 * (n * 0.8 * 0.2) ** 0.5, (tok, first)
+        else:
+            assert first == n, (tok, first)

@@ -155,6 +155,22 @@ def test_unknown_pooling_name_is_one_line(tmp_path: Path) -> None:
     assert "median" in msg and "gpo" in msg
 
 
+def test_malformed_vocab_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "vocab.json"
+    bad.write_text('{"word2idx": {"<pad>": 0}, "idx": 1}')  # no idx2word
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo",
+        *TINY_DEMO,
+        f"model.text.tokenizer.vocab_file={bad}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    msg = one_line_error(res)
+    assert str(bad) in msg and "idx2word" in msg and "SCAN" in msg
+
+
 def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     res = run(
         "gpo_lit.eval",

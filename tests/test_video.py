@@ -473,7 +473,7 @@ def test_video_protocol_matches_naive_ranking(per_video: int) -> None:
     cap /= np.linalg.norm(cap, axis=1, keepdims=True)
     got = evaluate(torch.from_numpy(img), torch.from_numpy(cap), torch.from_numpy(cap2img),
                    protocol="full", shard_size=7)  # fmt: skip
-    want = naive_metrics(img @ cap.T, cap2img)  # per-query argsort, MdR/MnR included
+    want = naive_metrics(img @ cap.T, cap2img)  # brute force per query, MdR/MnR too
     assert got == pytest.approx(want, abs=1e-9)
     assert 0 < got["rsum"] < 600
 

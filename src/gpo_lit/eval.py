@@ -3,6 +3,8 @@
 ``ckpt=[a.ckpt,b.ckpt]`` (``make eval CKPT=a.ckpt,b.ckpt``) evaluates the ensemble of the models:
 each embeds the split with its own data pipeline (``member<i>/``: its metrics and embeddings),
 then the similarity matrices are averaged before ranking (REFERENCE §6) into ``metrics.json``.
+``ties=optimistic`` counts only candidates strictly above the ground truth (default
+``pessimistic``, whatever the training run used: a tie counts against the query).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
 from gpo_lit.errors import GpoLitError
+from gpo_lit.metrics import check_ties
 from gpo_lit.model import load_model
 
 Results = dict[str, dict[str, float]]
@@ -44,6 +47,7 @@ def evaluate_one(
     datamodule = instantiate(data_cfg)
     datamodule.set_tokenizer(model.tokenizer)
     model.eval_cfg = dict(model.eval_cfg)
+    model.eval_cfg["ties"] = cfg.ties
     if cfg.protocols:
         model.eval_cfg["test_protocols"] = list(cfg.protocols)
     if save_embeddings:
@@ -60,7 +64,9 @@ def evaluate_one(
     return json.loads(results_path.read_text()), datamodule.splits["test"]
 
 
-def ensemble(members: list[Path], protocols: list[str], shard_size: int = 1024) -> Results:
+def ensemble(
+    members: list[Path], protocols: list[str], shard_size: int = 1024, ties: str = "pessimistic"
+) -> Results:
     """Metrics of the averaged similarity matrices of saved member embeddings."""
     from gpo_lit.metrics import evaluate, load_embeddings
 
@@ -75,10 +81,11 @@ def ensemble(members: list[Path], protocols: list[str], shard_size: int = 1024) 
             )
     imgs = [img for img, _, _ in loaded]
     caps = [cap for _, cap, _ in loaded]
-    return {p: evaluate(imgs, caps, cap2img, protocol=p, shard_size=shard_size) for p in protocols}
+    return {p: evaluate(imgs, caps, cap2img, p, shard_size, ties) for p in protocols}
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Results:
+    check_ties(cfg.ties)  # before any checkpoint is loaded
     out_dir = Path(cfg.paths.output_dir)
     ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig | list) else [str(cfg.ckpt)]
     if len(ckpts) == 1:
@@ -92,7 +99,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
         results, split = evaluate_one(ckpt, cfg, member_dir, save_embeddings=True)
         member_files.append(member_dir / "embeddings.npz")
         print(f"\nTest metrics of {ckpt} on split '{split}':\n{format_table(results)}\n")
-    results = ensemble(member_files, list(results))
+    results = ensemble(member_files, list(results), ties=cfg.ties)
     write_metrics(out_dir / "metrics.json", results)
     print(
         f"\nTest metrics of the ensemble of {len(ckpts)} models (similarities averaged):\n"

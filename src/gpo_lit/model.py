@@ -16,7 +16,7 @@ from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.losses import TripletLoss
-from gpo_lit.metrics import evaluate
+from gpo_lit.metrics import check_ties, evaluate
 from gpo_lit.pooling import create_pooling
 
 
@@ -45,7 +45,8 @@ class VSEModel(pl.LightningModule):
         loss: kwargs of :class:`TripletLoss`.
         optim: ``lr``, ``weight_decay``, ``lr_mults`` ({parameter-name prefix: multiplier}),
             ``decay_epochs`` and ``decay_gamma`` (lr × gamma at each listed epoch).
-        evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``.
+        evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``, ``ties``
+            (``pessimistic``, the default, or ``optimistic``; see ``gpo_lit.metrics.ranks``).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -74,6 +75,7 @@ class VSEModel(pl.LightningModule):
         self.text_pool = create_pooling(dim=embed_dim, **(text_pooling or pooling))
         self.loss_fn = TripletLoss(**loss)
         self.optim_cfg = optim
+        check_ties(evaluation.get("ties", "pessimistic"))  # not after the first epoch
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
@@ -176,7 +178,8 @@ class VSEModel(pl.LightningModule):
             [self.eval_cfg["val_protocol"]] if stage == "val" else self.eval_cfg["test_protocols"]
         )
         shard = self.eval_cfg.get("shard_size", 1024)
-        results = {p: evaluate(img, cap, cap2img, protocol=p, shard_size=shard) for p in protocols}
+        ties = self.eval_cfg.get("ties", "pessimistic")  # checkpoints written before it: default
+        results = {p: evaluate(img, cap, cap2img, p, shard, ties) for p in protocols}
         # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples).
         self.last_eval = (img, cap, cap2img, stage)
         if self.eval_cfg.get("save_embeddings_to") and stage == "test":

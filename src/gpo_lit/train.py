@@ -26,12 +26,14 @@ log = logging.getLogger("gpo_lit.train")
 
 
 def build_vocab(cfg: DictConfig, datamodule) -> list[str] | None:
-    """The BiGRU vocabulary (from a JSON file or counted over train+dev captions), or None."""
+    """The BiGRU vocabulary as an id-ordered word list, or None for other tokenizers: SCAN's
+    vocabulary JSON ``model.text.tokenizer.vocab_file`` as it is, else counted over the
+    train+dev captions."""
     tok = cfg.model.text.tokenizer
     if tok.kind != "vocab":
         return None
-    if tok.get("path"):
-        return Vocabulary.load(tok.path).idx2word
+    if tok.get("vocab_file"):
+        return Vocabulary.load(tok.vocab_file).idx2word
     return Vocabulary.build(datamodule.vocabulary_captions, min_count=tok.min_count).idx2word
 
 

@@ -44,6 +44,7 @@ def perturb_words(
     p_mask: float = 0.5,
     p_random: float = 0.1,
     random_low: int = 0,
+    perturb_specials: bool = False,
 ) -> list[int]:
     """Perturb whole words of a tokenised caption (all pieces of a word share one decision).
 
@@ -51,7 +52,10 @@ def perturb_words(
     ``mask_id`` (prob ``p_mask``), every piece replaced by a random id (prob ``p_random``, one
     independent draw per piece), or is deleted (the remaining ``1 - p_mask - p_random``).
     With the defaults: 10% masked, 2% random, 8% deleted per word. Tokens whose word id is None
-    (``[CLS]``/``[SEP]``, ``<start>``/``<end>``) are never touched.
+    (``[CLS]``/``[SEP]``, ``<start>``/``<end>``) are never touched, unless ``perturb_specials``:
+    then each of them is perturbed like a one-piece word, as the released BiGRU code does with
+    ``<start>``/``<end>`` (both survive intact in 0.8² = 64% of captions). The released BERT
+    code adds ``[CLS]``/``[SEP]`` after perturbing, so they stay intact there.
 
     Random ids are drawn uniformly from ``[random_low, vocab_size)``. With ``random_low=0``, as in
     the released code (which draws from the whole vocabulary for BERT and the BiGRU alike), a
@@ -59,15 +63,19 @@ def perturb_words(
     where specials occupy the low ids.
 
     If every word of the caption would be deleted, the original caption is returned unchanged,
-    so no caption becomes specials only. This happens with probability ``(p·p_delete)^n`` for ``n``
-    words, 0.08^n with the defaults: 8% of 1-word captions, 0.64% of 2-word ones, < 1e-10 for the
-    ~10+ tokens of a typical F30K/COCO caption. The released code has no such guard.
+    so no caption loses all its words (specials are not counted as words here, perturbed or
+    not). This happens with probability ``(p·p_delete)^n`` for ``n`` words, 0.08^n with the
+    defaults: 8% of 1-word captions, 0.64% of 2-word ones, < 1e-10 for the ~10+ tokens of a
+    typical F30K/COCO caption. The released code has no such guard. A caption without words
+    whose perturbed specials would all be deleted is returned unchanged too (never empty).
 
     Args:
         ids: ``[L]`` token ids, specials included.
         word_ids: ``[L]`` word index per token, None for specials (``CaptionTokenizer.encode``).
         mask_id, vocab_size: from the tokenizer.
-        rng: random source; one uniform per word, plus one per piece of a randomised word.
+        rng: random source; one uniform per word (and per special if ``perturb_specials``),
+            plus one per piece of a randomised word.
+        perturb_specials: perturb tokens whose word id is None too, each on its own.
 
     Returns:
         the perturbed ids ``[L']``, ``L' <= L``.
@@ -85,12 +93,14 @@ def perturb_words(
             f"perturb_words: need 0 <= random_low < vocab_size, got {random_low}, {vocab_size}"
         )
 
-    actions: dict[int, _Action] = {}
+    actions: dict[int, _Action] = {}  # per word index; specials (if perturbed) at -1 - position
     out: list[int] = []
-    for tok, w in zip(ids, word_ids, strict=True):
+    for pos, (tok, w) in enumerate(zip(ids, word_ids, strict=True)):
         if w is None:
-            out.append(tok)
-            continue
+            if not perturb_specials:
+                out.append(tok)
+                continue
+            w = -1 - pos  # a special is a word of its own, apart from every word index >= 0
         action = actions.get(w)
         if action is None:  # first piece of this word decides for all its pieces
             u = _uniform(rng)
@@ -108,7 +118,8 @@ def perturb_words(
             out.append(_randint(rng, random_low, vocab_size))
         # "delete": drop the piece
 
-    if actions and all(a == "delete" for a in actions.values()):
+    words = [a for w, a in actions.items() if w >= 0]
+    if (words and all(a == "delete" for a in words)) or (ids and not out):
         return list(ids)
     return out
 

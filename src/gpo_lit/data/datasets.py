@@ -22,12 +22,17 @@ class Augment:
         word_prob: each word perturbed with this probability (0.2) …
         word_mask_prob: … then masked (0.5), replaced by random ids (0.1), else deleted.
         word_random_prob: see above.
+        perturb_specials: also perturb the caption's special tokens, each like a word. None (the
+            default): as the released code for the tokenizer
+            (``CaptionTokenizer.perturb_specials_default``): yes for the BiGRU vocabulary's
+            ``<start>``/``<end>``, no for Hugging Face tokenizers' ``[CLS]``/``[SEP]``.
     """
 
     region_keep_prob: float | None = 0.8
     word_prob: float = 0.2
     word_mask_prob: float = 0.5
     word_random_prob: float = 0.1
+    perturb_specials: bool | None = None
 
 
 class PairDataset(Dataset):
@@ -44,6 +49,8 @@ class PairDataset(Dataset):
         self.tokenizer = tokenizer
         self.augment = augment
         self.seed = seed
+        specials = augment.perturb_specials
+        self.perturb_specials = tokenizer.perturb_specials_default if specials is None else specials
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -68,6 +75,7 @@ class PairDataset(Dataset):
                 p=aug.word_prob,
                 p_mask=aug.word_mask_prob,
                 p_random=aug.word_random_prob,
+                perturb_specials=self.perturb_specials,
             )
         return {"img": torch.from_numpy(feats), "cap": ids, "img_idx": image, "cap_idx": index}
 

@@ -22,6 +22,9 @@ class CaptionTokenizer(Protocol):
     pad_id: int
     mask_id: int
     vocab_size: int
+    #: whether the released code's caption augmentation perturbs this tokenizer's special tokens
+    #: like words (the default of ``data.augment.perturb_specials``)
+    perturb_specials_default: bool
 
     def encode(self, caption: str) -> tuple[list[int], list[int | None]]:
         """``(ids, word_ids)`` of equal length; ids include specials, whose word id is None."""
@@ -29,7 +32,12 @@ class CaptionTokenizer(Protocol):
 
 
 class VocabTokenizer:
-    """BiGRU captions: ``<start> w1 … wn <end>``, one id per word (unknown words → ``<unk>``)."""
+    """BiGRU captions: ``<start> w1 … wn <end>``, one id per word (unknown words → ``<unk>``).
+
+    The released BiGRU code perturbs ``<start>``/``<end>`` like words in its caption augmentation.
+    """
+
+    perturb_specials_default = True
 
     def __init__(self, vocab: Vocabulary) -> None:
         self.vocab = vocab
@@ -75,7 +83,12 @@ class HFTokenizer:
         name_or_path: a directory holding ``tokenizer.json`` (+ config), or a hub name already in
             the local HF cache, e.g. ``bert-base-uncased``.
         max_length: most tokens per caption, specials included.
+
+    The released BERT code adds ``[CLS]``/``[SEP]`` after its caption augmentation: they are
+    never perturbed.
     """
+
+    perturb_specials_default = False
 
     def __init__(self, name_or_path: str, max_length: int = 128) -> None:
         from transformers import AutoTokenizer  # heavy import; only BERT-style configs need it

@@ -5,13 +5,21 @@ Pure functions of embeddings and the caption→image map (no Lightning inside); 
 
 from gpo_lit.metrics.embeddings_io import load_embeddings, save_embeddings
 from gpo_lit.metrics.protocols import PROTOCOLS, Protocol, evaluate, folds, get_protocol
-from gpo_lit.metrics.ranks import PreparedEmbeddings, prepare_embeddings, retrieval_ranks
+from gpo_lit.metrics.ranks import (
+    TIES,
+    PreparedEmbeddings,
+    check_ties,
+    prepare_embeddings,
+    retrieval_ranks,
+)
 from gpo_lit.metrics.retrieval import recall_metrics
 
 __all__ = [
     "PROTOCOLS",
     "PreparedEmbeddings",
     "Protocol",
+    "TIES",
+    "check_ties",
     "evaluate",
     "folds",
     "get_protocol",

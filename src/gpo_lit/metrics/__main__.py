@@ -1,6 +1,8 @@
 """Evaluate saved embeddings: ``python -m gpo_lit.metrics EMB.npz [EMB2.npz ...] --protocol P``.
 
 Several files form an ensemble (similarity matrices averaged); they must share cap2img.
+``--ties optimistic`` counts only candidates strictly above the ground truth (default
+``pessimistic``: ties count against the query).
 A GpoLitError is printed as one line on stderr, exit status 2.
 """
 
@@ -16,6 +18,7 @@ import torch
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics.embeddings_io import load_embeddings
 from gpo_lit.metrics.protocols import PROTOCOLS, evaluate, get_protocol
+from gpo_lit.metrics.ranks import TIES, check_ties
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -48,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="+", type=Path, help="embeddings .npz (img, cap, cap2img)")
     ap.add_argument("--protocol", default="full", help=f"one of {', '.join(PROTOCOLS)}")
     ap.add_argument("--shard-size", type=int, default=1024)
+    ap.add_argument(
+        "--ties",
+        default="pessimistic",
+        help=f"{' or '.join(TIES)}: a candidate equal to the ground truth counts against the "
+        "query, or only those strictly above count (default pessimistic)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     args = ap.parse_args(argv)
     try:
         get_protocol(args.protocol)  # fail before loading anything
+        check_ties(args.ties)
         device = _device(args.device)
         loaded = [load_embeddings(f) for f in args.files]
         cap2img = loaded[0][2]
@@ -63,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
         imgs = [img.to(device) for img, _, _ in loaded]
         caps = [cap.to(device) for _, cap, _ in loaded]
-        metrics = evaluate(imgs, caps, cap2img, args.protocol, args.shard_size)
+        metrics = evaluate(imgs, caps, cap2img, args.protocol, args.shard_size, args.ties)
     except GpoLitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = " + ".join(str(f) for f in args.files)
     print(
-        f"protocol {args.protocol}: {names} ({imgs[0].shape[0]} images, {caps[0].shape[0]} captions)"
+        f"protocol {args.protocol}, ties {args.ties}: {names} "
+        f"({imgs[0].shape[0]} images, {caps[0].shape[0]} captions)"
     )
     print(format_table(metrics))
     if args.json is not None:

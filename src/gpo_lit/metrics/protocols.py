@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.metrics.ranks import EmbeddingsLike, prepare_embeddings, ranks_from_prepared
+from gpo_lit.metrics.ranks import (
+    EmbeddingsLike,
+    check_ties,
+    prepare_embeddings,
+    ranks_from_prepared,
+)
 from gpo_lit.metrics.retrieval import recall_metrics
 
 
@@ -56,16 +61,20 @@ def evaluate(
     cap2img: Any,
     protocol: str | Protocol = "full",
     shard_size: int = 1024,
+    ties: str = "pessimistic",
 ) -> dict[str, float]:
     """Retrieval metrics (see ``recall_metrics``) of embeddings under a protocol.
 
     img: [n_img, d] or a list (ensemble: similarities averaged); cap: [n_cap, d] likewise;
-    cap2img: int [n_cap]. Fold protocols average every metric over the folds.
+    cap2img: int [n_cap]. Fold protocols average every metric over the folds. ``ties``:
+    ``"pessimistic"`` (a candidate scoring equal to the ground truth counts against the query) or
+    ``"optimistic"`` (only candidates strictly above count); see ``gpo_lit.metrics.ranks``.
     """
     proto = get_protocol(protocol)
+    check_ties(ties)
     prep = prepare_embeddings(img, cap, cap2img)  # validates once, incl. ≥ 1 caption per image
     if proto.n_folds is None:
-        return recall_metrics(*ranks_from_prepared(prep, shard_size))
+        return recall_metrics(*ranks_from_prepared(prep, shard_size, ties))
 
     expected = proto.n_folds * proto.fold_size
     if prep.n_img != expected:
@@ -76,5 +85,5 @@ def evaluate(
     per_fold = []
     for f in range(proto.n_folds):
         fold = prep.fold(f * proto.fold_size, (f + 1) * proto.fold_size)
-        per_fold.append(recall_metrics(*ranks_from_prepared(fold, shard_size)))
+        per_fold.append(recall_metrics(*ranks_from_prepared(fold, shard_size, ties)))
     return {key: sum(m[key] for m in per_fold) / len(per_fold) for key in per_fold[0]}

@@ -1,20 +1,27 @@
 """Exact retrieval ranks from similarity shards: one matmul pass, no argsort, no full matrix.
 
-A rank is 0-based: the number of candidates scoring STRICTLY above the ground truth (ties count in
-the query's favour). Image→text uses the image's best-scoring ground-truth caption; text→image the
-caption's image. Similarity = inner product; an ensemble (lists of embeddings) averages the models'
-similarity matrices, computed as one matmul of the concatenated, 1/M-scaled embeddings.
+A rank is 0-based: the number of candidates that are not ground truth and score at least as high
+as the ground truth (``ties="pessimistic"``, the default: a tie counts against the query, so a
+collapsed model whose similarities all tie ranks every query last). Image→text uses the image's
+best-scoring ground-truth caption, and its other ground-truth captions are never counted against
+it; text→image the caption's image. ``ties="optimistic"`` counts only the candidates scoring
+STRICTLY above (ties in the query's favour), for comparison; the authors' code breaks ties by the
+order its argsort happens to return. Similarity = inner product; an ensemble (lists of
+embeddings) averages the models' similarity matrices, computed as one matmul of the concatenated,
+1/M-scaled embeddings.
 
 Text→image needs, per caption column j, the exact ground-truth value g[j] = S[cap2img[j], j],
 which only the shard holding image cap2img[j] computes. A cheap row-wise dot gives g≈[j] and a
 tolerance δ[j] (a few hundred ulps of Σ|a_i b_i|), so every entry outside [g≈ − δ, g≈ + δ] is
-classified in the same pass; the rare entries inside that band are kept as (column, value) and
-compared with the exact g[j] at the end. Afterwards every g[j] is checked to lie inside its band,
-which is all the classification needs: the result is exact with respect to the values the shards
-computed, not up to an epsilon. A second pass over the same shards (same shapes, hence the same
-values) runs only for the columns where that check fails (not seen in practice), where near-ties
-are so massive that the band outgrows its memory budget, or for all columns when float32 matmuls
-run at reduced precision (TF32 / bf16 via ``torch.set_float32_matmul_precision``).
+classified in the same pass (above the band: counted; below: not, under either tie rule); the
+rare entries inside that band, entries equal to g≈ ± δ included, are kept as (column, value) and
+compared with the exact g[j] at the end (``>=`` or ``>``: an entry equal to g[j] is a tie).
+Afterwards every g[j] is checked to lie inside its closed band, which is all the classification
+needs: the result is exact with respect to the values the shards computed, ties included, not up
+to an epsilon. A second pass over the same shards (same shapes, hence the same values) runs only
+for the columns where that check fails (not seen in practice), where near-ties are so massive
+that the band outgrows its memory budget (a collapsed model), or for all columns when float32
+matmuls run at reduced precision (TF32 / bf16 via ``torch.set_float32_matmul_precision``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,14 @@ from torch import Tensor
 from gpo_lit.errors import GpoLitError, expect
 
 EmbeddingsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
+
+TIES = ("pessimistic", "optimistic")  # ties count against the query / in its favour
+
+
+def check_ties(ties: object) -> str:
+    """``ties`` itself if it names a tie rule of :data:`TIES`, else a one-line GpoLitError."""
+    expect(ties in TIES, "ties", " or ".join(TIES), repr(ties))
+    return str(ties)
 
 
 @dataclass(frozen=True)
@@ -235,17 +250,24 @@ def _count_true_(mask: Tensor, dim: int) -> Tensor:
     return total
 
 
-def _flat_nonzero(mask: Tensor) -> Tensor:
-    """Flat indices (int64, ascending) of the nonzero entries of a contiguous uint8 tensor.
+def _flat_nonzero(mask: Tensor, limit: int) -> Tensor | None:
+    """Flat indices (int64, ascending) of the entries of a contiguous 0/1 uint8 tensor that are 1,
+    or None when more than ``limit`` of the 8-aligned ones are.
 
     Scans 8 entries at a time through an int64 view first: for sparse masks that is several
-    times faster than ``nonzero`` over every byte.
+    times faster than ``nonzero`` over every byte. The early None spares a dense mask (a collapsed
+    model: every entry ties) index tensors of 24 bytes per entry.
     """
     flat = mask.reshape(-1)
     n8 = flat.numel() // 8 * 8
     words = flat[:n8].view(torch.int64)
     hit = words.nonzero().squeeze(1)  # words holding at least one set byte
-    wb = words[hit].view(torch.uint8).view(-1, 8).nonzero()  # (word, byte) pairs, memory order
+    if hit.numel() > limit:
+        return None
+    hit_bytes = words[hit].view(torch.uint8)  # 0/1 each: their sum is the count
+    if int(hit_bytes.sum()) > limit:
+        return None
+    wb = hit_bytes.view(-1, 8).nonzero()  # (word, byte) pairs, memory order
     pos = hit[wb[:, 0]] * 8 + wb[:, 1]
     if n8 == flat.numel():
         return pos
@@ -253,8 +275,12 @@ def _flat_nonzero(mask: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def ranks_from_prepared(p: PreparedEmbeddings, shard_size: int = 1024) -> tuple[Tensor, Tensor]:
+def ranks_from_prepared(
+    p: PreparedEmbeddings, shard_size: int = 1024, ties: str = "pessimistic"
+) -> tuple[Tensor, Tensor]:
     """(i2t_rank [n_img], t2i_rank [n_cap]), int64, on the embeddings' device. See module doc."""
+    # A tie (a candidate equal to the ground truth) counts against the query under ``>=``.
+    beats = torch.ge if check_ties(ties) == "pessimistic" else torch.gt
     expect(
         isinstance(shard_size, numbers.Integral) and not isinstance(shard_size, bool),
         "shard_size",
@@ -302,45 +328,59 @@ def ranks_from_prepared(p: PreparedEmbeddings, shard_size: int = 1024) -> tuple[
         g[js] = gt_vals
         best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
         best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
-        i2t[s0:s1] = _count_true_(torch.gt(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
+        i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
+        if beats is torch.ge:  # the image's GT captions equal to its best are not against it
+            at_best = (gt_vals == best[rows]).long()
+            i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
         if not single_pass:
             continue
 
         above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
         # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
-        # themselves (in the band by design, never above themselves); rare, kept as (col, value).
+        # themselves (in the band by design, never counted against themselves); rare, kept as
+        # (col, value). Entries above it beat g under either tie rule, those below it neither.
         band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
         band.sub_(above.view(torch.uint8))
         band.view(-1)[rows * n_cap + js] = 0
         t2i += _count_true_(above, dim=0)
-        flat = _flat_nonzero(band)
-        if flat.numel() == 0:
-            continue
-        cols = flat % n_cap
-        if n_pend + cols.numel() > budget:  # massive near-ties: bound the memory, recount later
-            recount[cols] = True
-        else:
-            pend_cols.append(cols)
+        flat = _flat_nonzero(band, budget - n_pend)
+        if flat is None or n_pend + flat.numel() > budget:
+            # Massive near-ties: bound the memory, recount those columns later.
+            recount |= band.view(torch.bool).any(dim=0)
+        elif flat.numel():
+            pend_cols.append(flat % n_cap)
             pend_vals.append(sims.view(-1)[flat])
-            n_pend += cols.numel()
+            n_pend += flat.numel()
 
     if single_pass:
         if pend_cols:
             cols, vals = torch.cat(pend_cols), torch.cat(pend_vals)
-            t2i.index_add_(0, cols, (vals > g[cols]).long())  # recount columns are reset anyway
-        # The classification above is right iff lo_open ≤ g ≤ hi: checked exactly, per column.
-        recount |= (g > hi) | (g < lo_open)
+            t2i.index_add_(0, cols, beats(vals, g[cols]).long())  # recount columns: reset anyway
+        # The classification above is right iff lo ≤ g ≤ hi (g = lo would make the entries equal
+        # to lo, which are in the band, ties; below it nothing ties): checked exactly, per column.
+        recount |= (g > hi) | (g <= lo_open)
     else:
         recount[:] = True
     if bool(recount.any()):
-        _recount(p, shard_size, g, recount, t2i)
+        _recount(p, shard_size, g, recount, t2i, beats, order, ptr)
     return i2t, t2i
 
 
 def _recount(
-    p: PreparedEmbeddings, shard_size: int, g: Tensor, recount: Tensor, t2i: Tensor
+    p: PreparedEmbeddings,
+    shard_size: int,
+    g: Tensor,
+    recount: Tensor,
+    t2i: Tensor,
+    beats: Any,
+    order: Tensor,
+    ptr: list[int],
 ) -> None:
-    """Second pass over the same shards: exact text→image counts for the ``recount`` columns."""
+    """Second pass over the same shards: exact text→image counts for the ``recount`` columns.
+
+    ``beats`` is ``torch.ge`` or ``torch.gt`` (the tie rule); ``order``/``ptr`` group the captions
+    by image as in the first pass, so each shard can take its GT entries out of the count.
+    """
     cols = recount.nonzero().squeeze(1)
     whole = cols.numel() == p.n_cap
     g_cols = g if whole else g[cols]
@@ -349,19 +389,30 @@ def _recount(
     for s0 in range(0, p.n_img, shard_size):
         s1 = min(s0 + shard_size, p.n_img)
         sims = torch.mm(p.img[s0:s1], p.cap.T, out=sims_buf[: s1 - s0])  # as in the first pass
+        js = order[ptr[s0] : ptr[s1]]
+        # The GT entry never counts against its own caption: whatever the comparison below says
+        # of it is taken back (under ``>=`` it always counts itself, under ``>`` never).
+        own = beats(sims[p.cap2img[js] - s0, js], g[js]) & recount[js]
         if not whole:
             sims = sims[:, cols]
-        t2i[cols] += _count_true_(sims > g_cols, dim=0)
+        t2i[cols] += _count_true_(beats(sims, g_cols), dim=0)
+        t2i.index_add_(0, js, own.long(), alpha=-1)
 
 
 def retrieval_ranks(
-    img: EmbeddingsLike, cap: EmbeddingsLike, cap2img: Any, shard_size: int = 1024
+    img: EmbeddingsLike,
+    cap: EmbeddingsLike,
+    cap2img: Any,
+    shard_size: int = 1024,
+    ties: str = "pessimistic",
 ) -> tuple[Tensor, Tensor]:
     """0-based image→text and text→image ranks, exact, from one pass of similarity shards.
 
     img: [n_img, d] (or a list of them = ensemble, similarity = mean of img_m @ cap_m.T);
     cap: [n_cap, d] (list likewise); cap2img: int [n_cap], caption → image, ≥ 1 caption per image.
-    Returns i2t_rank [n_img] (captions strictly above the image's best GT caption) and
-    t2i_rank [n_cap] (images strictly above the caption's image), int64 on the input device.
+    Returns i2t_rank [n_img] (other images' captions scoring ≥ the image's best GT caption) and
+    t2i_rank [n_cap] (other images scoring ≥ the caption's image), int64 on the input device;
+    ``ties="optimistic"``: strictly above instead of ≥.
     """
-    return ranks_from_prepared(prepare_embeddings(img, cap, cap2img), shard_size)
+    check_ties(ties)  # before the inputs are validated and copied
+    return ranks_from_prepared(prepare_embeddings(img, cap, cap2img), shard_size, ties)

@@ -16,13 +16,15 @@ from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
 
 
-def positional_encoding(n: int, d_pe: int, device: torch.device | None = None) -> Tensor:
-    """Sinusoidal encoding of ranks 0..n-1: ``[n, d_pe]``, ``pe[k, 2j] = sin(k·ω_j)``,
+def positional_encoding(
+    n: int, d_pe: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Sinusoidal encoding of ranks 0..n-1: ``[n, d_pe]`` in ``dtype``, ``pe[k, 2j] = sin(k·ω_j)``,
     ``pe[k, 2j+1] = cos(k·ω_j)``, ``ω_j = 10000^(-2j/d_pe)``."""
-    k = torch.arange(n, dtype=torch.float32, device=device).unsqueeze(1)  # [n, 1]
-    two_j = torch.arange(0, d_pe, 2, dtype=torch.float32, device=device)  # [d_pe/2]
+    k = torch.arange(n, dtype=dtype, device=device).unsqueeze(1)  # [n, 1]
+    two_j = torch.arange(0, d_pe, 2, dtype=dtype, device=device)  # [d_pe/2]
     omega = torch.exp(two_j * (-math.log(10000.0) / d_pe))
-    pe = torch.zeros(n, d_pe, device=device)
+    pe = torch.zeros(n, d_pe, dtype=dtype, device=device)
     pe[:, 0::2] = torch.sin(k * omega)
     pe[:, 1::2] = torch.cos(k * omega)
     return pe
@@ -74,6 +76,10 @@ def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
 class GPO(Pooling):
     """Generalized Pooling Operator: ``[B, N, D], lengths [B] -> [B, D]`` (and ``θ [B, N]``).
 
+    The generator (encoding, BiGRU, score, softmax) works in the parameters' dtype promoted to at
+    least fp32: a float64 module gives float64 θ, a float32, bf16 or fp16 one fp32 θ (never
+    autocast: a 0.1 temperature and -inf masks are not fp16-safe).
+
     θ depends only on the set size, so the generator never runs per sample: with ``lengths`` on
     the CPU it runs once per distinct length (found without a device sync); with ``lengths`` on an
     accelerator it runs once for every size 1..N in one batched call (no host sync, which a
@@ -100,7 +106,7 @@ class GPO(Pooling):
         # Names match the authors' checkpoints: gpool.gru.*, gpool.linear.weight.
         self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
-        # Eval cache: row n-1 is θ(n) over the table's width (zero past n); fp32, no graph.
+        # Eval cache: row n-1 is θ(n) over the table's width (zero past n); θ's dtype, no graph.
         self._table: Tensor | None = None
         self._table_stamp: tuple[tuple[int, int], ...] = ()
         self._consts: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _table_inputs
@@ -137,6 +143,16 @@ class GPO(Pooling):
         return not self.training and not torch.is_grad_enabled()
 
     # ---- weight generator -----------------------------------------------------------------------
+    def theta_dtype(self) -> torch.dtype:
+        """The dtype θ is computed and returned in: the parameters' dtype, at least fp32."""
+        return torch.promote_types(self.linear.weight.dtype, torch.float32)
+
+    def _encoding(self, width: int) -> Tensor:
+        """Positional encoding of ranks 0..width-1 ``[width, d_pe]``, computed in θ's dtype and
+        handed to the generator in the parameters' dtype."""
+        w = self.linear.weight
+        return positional_encoding(width, self.d_pe, w.device, self.theta_dtype()).to(w.dtype)
+
     def _gru_inputs(self, sizes: Tensor, width: int) -> tuple[Tensor, Tensor]:
         """GRU input ``[U+1, width, d_pe]`` (each size's ranks right-aligned, then one full-length
         row) and, per size, the column holding rank k: ``[U, width, d_hidden]`` (for ``gather``)."""
@@ -144,7 +160,7 @@ class GPO(Pooling):
         rows = torch.cat([sizes, sizes.new_full((1,), width)])
         ranks = torch.arange(width, device=w.device)
         shift = (width - rows).unsqueeze(1)  # [U+1, 1]
-        pe = positional_encoding(width, self.d_pe, device=w.device).to(w.dtype)
+        pe = self._encoding(width)
         inp = pe[(ranks - shift).clamp(min=0)]  # columns in front of a row's ranks: filler
         col = (shift[:-1] + ranks).clamp(max=width - 1)  # ranks past the size: masked later
         return inp, col.unsqueeze(-1).expand(-1, -1, self.d_hidden)
@@ -166,7 +182,7 @@ class GPO(Pooling):
         self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """Raw scores of ranks ``0..width-1`` for set sizes ``sizes`` (``[U]`` int64, each in
-        ``[1, width]``): ``[U, width]`` fp32; entries at ranks >= size are arbitrary.
+        ``[1, width]``): ``[U, width]`` in θ's dtype; entries at ranks >= size are arbitrary.
 
         Same numbers as the released code's packed BiGRU, without packing: the forward direction
         at rank k sees ranks 0..k whatever the size, so one full-length row serves every size; the
@@ -178,12 +194,12 @@ class GPO(Pooling):
         out = self.gru(inp)[0]  # [U+1, width, 2·hid]
         fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
         bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
-        return self.linear((fwd + bwd) / 2).squeeze(-1).float()  # directions averaged
+        return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged
 
     def _theta_rows(
         self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """θ for set sizes ``sizes`` (``[U]`` int64 in ``[1, width]``): ``[U, width]`` fp32, each
+        """θ for set sizes ``sizes`` (``[U]`` int64 in ``[1, width]``): ``[U, width]``, each
         row summing to 1 and zero at ranks >= its size."""
         sizes = sizes.to(self.linear.weight.device)
         scores = self._scores(sizes, width, inputs) / self.temperature
@@ -205,7 +221,8 @@ class GPO(Pooling):
         return self._table
 
     def weights_for_length(self, n: int) -> Tensor:
-        """θ for a set of size ``n``: ``[n]`` fp32 on the parameters' device, sums to 1."""
+        """θ for a set of size ``n``: ``[n]`` on the parameters' device, sums to 1 (fp32, or
+        fp64 for a float64 module)."""
         expect(isinstance(n, int) and n >= 1, "gpo weights_for_length n", "an int >= 1", n)
         with torch.autocast(device_type=self.linear.weight.device.type, enabled=False):
             if self._use_cache():
@@ -236,7 +253,7 @@ class GPO(Pooling):
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
-        ``return_weights`` also ``θ [B, N]`` (fp32, zero on padding).
+        ``return_weights`` also ``θ [B, N]`` (``theta_dtype()``, zero on padding).
 
         Lengths are range-checked when they are on the CPU; on an accelerator they are trusted
         (checking would cost a host sync).
@@ -246,8 +263,8 @@ class GPO(Pooling):
         b, n, d = x.shape
         if b == 0:
             empty = x.new_zeros(0, d)
-            return (empty, x.new_zeros(0, n, dtype=torch.float32)) if return_weights else empty
-        # fp32 throughout: a 0.1 temperature and -inf masks are not fp16-safe.
+            return (empty, x.new_zeros(0, n, dtype=self.theta_dtype())) if return_weights else empty
+        # fp32 (fp64) throughout: a 0.1 temperature and -inf masks are not fp16-safe.
         with torch.autocast(device_type=x.device.type, enabled=False):
             theta, width = self._batch_theta(lengths, host, n, x.device)
             valid = valid_mask(lengths, width).unsqueeze(-1)  # [B, width, 1]

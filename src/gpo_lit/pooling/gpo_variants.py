@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import check_inputs, register_pooling, valid_mask
-from gpo_lit.pooling.gpo import GPO, positional_encoding
+from gpo_lit.pooling.gpo import GPO
 
 
 @register_pooling("gpo_transformer")
@@ -66,19 +66,18 @@ class GPOTransformer(GPO):
     def _gru_inputs(self, sizes: Tensor, width: int) -> tuple[Tensor, Tensor]:
         """Generator inputs for set sizes ``sizes``: the encodings of ranks 0..width-1
         (``[U, width, d_pe]``, left-aligned) and the key padding mask ``[U, width]``."""
-        w = self.linear.weight
-        pe = positional_encoding(width, self.d_pe, device=w.device).to(w.dtype)
-        sizes = sizes.to(w.device)
+        pe = self._encoding(width)
+        sizes = sizes.to(pe.device)
         return pe.expand(sizes.shape[0], width, self.d_pe), ~valid_mask(sizes, width)
 
     def _scores(
         self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """Raw scores ``[U, width]`` fp32 of ranks ``0..width-1`` for set sizes ``sizes``;
+        """Raw scores ``[U, width]`` (θ's dtype) of ranks ``0..width-1`` for set sizes ``sizes``;
         entries at ranks >= size are arbitrary (masked by the caller)."""
         pe, pad = self._gru_inputs(sizes, width) if inputs is None else inputs
         h = self.encoder(self.input(pe), src_key_padding_mask=pad)
-        return self.linear(h).squeeze(-1).float()
+        return self.linear(h).squeeze(-1).to(self.theta_dtype())
 
 
 @register_pooling("gpo_perdim")
@@ -103,8 +102,8 @@ class GPOPerDim(GPO):
     def _theta_rows(
         self, sizes: Tensor, width: int, inputs: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """θ for set sizes ``sizes``: ``[U, width, D]`` fp32, each ``[:, d]`` column summing to 1
-        over the first ``size`` ranks and zero past them."""
+        """θ for set sizes ``sizes``: ``[U, width, D]`` (θ's dtype), each ``[:, d]`` column
+        summing to 1 over the first ``size`` ranks and zero past them."""
         sizes = sizes.to(self.linear.weight.device)
         scores = self._scores(sizes, width, inputs).reshape(sizes.shape[0], width, self.dim)
         pad = ~valid_mask(sizes, width).unsqueeze(-1)
@@ -114,15 +113,16 @@ class GPOPerDim(GPO):
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
-        ``return_weights`` also ``θ [B, N, D]`` (fp32, zero on padding). Same θ dispatch as GPO:
-        eval cache, else once per distinct length (CPU lengths), else the all-sizes table."""
+        ``return_weights`` also ``θ [B, N, D]`` (``theta_dtype()``, zero on padding). Same θ
+        dispatch as GPO: eval cache, else once per distinct length (CPU lengths), else the
+        all-sizes table."""
         host = self._host_lengths(lengths)
         lengths = check_inputs(x, lengths, "gpo_perdim pooling")
         b, n, d = x.shape
         expect(d == self.dim, "gpo_perdim input width", f"D = {self.dim}", d)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if b == 0:
-                theta, width = x.new_zeros(0, n, d, dtype=torch.float32), n
+                theta, width = x.new_zeros(0, n, d, dtype=self.theta_dtype()), n
             else:
                 theta, width = self._batch_theta(lengths, host, n, x.device)
             work = torch.promote_types(x.dtype, torch.float32)
