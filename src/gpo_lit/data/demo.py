@@ -98,7 +98,7 @@ ATTRS = (COLOURS, SHAPES, SIZES, POSITIONS)  # object = one index into each
 LATENT, HIDDEN, CLUTTER_RANK = 32, 192, 8
 N_OBJECTS_P = np.array([0.15, 0.35, 0.3, 0.2])  # P(1..4 objects)
 P_POSITION = 0.75  # a caption names an object's position
-MIN_WORDS, MAX_WORDS = 6, 36
+MIN_WORDS = 6  # at most 4 objects x 8 words + a 3-word opener: 6-36 words
 OPENERS = ["a picture of", "an image showing", "this photo shows", "we can see", "there is",
            "a simple scene with", "a rendering of"]  # fmt: skip
 
