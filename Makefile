@@ -3,10 +3,23 @@
 VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
 EXP    ?= demo
-# Every command-line `key=value` that is not one of this Makefile's own variables is a Hydra override.
 SWEEP  ?= pooling
+# Every command-line `key=value` that is not one of this Makefile's own variables is a Hydra
+# override. Each reaches the shell as one single-quoted word, exactly as typed (no `;`, space or
+# `$` is interpreted); paths also reach Hydra quoted, so `CKPT=a,b.ckpt` is one path. ARGS is
+# passed to the shell as it is (for flags: ARGS=--cfg=job).
+OWN_VARS := EXP CKPT CKPTS SWEEP SWEEP_DIR VENV PY ARGS
 comma := ,
-HYDRA_ARGS = $(filter-out EXP=% CKPT=% SWEEP=% SWEEP_DIR=% VENV=% PY=% ARGS=%,$(MAKEOVERRIDES)) $(ARGS)
+empty :=
+space := $(empty) $(empty)
+sq = '$(subst ','\'',$(1))'
+hstr = '$(subst ',\',$(1))'
+OVERRIDE_VARS := $(foreach v,$(sort $(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(if $(filter $(OWN_VARS),$(v)),,$(v))))
+unexport $(OVERRIDE_VARS)  # make would expand them to export them to the recipes' environment
+OVERRIDES = $(foreach v,$(OVERRIDE_VARS),$(call sq,$(v)=$(value $(v))))
+HYDRA_ARGS = $(OVERRIDES) $(ARGS)
+# CKPT: one checkpoint; CKPTS="a.ckpt b.ckpt": an ensemble (paths without spaces).
+CKPT_ARG = $(if $(value CKPTS),$(call sq,ckpt=[$(subst $(space),$(comma),$(strip $(foreach c,$(value CKPTS),$(call hstr,$(c)))))]),$(if $(value CKPT),$(call sq,ckpt=$(call hstr,$(value CKPT)))))
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
@@ -24,19 +37,19 @@ demo: install  ## set up, generate the demo data, train GPO on it, print the tes
 	$(MAKE) train EXP=demo
 
 train:  ## train EXP (conf/experiment/$(EXP).yaml), then test the best checkpoint
-	$(PY) -m gpo_lit.train experiment=$(EXP) $(HYDRA_ARGS)
+	$(PY) -m gpo_lit.train $(call sq,experiment=$(value EXP)) $(HYDRA_ARGS)
 
 features:  ## precompute grid features of a grid experiment's backbone (default EXP=demo_grid)
-	$(PY) -m gpo_lit.extract experiment=$(if $(filter command line,$(origin EXP)),$(EXP),demo_grid) $(HYDRA_ARGS)
+	$(PY) -m gpo_lit.extract $(call sq,experiment=$(if $(filter command line,$(origin EXP)),$(value EXP),demo_grid)) $(HYDRA_ARGS)
 
-eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true); CKPT=a,b: ensemble
-	$(PY) -m gpo_lit.eval ckpt=$(if $(findstring $(comma),$(CKPT)),[$(CKPT)],$(CKPT)) $(HYDRA_ARGS)
+eval:  ## evaluate CKPT (any split / protocol: split=… protocols=[…] save_embeddings=true figures=true save_ranks=true); CKPTS="a b": ensemble
+	$(PY) -m gpo_lit.eval $(CKPT_ARG) $(HYDRA_ARGS)
 
-sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP (launcher: hydra/launcher=parallel, cluster=slurm)
-	$(PY) -m gpo_lit.train -m experiment=$(EXP) +sweep=$(SWEEP) $(HYDRA_ARGS)
+sweep:  ## multirun conf/sweep/$(SWEEP).yaml over EXP, or an Optuna search: hparams_search=pooling_optuna
+	$(PY) -m gpo_lit.train -m $(call sq,experiment=$(value EXP)) $(if $(hparams_search),,$(call sq,+sweep=$(value SWEEP))) $(HYDRA_ARGS)
 
 report:  ## table (mean ± std over seeds) and plots of a sweep folder
-	$(PY) -m gpo_lit.report sweep_dir=$(SWEEP_DIR) $(HYDRA_ARGS)
+	$(PY) -m gpo_lit.report $(call sq,sweep_dir=$(call hstr,$(value SWEEP_DIR))) $(HYDRA_ARGS)
 
 wandb-sync:  ## upload offline W&B runs under logs/
 	find logs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync

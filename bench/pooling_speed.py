@@ -1,21 +1,31 @@
-"""Forward + backward time of GPO vs max pooling on BUTD-region-sized batches.
+"""Forward + backward time and saved-for-backward memory of GPO vs max pooling, over a grid.
 
-B=128 sets of N=36 regions, D=1024, lengths as after region size augmentation (each region kept
-with p=0.8, at least one; on the benchmark device, as after a Lightning batch transfer). Both
-operators are timed side by side in one run: warm-up, then the median of several repeats of the
-wall-clock time (synchronised); on CUDA also the GPU time with the host running ahead.
-Usage: ``PYTHONPATH=src python bench/pooling_speed.py [--device cuda] [--repeats 20]``.
+Grid: B ∈ {32, 128, 512} sets × N ∈ {36, 100, 256} elements, D = 1024, at 1 and 2 CPU threads
+(``torch.set_num_threads``); lengths as after region size augmentation (each element kept with
+p=0.8, at least one; on the benchmark device, as after a Lightning batch transfer). In each cell
+both operators are timed interleaved (so both see the same machine state): warm-up, then the
+median of several repeats of the wall-clock time (synchronised; fewer repeats in large cells); on
+CUDA also the GPU time with the host running ahead.
+
+Memory: the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``; each
+storage counted once, parameters included) divided by the input's bytes: what a forward keeps
+alive until backward, per operator. It is deterministic, unlike a peak-RSS reading.
+Cells with B*N > 128*256 only with ``--full``.
+Usage: ``PYTHONPATH=src python bench/pooling_speed.py [--device cuda] [--full] [--smoke]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 from gpo_lit.pooling import create_pooling
+
+MAX_CELL = 128 * 256  # B*N of the largest cell timed by default (keeps the grid to ~3 minutes)
 
 
 def sync(device: torch.device) -> None:
@@ -33,6 +43,21 @@ def time_step(pool, x: torch.Tensor, lengths: torch.Tensor, device: torch.device
     return time.perf_counter() - t0
 
 
+def saved_bytes(pool, x: torch.Tensor, lengths: torch.Tensor) -> int:
+    """Bytes of the tensors saved for backward by one forward (each storage once)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+        return t
+
+    x = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = pool(x, lengths)
+    del out
+    return sum(seen.values())
+
+
 def device_time(pool, x: torch.Tensor, lengths: torch.Tensor) -> float:
     """Seconds of GPU time for one forward + backward with the host running ahead (as in training,
     where the GPU is still busy with the encoders): a spin kernel holds the GPU while every kernel
@@ -47,52 +72,93 @@ def device_time(pool, x: torch.Tensor, lengths: torch.Tensor) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def make_batch(b: int, n: int, d: int, keep: float, device: torch.device):
+    """Features ``[b, n, d]`` and lengths ~Binomial(n, keep) clamped to >= 1, fresh per step."""
+    lengths = torch.distributions.Binomial(n, torch.full((b,), keep)).sample()
+    return torch.randn(b, n, d, device=device), lengths.long().clamp(min=1).to(device)
+
+
+def run_cell(pools, b: int, n: int, d: int, args, device: torch.device) -> dict[str, float]:
+    """Median fwd+bwd ms per operator (and GPU ms on CUDA), saved/input ratio, distinct lengths."""
+    # Repeats shrink with the cell's size so the whole grid stays within a few minutes.
+    repeats = max(2, min(args.repeats, int(args.repeats * 32 * 36 / (b * n))))
+    warmup = 1 if b * n > 128 * 100 else args.warmup
+    times: dict[str, list[float]] = {name: [] for name in pools}
+    dev: dict[str, list[float]] = {name: [] for name in pools}
+    distinct = []
+    for step in range(warmup + repeats):
+        x, lengths = make_batch(b, n, d, args.keep, device)
+        distinct.append(len(lengths.unique()))
+        for name, pool in pools.items():
+            t = time_step(pool, x, lengths, device)
+            if step >= warmup:
+                times[name].append(t)
+                if device.type == "cuda":
+                    dev[name].append(device_time(pool, x, lengths))
+    res = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
+    if device.type == "cuda":
+        res.update({f"{k}_gpu_ms": statistics.median(v) * 1e3 for k, v in dev.items()})
+    in_bytes = x.numel() * x.element_size()
+    for name, pool in pools.items():
+        res[f"{name}_mem"] = saved_bytes(pool, x, lengths) / in_bytes
+    res["distinct"] = statistics.median(distinct)
+    res["repeats"] = repeats
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--regions", type=int, default=36)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--regions", type=int, nargs="+", default=[36, 100, 256])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--keep", type=float, default=0.8, help="region keep probability")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--keep", type=float, default=0.8, help="element keep probability")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=9, help="repeats in the smallest cell")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help=f"also the cells with B*N > {MAX_CELL} (B=512 x N>=100: minutes each on 2 cores)",
+    )
+    ap.add_argument("--smoke", action="store_true", help="a tiny grid that runs in seconds")
     args = ap.parse_args()
+    if args.smoke:
+        args.batches, args.regions, args.threads, args.dim = [4], [5], [1], 16
+        args.warmup, args.repeats = 1, 2
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    b, n, d = args.batch, args.regions, args.dim
+    d = args.dim
     pools = {name: create_pooling(name, dim=d).to(device).train() for name in ("max", "gpo")}
-    times: dict[str, list[float]] = {name: [] for name in pools}
-    dev_times: dict[str, list[float]] = {name: [] for name in pools}
-    n_distinct = []
-    for step in range(args.warmup + args.repeats):
-        # Fresh lengths every step, as in training: ~Binomial(n, keep), clamped to >= 1.
-        lengths = torch.distributions.Binomial(n, torch.full((b,), args.keep)).sample()
-        lengths = lengths.long().clamp(min=1).to(device)
-        x = torch.randn(b, n, d, device=device)
-        n_distinct.append(len(lengths.unique()))
-        for name, pool in pools.items():  # interleaved so both see the same machine state
-            t = time_step(pool, x, lengths, device)
-            if step >= args.warmup:
-                times[name].append(t)
-                if device.type == "cuda":
-                    dev_times[name].append(device_time(pool, x, lengths))
-
-    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"device={device} D={d} keep={args.keep} load average (1, 5, 15 min) at start: {load}")
+    gpu = " max GPU ms | gpo GPU ms |" if device.type == "cuda" else ""
     print(
-        f"device={device} B={b} N={n} D={d} keep={args.keep} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats} distinct lengths/batch={statistics.median(n_distinct):.0f}"
+        "| threads | B | N | max ms | gpo ms | gpo/max |" + gpu + " saved/input max | "
+        "saved/input gpo | distinct lengths | repeats |"
     )
-    print(f"max pooling fwd+bwd: {med['max']:.2f} ms (median)")
-    print(f"gpo pooling fwd+bwd: {med['gpo']:.2f} ms (median)")
-    print(f"ratio gpo/max: {med['gpo'] / med['max']:.2f}x")
-    if device.type == "cuda":
-        dmed = {name: statistics.median(ts) * 1e3 for name, ts in dev_times.items()}
-        print(
-            f"GPU time with the host ahead: max {dmed['max']:.2f} ms, gpo {dmed['gpo']:.2f} ms, "
-            f"ratio {dmed['gpo'] / dmed['max']:.2f}x"
-        )
-    print("target: <= 3x")
+    print("|" + "---|" * (10 + (2 if gpu else 0)))
+    worst = 0.0
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for b in args.batches:
+            for n in args.regions:
+                if b * n > MAX_CELL and not args.full:
+                    print(f"| {threads} | {b} | {n} | skipped (--full) |", flush=True)
+                    continue
+                r = run_cell(pools, b, n, d, args, device)
+                ratio = r["gpo_ms"] / r["max_ms"]
+                worst = max(worst, ratio)
+                g = f" {r['max_gpu_ms']:.2f} | {r['gpo_gpu_ms']:.2f} |" if gpu else ""
+                print(
+                    f"| {threads} | {b} | {n} | {r['max_ms']:.2f} | {r['gpo_ms']:.2f} | "
+                    f"{ratio:.2f}x |{g} {r['max_mem']:.2f} | {r['gpo_mem']:.2f} | "
+                    f"{r['distinct']:.0f} | {r['repeats']} |",
+                    flush=True,
+                )
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"worst gpo/max: {worst:.2f}x (target <= 3x); load average at end: {load}")
 
 
 if __name__ == "__main__":

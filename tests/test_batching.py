@@ -39,3 +39,27 @@ def test_sampler_is_a_function_of_seed_and_epoch() -> None:
     s.set_epoch(3)
     assert [i for i, _ in s] != [i for i, _ in first]
     assert [i for i, _ in EpochShuffleSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
+
+
+def test_loader_settings_follow_workers_and_device() -> None:
+    """Workers persist and prefetch as configured; memory is pinned only for a CUDA trainer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gpo_lit.data.datamodule import RetrievalDataModule
+
+    def kwargs(workers: int, device: str, prefetch: int | None = None) -> dict:
+        dm = RetrievalDataModule("unused", num_workers=workers, prefetch_factor=prefetch)
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        return dm._loader_kwargs()
+
+    assert kwargs(0, "cpu") == {"num_workers": 0, "pin_memory": False}
+    assert kwargs(0, "cuda") == {"num_workers": 0, "pin_memory": True}
+    assert kwargs(2, "cuda", 4) == {
+        "num_workers": 2,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+    }
+    assert kwargs(2, "cpu") == {"num_workers": 2, "pin_memory": False, "persistent_workers": True}

@@ -186,6 +186,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv += ["--n-regions", "20", "--feat-dim", "8"]
     assert main(argv) == 0
     assert PrecompSplit(tmp_path, "test").n_captions == 15
+    capsys.readouterr()  # the progress bars of that generation
     assert main([*argv, "--seed", "9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

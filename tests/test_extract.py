@@ -32,8 +32,21 @@ def embed_test_images(model, datamodule) -> torch.Tensor:
 
 
 def test_round_trip_precomputed_cells_give_the_on_the_fly_embeddings(tmp_path: Path) -> None:
+    check_round_trip(tmp_path, (), (), cells=16, dim=192)  # 4×4 cells at 64 px
+
+
+def check_round_trip(
+    tmp_path: Path,
+    end_to_end: tuple[str, ...],
+    precomputed: tuple[str, ...],
+    cells: int,
+    dim: int,
+    head: type = GridEncoder,
+) -> None:
+    """Features of demo_grid (+ ``end_to_end`` overrides) extracted, then embedded by
+    demo_grid_features (+ ``precomputed``) with the same head: the same embeddings."""
     common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "data.eval_batch_size=16")
-    cfg = compose_cfg("extract", "experiment=demo_grid", *common)
+    cfg = compose_cfg("extract", "experiment=demo_grid", *common, *end_to_end)
     dm_grid = instantiate(cfg.data)
     dm_grid.prepare_data()
     vocab = build_vocab(cfg, dm_grid)
@@ -51,15 +64,17 @@ def test_round_trip_precomputed_cells_give_the_on_the_fly_embeddings(tmp_path: P
         progress=False,
     )
     back = PrecompSplit(out, "test")
-    assert (back.n_images, back.n_regions, back.feat_dim) == (40, 16, 192)  # 4×4 cells at 64 px
+    assert (back.n_images, back.n_regions, back.feat_dim) == (40, cells, dim)
     assert back.captions == dm_grid.split("test").captions
     assert back.image_ids == dm_grid.split("test").image_ids
 
-    pre_cfg = compose_cfg("train", "experiment=demo_grid_features", *common, f"data.root={out}")
+    pre_cfg = compose_cfg(
+        "train", "experiment=demo_grid_features", *common, f"data.root={out}", *precomputed
+    )
     dm_pre = instantiate(pre_cfg.data)
     pre_model = instantiate(pre_cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
-    assert isinstance(pre_model.visual_encoder, GridCellEncoder)
-    assert not isinstance(pre_model.visual_encoder, GridEncoder)
+    assert type(pre_model.visual_encoder) is GridCellEncoder
+    assert isinstance(grid_model.visual_encoder, head)
     # the head (fc) and the pooling of the grid model; the backbone lives in the features
     missing, unexpected = pre_model.visual_encoder.load_state_dict(
         grid_model.visual_encoder.state_dict(), strict=False
@@ -171,7 +186,7 @@ def test_extracting_a_region_experiment_is_a_one_line_error(tmp_path: Path) -> N
         cwd=tmp_path,
     )
     err = one_line_error(res)
-    assert "model.visual: expected a grid visual encoder" in err and "RegionEncoder" in err
+    assert "model.visual: expected a grid or ViT visual encoder" in err and "RegionEncoder" in err
 
 
 @pytest.mark.slow

@@ -393,11 +393,11 @@ def test_recall_formulas_hand_worked() -> None:
     assert all(type(v) is float for v in m.values())
 
 
-def test_full_protocol_and_aliases_equal_naive() -> None:
+def test_full_protocol_equals_naive() -> None:
     img, cap, cap2img = random_data(40, seed=6)
     want = naive_metrics(img @ cap.T, cap2img)
-    for name in ("full", "f30k_1k", "coco_5k"):
-        assert_close_dicts(evaluate(img, cap, cap2img, name, shard_size=9), want)
+    assert_close_dicts(evaluate(img, cap, cap2img, "full", shard_size=9), want)
+    # f30k_1k / coco_5k rank the same way on their own sizes only (tests/test_coco_protocols.py)
 
 
 def test_fold_protocol_is_mean_of_naive_per_fold() -> None:
@@ -484,9 +484,9 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     out = tmp_path / "m.json"
     assert cli_main([str(a), str(b), "--protocol", "full", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "image→text" in stdout and "rsum" in stdout
+    assert "| full |" in stdout and "RSUM" in stdout
     want = evaluate([img, img[:, ::-1] * 2], [cap, cap], cap2img)
-    assert_close_dicts(json.loads(out.read_text()), want)
+    assert_close_dicts(json.loads(out.read_text())["full"], want)
 
     assert cli_main([str(a), "--protocol", "coco_1k"]) == 2
     err = capsys.readouterr().err

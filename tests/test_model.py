@@ -80,10 +80,35 @@ def test_collect_deduplicates_repeated_indices() -> None:
         (torch.tensor([2, 0, 1]), emb[[2, 0, 1]]),
         (torch.tensor([3, 0]), emb[[3, 0]]),
     ]
-    torch.testing.assert_close(model._collect(0, 4), emb[:4])
-    model._eval_buffers[0] = [(torch.tensor([0, 1]), emb[:2])]
-    with pytest.raises(RuntimeError, match="2 of 3"):
-        model._collect(0, 3)
+    out, seen = model._collect(0, 4)
+    torch.testing.assert_close(out, emb[:4])
+    assert seen.all()
+    model._eval_buffers[0] = [(torch.tensor([0, 2]), emb[[0, 2]])]
+    out, seen = model._collect(0, 3)
+    assert seen.tolist() == [True, False, True] and torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[[0, 2]], emb[[0, 2]])
+
+
+def test_embedded_subset_keeps_images_and_captions_seen_together() -> None:
+    """Hand-worked: 4 images, captions of images [0, 0, 1, 1, 2, 3, 3]; images 0, 1, 3 and
+    captions 0, 1, 2, 4, 5 embedded. Caption 4 (image 2, not embedded) goes; image 3 keeps
+    caption 5; image 1 keeps caption 2. Kept images 0, 1, 3 are renumbered 0, 1, 2."""
+    from gpo_lit.model import embedded_subset
+
+    img = torch.arange(8.0).reshape(4, 2)
+    cap = torch.arange(14.0).reshape(7, 2)
+    cap2img = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    img_seen = torch.tensor([True, True, False, True])
+    cap_seen = torch.tensor([True, True, True, False, True, True, False])
+    sub_img, sub_cap, sub_map = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
+    torch.testing.assert_close(sub_img, img[[0, 1, 3]])
+    torch.testing.assert_close(sub_cap, cap[[0, 1, 2, 5]])
+    assert sub_map.tolist() == [0, 0, 1, 2]
+    # An embedded image none of whose captions was embedded has no ground truth: left out.
+    cap_seen = torch.tensor([True, True, False, False, True, True, True])
+    sub_img, _, sub_map = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
+    torch.testing.assert_close(sub_img, img[[0, 3]])
+    assert sub_map.tolist() == [0, 0, 1, 1]
 
 
 def test_load_model_rejects_non_checkpoints(tmp_path) -> None:

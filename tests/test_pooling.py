@@ -473,6 +473,81 @@ def test_sorted_weighted_sum_gradcheck():
     assert torch.autograd.gradcheck(lambda t: gpo(t, lengths), (x,))
 
 
+def ref_sorted_weighted_sum(x, theta, lengths):
+    """Autograd through torch.sort, one sample at a time on its valid slice: ``[B, D]``."""
+    rows = []
+    for i, n in enumerate(lengths.tolist()):
+        xs = x[i, :n].sort(dim=0, descending=True).values  # [n, D]
+        rows.append(theta[i, :n] @ xs)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sorted_weighted_sum_large_matches_reference(threads):
+    # Many rows, at 1 and 2 torch threads: same values and exact gradients as torch.sort.
+    g = torch.Generator().manual_seed(18)
+    b, n, d = 8, 13, 512
+    x, lengths = make_batch(seed=18, b=b, n=n, d=d)
+    valid = valid_mask(lengths, n).unsqueeze(-1)
+    theta = torch.rand(b, n, generator=g).masked_fill(~valid[..., 0], 0)
+    gout = torch.randn(b, d, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = [t.clone().requires_grad_(True) for t in (x, theta)]
+        out = sorted_weighted_sum(got[0], got[1], valid)
+        out.backward(gout)
+    finally:
+        torch.set_num_threads(before)
+    want = [t.clone().requires_grad_(True) for t in (x, theta)]
+    ref = ref_sorted_weighted_sum(want[0], want[1], lengths)
+    ref.backward(gout)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(got[0].grad, want[0].grad)  # one θ per element: no rounding
+    torch.testing.assert_close(got[1].grad, want[1].grad)
+    assert (got[0].grad[~valid_mask(lengths, n)] == 0).all()
+
+
+def test_sorted_weighted_sum_beyond_int16_positions():
+    # N > 32768: the kept sort positions switch to int32 and stay correct.
+    g = torch.Generator().manual_seed(19)
+    n = 40000
+    x = torch.randn(1, n, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([n - 5])
+    valid = valid_mask(lengths, n).unsqueeze(-1)
+    theta = torch.rand(1, n, generator=g, dtype=torch.float64).masked_fill(~valid[..., 0], 0)
+    sorted_weighted_sum(x, theta, valid).sum().backward()
+    order = x[0, : n - 5, 0].detach().argsort(descending=True)  # rank k -> position
+    want = torch.zeros(n, dtype=torch.float64)
+    want[order] = theta[0, : n - 5]
+    assert torch.equal(x.grad[0, :, 0], want)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves while running ``fn()`` (each storage once)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpo_saves_at_most_four_times_its_input(dtype):
+    # What a training forward keeps alive until backward: sorted values (fp32) + int16 positions.
+    torch.manual_seed(0)
+    gpo = create_pooling("gpo", dim=1024).train()
+    x, lengths = make_batch(seed=20, b=32, n=36, d=1024)
+    x = x.to(dtype).requires_grad_(True)
+    saved = _saved_bytes(lambda: gpo(x, lengths))
+    in_bytes = x.numel() * x.element_size()
+    assert 0 < saved <= 4 * in_bytes, saved / in_bytes
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["gpo", "kmax", "max", "mean"])
 def test_low_precision_inputs_are_finite(name, dtype):

@@ -181,10 +181,12 @@ def test_wrong_dtype(tmp_path: Path) -> None:
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "float32", "float64")
 
 
-def test_object_array_is_refused_without_unpickling(tmp_path: Path) -> None:
+@pytest.mark.parametrize("items", [[{"a": 1}] * 4, [None] * 1000])  # the pickle > or < n × 8 bytes
+def test_object_array_is_refused_without_unpickling(tmp_path: Path, items: list) -> None:
     make_tree(tmp_path)
-    np.save(tmp_path / "train_ims.npy", np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
-    bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "float32")
+    np.save(tmp_path / "train_ims.npy", np.array(items, dtype=object), allow_pickle=True)
+    msg = bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "dtype object", "pickled")
+    assert "truncated" not in msg
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (4, 3, 2, 1)])
@@ -258,3 +260,136 @@ def test_non_finite_row_of_repeated_layout(tmp_path: Path) -> None:
     rows[15:20] = np.nan  # image 3
     np.save(tmp_path / "train_ims.npy", rows)
     bad(lambda: PrecompSplit(tmp_path, "train").image(3), "train_ims.npy", "row 15")
+
+
+# ---- the positioned-read row path --------------------------------------------------------------
+
+
+def _random_tree(root: Path, n: int = 50, regions: int = 7, dim: int = 16) -> np.ndarray:
+    ims = np.random.default_rng(1).standard_normal((n, regions, dim)).astype(np.float32)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "train_ims.npy", ims)
+    (root / "train_caps.txt").write_text("".join(f"a photo {j % 7}\n" for j in range(n * 5)))
+    return ims
+
+
+def test_read_rows_equals_np_load(tmp_path: Path) -> None:
+    ims = _random_tree(tmp_path)
+    s = PrecompSplit(tmp_path, "train")
+    full = np.load(tmp_path / "train_ims.npy")
+    rng = np.random.default_rng(0)
+    for rows in (rng.integers(0, 50, 20), [49], [0, 1, 2, 49, 48, 3, 3], np.arange(50), []):
+        np.testing.assert_array_equal(s.read_rows(rows), full[np.asarray(rows, dtype=int)])
+    for i in (*rng.integers(0, 50, 5), 49):
+        keep = rng.random(7) < 0.6
+        keep[0] = True
+        np.testing.assert_array_equal(s.image(i, keep=keep), ims[i][keep])
+        np.testing.assert_array_equal(s.image(i, keep=np.flatnonzero(keep)), ims[i][keep])
+
+
+def test_dropping_by_index_matches_drop_regions(tmp_path: Path) -> None:
+    """PairDataset copies out only the kept regions, drawn exactly as drop_regions draws them."""
+    from gpo_lit.data.augment import drop_regions
+    from gpo_lit.data.datasets import Augment, PairDataset
+    from gpo_lit.data.tokenize import VocabTokenizer
+    from gpo_lit.data.vocab import Vocabulary
+
+    ims = _random_tree(tmp_path)
+    s = PrecompSplit(tmp_path, "train")
+    tok = VocabTokenizer(Vocabulary.build(s.captions, min_count=1))
+    ds = PairDataset(s, tok, Augment(region_keep_prob=0.5, word_prob=0.0), seed=3)
+    for index, epoch in [(0, 0), (17, 2), (249, 5)]:
+        rng = np.random.default_rng((3, epoch, index))
+        want = drop_regions(ims[index // 5], rng, p_keep=0.5)
+        np.testing.assert_array_equal(ds[index, epoch]["img"].numpy(), want)
+
+
+def test_reads_only_the_requested_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    _random_tree(tmp_path, n=40, regions=36, dim=64)
+    s = PrecompSplit(tmp_path, "train")
+    asked: list[int] = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        asked.append(sum(len(memoryview(b)) for b in buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    row = 36 * 64 * 4
+    s.image(39)
+    assert asked == [row]
+    asked.clear()
+    s.read_rows([3, 4, 5, 20, 7])  # runs [3..5], [20], [7]: three reads, five rows
+    assert asked == [3 * row, row, row]
+
+
+def test_cold_cache_reads_about_the_sample_size(tmp_path: Path) -> None:
+    """After evicting the file from the page cache, random rows cost about their own bytes
+    (kernel read-ahead made a memory map read 25x)."""
+    import os
+
+    io = Path("/proc/self/io")
+    if not hasattr(os, "posix_fadvise") or not io.exists():
+        pytest.skip("needs Linux /proc/self/io and posix_fadvise")
+    _random_tree(tmp_path, n=64, regions=36, dim=256)  # 36 KB rows, 2.4 MB
+    path = tmp_path / "train_ims.npy"
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    s = PrecompSplit(tmp_path, "train")
+
+    def read_bytes() -> int:
+        return int(
+            next(ln for ln in io.read_text().splitlines() if ln.startswith("read_bytes:")).split()[
+                1
+            ]
+        )
+
+    rows = [5, 40, 17, 60, 2, 33]
+    before = read_bytes()
+    s.read_rows(rows)
+    got = read_bytes() - before
+    page = os.sysconf("SC_PAGE_SIZE")
+    if got == 0:
+        pytest.skip("this file system does not count read_bytes (tmpfs, overlay cache)")
+    assert got <= 1.5 * len(rows) * s._row_bytes + len(rows) * page
+
+
+@pytest.mark.slow  # ~15 s: two worker processes on a loaded 2-core machine
+def test_workers_give_the_same_batches(tmp_path: Path) -> None:
+    """Two persistent workers over two epochs yield exactly the batches of the main process: the
+    epoch reaches the workers through the sampler's (index, epoch) pairs."""
+    import torch
+
+    from gpo_lit.data.datamodule import RetrievalDataModule
+    from gpo_lit.data.tokenize import VocabTokenizer
+    from gpo_lit.data.vocab import Vocabulary
+
+    _random_tree(tmp_path)
+
+    def batches(workers: int) -> list[dict]:
+        dm = RetrievalDataModule(str(tmp_path), num_workers=workers, batch_size=32, seed=4)
+        split = dm.split("train")
+        dm.set_tokenizer(VocabTokenizer(Vocabulary.build(split.captions, min_count=1)))
+        dm._batches_done_this_epoch = lambda n: 0  # no trainer: nothing to skip
+        loader = dm.train_dataloader()
+        assert loader.persistent_workers == (workers > 0) and not loader.pin_memory
+        out = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            out += list(loader)
+        return out
+
+    a, b = batches(0), batches(2)
+    assert len(a) == len(b) == 2 * (250 // 32)
+    assert not torch.equal(a[0]["img"], a[len(a) // 2]["img"])  # the epochs differ
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k

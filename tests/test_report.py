@@ -350,3 +350,28 @@ def test_notebook_runs_on_a_sweep(sweep: Path, tmp_path: Path, monkeypatch) -> N
     assert "| gpo | gpo | 2 |" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert not (sweep / "report").exists()  # the notebook writes nothing
+
+
+def test_rsum_plot_starts_at_zero_has_a_legend_and_no_error_bar_for_one_seed(sweep: Path) -> None:
+    """The bars of rsum.png are lengths from 0; the colours are explained; a configuration with
+    one finished seed draws no error bar, one with two draws its sample std."""
+    _, rows = rp.aggregate(rp.collect_jobs(sweep))
+    fig = rp.plot_rsum(rows)
+    (ax,) = fig.axes
+    assert ax.get_xlim()[0] == 0.0
+    drawn = [r for r in rows if r.n]
+    assert ax.get_xlim()[1] >= max(
+        r.mean["rsum"] + (r.std["rsum"] if r.n > 1 else 0) for r in drawn
+    )
+    bars = list(ax.patches)
+    assert len(bars) == len(drawn) and all(b.get_x() == 0.0 for b in bars)
+    legend = ax.get_legend()
+    assert legend is not None
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["GPO pooling (either modality)", "other pooling"]
+    # Error bars: one segment per configuration with n >= 2, of half-width its std.
+    spread = sorted(r.std["rsum"] for r in drawn if r.n > 1)
+    assert len(spread) < len(drawn)  # the sweep has single-seed configurations
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    half_widths = sorted(float(seg[1][0] - seg[0][0]) / 2 for seg in segments)
+    assert half_widths == pytest.approx(spread)

@@ -14,54 +14,77 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gpo_lit.errors import GpoLitError
+import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
+from gpo_lit.errors import GpoLitError, one_line
 
 log = logging.getLogger("gpo_lit")
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Optional files of a run folder (besides metrics.json): written by gpo_lit.callbacks after
+# testing (figures=true, save_ranks=true); make report links the figures.
+FIGURE_FILE = "retrieval.png"
+RANKS_FILE = "ranks.npz"
 
 
 def user_error(err: BaseException) -> GpoLitError | None:
-    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating)."""
+    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
+    those raised by a config resolver)."""
+    from omegaconf.errors import InterpolationResolutionError
+
     while err is not None:
         if isinstance(err, GpoLitError):
             return err
-        err = err.__cause__ if isinstance(err, InstantiationException) else None
+        if isinstance(err, InstantiationException):
+            err = err.__cause__
+        elif isinstance(err, InterpolationResolutionError):
+            err = err.__cause__ or err.__context__
+        else:
+            err = None
     return None
 
 
 def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Turn a GpoLitError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a GpoLitError into one line on stderr and exit status 2 (no traceback), also one
+    raised inside a DataLoader worker."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
+        from gpo_lit.console import print_config_tree, quiet_known_noise
+
+        logging.captureWarnings(True)  # warnings go to the job's log file too
+        quiet_known_noise()
         try:
+            print_config_tree(cfg)
             return task(cfg)
         except Exception as err:
             found = user_error(err)
             if found is None:
                 raise
-            print(f"error: {found}", file=sys.stderr)
+            print(f"error: {one_line(found)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapped
 
 
-def unknown_choice(config_name: str, argv: list[str]) -> GpoLitError | None:
-    """One line for a config group option that does not exist (``model/pooling=foo``).
+def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
+    """One line for a config group option that does not exist (``model/pooling=foo``) or a value
+    outside :data:`gpo_lit.config_check.RULES` (``data.batch_size=0``), found before Hydra
+    creates or writes into the run folder.
 
-    Hydra reports it in several lines; composing the command line's overrides first finds it.
-    Anything else (a sweep, a bad value) is left to Hydra and to the job itself.
+    Hydra reports an unknown option in several lines; composing the command line's overrides
+    first finds it. Anything else (a sweep, other errors) is left to Hydra and to the job itself.
     """
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
+    from gpo_lit.config_check import check_config
+
     overrides = [a for a in argv if not a.startswith("-")]
     try:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, value = missing.rpartition("/")
@@ -72,12 +95,17 @@ def unknown_choice(config_name: str, argv: list[str]) -> GpoLitError | None:
         )
     except Exception:  # noqa: BLE001 - Hydra and the job report everything else themselves
         return None
+    try:
+        check_config(cfg)
+    except GpoLitError as err:
+        return err
     return None
 
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """``@entry_point("train")``: a Hydra main on ``conf/<config_name>.yaml`` whose user errors,
-    unknown group options included, are one line on stderr with exit status 2."""
+    unknown group options and bad values included, are one line on stderr with exit status 2,
+    and whose run folder is its own (:func:`gpo_lit.run_dir.prepare`)."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         import hydra
@@ -88,7 +116,14 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         @functools.wraps(task)
         def main() -> Any:
-            err = unknown_choice(config_name, sys.argv[1:])
+            from gpo_lit.run_dir import prepare
+
+            err = config_error(config_name, sys.argv[1:])
+            if err is None:  # the run folder, before Hydra writes into it (gpo_lit.run_dir)
+                try:
+                    sys.argv[1:] = prepare(config_name, sys.argv[1:])
+                except GpoLitError as refused:
+                    err = refused
             if err is not None:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)
@@ -116,18 +151,11 @@ def finish_wandb() -> None:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table of retrieval metrics, one row per protocol (i2t = image/video → text)."""
-    cols = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")]
-    names = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "MdR", "meanr": "MnR"}
-    head = (
-        "| protocol | " + " | ".join(f"{c[:3].upper()} {names[c[4:]]}" for c in cols) + " | RSUM |"
-    )
-    rule = "|---" * (len(cols) + 2) + "|"
-    rows = [
-        f"| {p} | " + " | ".join(f"{m[c]:.2f}" for c in [*cols, "rsum"]) + " |"
-        for p, m in results.items()
-    ]
-    return "\n".join([head, rule, *rows])
+    """Markdown table(s) of retrieval metrics, one row per protocol: ``gpo_lit.metrics.table``
+    (imported here on use, so that entry points without metrics do not load torch for it)."""
+    from gpo_lit.metrics.table import format_table as metrics_table
+
+    return metrics_table(results)
 
 
 def ensure_new(path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gpo_lit.checkpoint_io import load_torch_file
 from gpo_lit.errors import GpoLitError, expect
 
 # authors' prefix (per encoder) → gpo_lit prefix
@@ -52,15 +53,11 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load the authors' ``.pth`` without unpickling anything but tensors and ``Namespace``."""
     path = Path(path)
     expect(path.is_file(), path, "the authors' checkpoint file", "no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - one line for any unreadable file
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise GpoLitError(
-            f"{path}: expected a VSE∞ checkpoint holding only tensors and the options Namespace, "
-            f"found {first[:200]}"
-        ) from None
+    ckpt = load_torch_file(
+        path,
+        "a VSE∞ checkpoint holding only tensors and the options Namespace",
+        safe_globals=[argparse.Namespace],
+    )
     expect(
         isinstance(ckpt, dict) and "model" in ckpt,
         path,
@@ -215,17 +212,28 @@ def model_config(
         "pooling": gpo,
         "embed_dim": int(embed_dim),
         "loss": {
+            "_target_": "gpo_lit.losses.TripletLoss",
             "margin": 0.2,
             "all_negatives_epochs": 1,
             "mask_same_image": False,
             "gather": True,
         },
         "optim": {
+            "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
             "lr": 5e-4,
             "weight_decay": 1e-4,
             "lr_mults": None,
+            "layer_decay": None,
+            "no_weight_decay": ["loss_fn"],
             "decay_epochs": [15],
             "decay_gamma": 0.1,
+            "scheduler": {
+                "_target_": "torch.optim.lr_scheduler.MultiStepLR",
+                "_partial_": True,
+                "milestones": [15],
+                "gamma": 0.1,
+            },
+            "interval": "epoch",
         },
         "evaluation": {
             "val_protocol": "full",

@@ -1,7 +1,8 @@
 """``gpo-extract`` (``make features``): a timm backbone over raw-image splits → SCAN precomp files.
 
 The backbone, its weights and the image pipeline come from an experiment, so the features are
-exactly what that experiment's grid encoder sees on the fly (evaluation view, frozen BN):
+exactly what that experiment's grid (or ViT token) encoder sees on the fly (evaluation view,
+frozen BN):
 
     make features EXP=demo_grid                      # the demo images, tiny random backbone
     make features EXP=f30k_wsl                       # WSL ResNeXt-101 at 512 px (paper)
@@ -9,11 +10,14 @@ exactly what that experiment's grid encoder sees on the fly (evaluation view, fr
     make features EXP=f30k_wsl extract.ckpt=logs/…/best.ckpt   # a fine-tuned gpo_lit backbone
 
 Per split it writes ``{split}_ims.npy`` float32 ``(N_images, cells, C)`` (all h·w cells row-major,
-or ``pool_grid``² average-pooled cells), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
+or ``pool_grid``² average-pooled cells; with ``model/visual=vit`` the ViT's prefix + patch tokens,
+to train on with ``model/visual=vit_precomp``), ``{split}_caps.txt`` and ``{split}_ids.txt`` into
 ``extract.out_dir``, plus ``features_meta.json``. Rows stream into a memory-mapped
-``{split}_ims.partial.npy``; ``{split}_ims.progress.json`` records the rows safely on disk, so a
-rerun after an interruption continues where it stopped (with the same settings only). A finished
-feature file is never overwritten.
+``{split}_ims.partial.npy``, whose disk space is checked and allocated up front (a full disk is one
+line naming the file, the space needed and the space free, not a SIGBUS midway);
+``{split}_ims.progress.json`` records the rows safely on disk, so a rerun after an interruption
+continues where it stopped (with the same settings only). A finished feature file is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -31,11 +35,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from gpo_lit.cli import entry_point
+from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
+from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import write_atomic
+from gpo_lit.files import check_free_space, reserve, write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
+_NPY_HEADER = 128  # bytes before the rows in a .npy file of this size (numpy aligns to 64)
+
+#: encoders whose backbone set (``grid()``) the extractor stores, and the head config for it
+BackboneEncoder = GridEncoder | ViTEncoder
+_HEAD_CONFIG = {GridEncoder: "grid_precomp", ViTEncoder: "vit_precomp"}
 
 
 class EvalImages(Dataset):
@@ -72,7 +83,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 @torch.no_grad()
 def extract_split(
-    encoder: GridEncoder,
+    encoder: BackboneEncoder,
     split: Any,
     out_dir: Path,
     *,
@@ -88,7 +99,7 @@ def extract_split(
     """Write the precomp files of one split; resume an interrupted run with the same ``settings``.
 
     Args:
-        encoder: a grid encoder (only its backbone runs, in eval mode).
+        encoder: a grid or ViT encoder (only its backbone runs, in eval mode).
         split: an :class:`~gpo_lit.data.images.ImageSplit` (or any reader with ``image(i)``).
         out_dir: destination folder (created).
         settings: what determines the features (backbone, weights, image pipeline, pooling);
@@ -125,6 +136,10 @@ def extract_split(
     key = {"settings": settings, "split": name, "shape": list(shape)}
 
     start = 0
+    # The rows are written through a memory map: space missing on disk would be a SIGBUS later,
+    # so it is checked first and then allocated for the whole file (rows × cells × C × 4 bytes).
+    size = _NPY_HEADER + 4 * int(np.prod(shape))
+    what = f"{shape[0]} images × {shape[1]} cells × {shape[2]} float32 features"
     if partial.exists():
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         expect(
@@ -133,11 +148,20 @@ def extract_split(
             f"an interrupted extraction with the same settings ({state_path.name}) to resume",
             "other settings or no progress file; remove it to start again",
         )
+        check_free_space(partial, size - 512 * partial.stat().st_blocks, f"the rest of {what}")
+        reserve(partial, partial.stat().st_size, what)
         mm = np.lib.format.open_memmap(partial, mode="r+")
         start = int(state["done"])
         log.info("%s: resuming at image %d of %d", partial, start, shape[0])
     else:
+        check_free_space(partial, size, what)
         mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            reserve(partial, os.path.getsize(partial), what)
+        except BaseException:
+            del mm
+            partial.unlink()  # made just now, holds nothing
+            raise
         _write_json(state_path, {**key, "done": 0})
 
     loader = DataLoader(
@@ -170,8 +194,8 @@ def extract_split(
     return final
 
 
-def build_encoder(cfg: DictConfig) -> GridEncoder:
-    """The experiment's grid encoder, or the fine-tuned one of a gpo_lit checkpoint."""
+def build_encoder(cfg: DictConfig) -> BackboneEncoder:
+    """The experiment's grid / ViT encoder, or the fine-tuned one of a gpo_lit checkpoint."""
     if cfg.extract.ckpt:
         from gpo_lit.model import load_model
 
@@ -180,15 +204,16 @@ def build_encoder(cfg: DictConfig) -> GridEncoder:
     else:
         encoder = instantiate(cfg.model.visual)
         source = "model.visual"
-    if not isinstance(encoder, GridEncoder):
+    if not isinstance(encoder, GridEncoder | ViTEncoder):
         raise GpoLitError(
-            f"{source}: expected a grid visual encoder (an experiment with model/visual=grid, "
-            f"e.g. EXP=f30k_wsl or demo_grid), found {type(encoder).__name__}"
+            f"{source}: expected a grid or ViT visual encoder (an experiment with "
+            f"model/visual=grid or vit, e.g. EXP=f30k_wsl or demo_grid), found "
+            f"{type(encoder).__name__}"
         )
     return encoder
 
 
-def default_out_dir(cfg: DictConfig, encoder: GridEncoder) -> Path:
+def default_out_dir(cfg: DictConfig, encoder: BackboneEncoder) -> Path:
     """``<data root>/features/<backbone>``, or ``…/<backbone>-ckpt-<hash of its path>`` for a
     fine-tuned checkpoint's backbone (never the folder of the untrained one)."""
     name = encoder.backbone_name
@@ -202,12 +227,15 @@ def default_out_dir(cfg: DictConfig, encoder: GridEncoder) -> Path:
 
 def extract(cfg: DictConfig) -> dict[str, Path]:
     """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``."""
+    check_config(cfg)
     ex = cfg.extract
     if ex.get("num_threads"):
         torch.set_num_threads(ex.num_threads)
-    if ex.pool_grid is not None:
-        expect(int(ex.pool_grid) >= 1, "extract.pool_grid", "a grid side ≥ 1 or null", ex.pool_grid)
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ex.ckpt:  # checked before the demo images are rendered or a split is opened
+        from gpo_lit.checkpoint_io import read_checkpoint
+
+        read_checkpoint(ex.ckpt, mmap=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # the demo images are rendered on first use
     splits = [datamodule.split(name, ex.max_images) for name in ex.splits]  # data errors first
@@ -220,6 +248,8 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
         "weights": str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")
         or ("timm pretrained" if cfg.model.visual.get("pretrained") else "random init"),
         "out_index": cfg.model.visual.get("out_index"),
+        # ViT token sets: which tokens, before or after the final norm
+        **{k: cfg.model.visual[k] for k in ("prefix_tokens", "norm") if k in cfg.model.visual},
         "pool_grid": ex.pool_grid,
         "bf16": bool(ex.bf16),
         "image": {k: v for k, v in reader_cfg.items() if not k.startswith("_")},
@@ -260,7 +290,7 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
     print(
         f"Train on them: make train EXP=<precomputed-feature experiment, e.g. f30k_butd_bert> "
         f"data.root={out_dir} "
-        f"model/visual=grid_precomp model.visual.in_dim={dim}",
+        f"model/visual={_HEAD_CONFIG[type(encoder)]} model.visual.in_dim={dim}",
         flush=True,
     )
     return written

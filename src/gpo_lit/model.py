@@ -1,8 +1,10 @@
-"""The LightningModule: encoders + pooling + l2norm per modality, the triplet loss, optimiser
-groups, and evaluation that embeds each image and each caption once."""
+"""The LightningModule: encoders + pooling + l2norm per modality, the loss (a ``_target_`` node
+behind :mod:`gpo_lit.losses.base`'s interface), optimiser groups (:mod:`gpo_lit.optim`), and
+evaluation that embeds each image and each caption once."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,14 @@ from torch import Tensor
 
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
-from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.losses import TripletLoss
-from gpo_lit.metrics import check_ties, evaluate
+from gpo_lit.divergence import LossWatch
+from gpo_lit.encoders.uncertainty import UncertaintyHead
+from gpo_lit.errors import GpoLitError, expect, first_line
+from gpo_lit.losses import PairEmbeddings, RetrievalLoss, StepInfo, instantiate_loss
+from gpo_lit.metrics import check_ties, evaluate, evaluate_protocols, get_protocol
 from gpo_lit.pooling import create_pooling
+
+log = logging.getLogger(__name__)
 
 
 def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
@@ -27,8 +33,32 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
         expect(vocab is not None, "model.vocab", "a word list for the BiGRU tokenizer", None)
         return VocabTokenizer(Vocabulary(vocab))
     if kind == "hf":
-        return HFTokenizer(cfg["name_or_path"], max_length=cfg.get("max_length", 128))
+        return HFTokenizer(
+            cfg["name_or_path"],
+            max_length=cfg.get("max_length", 128),
+            mask_token=cfg.get("mask_token"),
+        )
     raise GpoLitError(f"model.text.tokenizer.kind: expected 'vocab' or 'hf', found {kind!r}")
+
+
+def embedded_subset(
+    img: Tensor, cap: Tensor, cap2img: Tensor, img_seen: Tensor, cap_seen: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The part of a split that an evaluation on limited batches embedded, renumbered.
+
+    Kept: the embedded captions whose image was embedded, and the embedded images with at least
+    one kept caption (an image without a caption has no ground truth to rank). So image→text
+    queries rank exactly the kept captions and text→image queries exactly the kept images.
+
+    img: ``[n_img, d]``, cap: ``[n_cap, d]``, cap2img: ``[n_cap]`` image of each caption,
+    img_seen / cap_seen: ``[n_img]`` / ``[n_cap]`` bool. Returns ``img[m_img]``, ``cap[m_cap]``
+    and ``cap2img[m_cap]`` indexing the kept images (in their original order).
+    """
+    keep_cap = cap_seen & img_seen[cap2img]
+    keep_img = torch.zeros_like(img_seen)
+    keep_img[cap2img[keep_cap]] = True
+    new_index = torch.cumsum(keep_img.long(), 0) - 1
+    return img[keep_img], cap[keep_cap], new_index[cap2img[keep_cap]]
 
 
 class VSEModel(pl.LightningModule):
@@ -42,11 +72,13 @@ class VSEModel(pl.LightningModule):
         pooling: pooling used for both modalities unless overridden (``{"name": ..., **kwargs}``).
         visual_pooling, text_pooling: per-modality override of ``pooling`` (None = use it).
         embed_dim: joint embedding width d.
-        loss: kwargs of :class:`TripletLoss`.
-        optim: ``lr``, ``weight_decay``, ``lr_mults`` ({parameter-name prefix: multiplier}),
-            ``decay_epochs`` and ``decay_gamma`` (lr × gamma at each listed epoch).
+        loss: ``_target_`` node of a :class:`gpo_lit.losses.RetrievalLoss` (``conf/loss/``).
+        optim: the ``conf/optim/`` node (see :mod:`gpo_lit.optim`).
         evaluation: ``val_protocol``, ``test_protocols`` (list), ``shard_size``, ``ties``
             (``pessimistic``, the default, or ``optimistic``; see ``gpo_lit.metrics.ranks``).
+        uncertainty_pooling: pooling of the log σ² heads, built only when the loss uses them
+            (``loss.uses_uncertainty``; None = GPO's defaults).
+            ``coco_ids`` (folder of the CxC id files for eccv / cxc; None: found beside the data root).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -61,6 +93,7 @@ class VSEModel(pl.LightningModule):
         evaluation: dict,
         visual_pooling: dict | None = None,
         text_pooling: dict | None = None,
+        uncertainty_pooling: dict | None = None,
         vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -73,74 +106,107 @@ class VSEModel(pl.LightningModule):
         self.text_encoder = instantiate(encoder_cfg)
         self.visual_pool = create_pooling(dim=embed_dim, **(visual_pooling or pooling))
         self.text_pool = create_pooling(dim=embed_dim, **(text_pooling or pooling))
-        self.loss_fn = TripletLoss(**loss)
+        self.loss_fn: RetrievalLoss = instantiate_loss(loss)
+        # log σ² heads (PCME++): only for losses that use them, so other models are unchanged
+        self.visual_uncertainty: UncertaintyHead | None = None
+        self.text_uncertainty: UncertaintyHead | None = None
+        if self.loss_fn.uses_uncertainty:
+            head_pool = uncertainty_pooling or {"name": "gpo"}
+            self.visual_uncertainty = UncertaintyHead(embed_dim, head_pool)
+            self.text_uncertainty = UncertaintyHead(embed_dim, head_pool)
         self.optim_cfg = optim
         check_ties(evaluation.get("ties", "pessimistic"))  # not after the first epoch
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
+        self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
+        self.loss_watch = LossWatch(optim["lr"])
+        self.val_rsum_best = float("-inf")  # the best validation rsum so far
+        self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
 
     # -- embedding -------------------------------------------------------------------------
+    def encode_images(self, img: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``[B, N, D_in]`` padded sets (or raw images) + lengths → (l2-normalised mean
+        ``[B, d]``, log σ² ``[B, d]`` or None without an uncertainty head)."""
+        feats, lengths = self.visual_encoder(img, lengths)
+        mean = F.normalize(self.visual_pool(feats, lengths), dim=-1)
+        head = self.visual_uncertainty
+        return mean, (head(feats, lengths) if head is not None else None)
+
+    def encode_captions(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``[B, L]`` token ids + lengths → (l2-normalised mean ``[B, d]``, log σ² or None)."""
+        feats, lengths = self.text_encoder(ids, lengths)
+        mean = F.normalize(self.text_pool(feats, lengths), dim=-1)
+        head = self.text_uncertainty
+        return mean, (head(feats, lengths) if head is not None else None)
+
     def embed_images(self, img: Tensor, lengths: Tensor) -> Tensor:
         """``[B, N, D_in]`` padded sets + lengths → l2-normalised ``[B, d]``."""
-        feats, lengths = self.visual_encoder(img, lengths)
-        return F.normalize(self.visual_pool(feats, lengths), dim=-1)
+        return self.encode_images(img, lengths)[0]
 
     def embed_captions(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """``[B, L]`` token ids + lengths → l2-normalised ``[B, d]``."""
-        feats, lengths = self.text_encoder(ids, lengths)
-        return F.normalize(self.text_pool(feats, lengths), dim=-1)
+        return self.encode_captions(ids, lengths)[0]
+
+    def retrieval_embeddings(self, batch: dict[str, Tensor], which: int) -> Tensor:
+        """Evaluation vectors of a batch of images (``which`` 0) or captions (1): their inner
+        products are the loss's test similarity (the l2-normalised means for dot-product losses)."""
+        if which == 0:
+            mean, logvar = self.encode_images(batch["img"], batch["img_len"])
+            return self.loss_fn.retrieval_vectors(mean, logvar, "img")
+        mean, logvar = self.encode_captions(batch["cap"], batch["cap_len"])
+        return self.loss_fn.retrieval_vectors(mean, logvar, "cap")
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        img = self.embed_images(batch["img"], batch["img_len"])
-        cap = self.embed_captions(batch["cap"], batch["cap_len"])
-        hardest = self.loss_fn.hardest_for_epoch(self.current_epoch)
-        loss = self.loss_fn(img, cap, batch["img_idx"], hardest=hardest) * self.loss_scale
+        images, ids = batch["img"], batch["img_idx"]
+        mix_lam = mix_ids = None
+        if self.loss_fn.mixing is not None:  # batch augmentation of raw images (PCME++)
+            images, mix_lam, partner = self.loss_fn.mixing(images)
+            mix_ids = ids[partner.to(ids.device)]
+        img, img_logvar = self.encode_images(images, batch["img_len"])
+        cap, cap_logvar = self.encode_captions(batch["cap"], batch["cap_len"])
+        pairs = PairEmbeddings(img, cap, ids, img_logvar, cap_logvar, mix_lam, mix_ids)
+        out = self.loss_fn.training_loss(pairs, self._step_info(batch_idx))
+        loss = out.value * self.loss_scale
+        self.loss_watch.update(loss, self.global_step, self.current_epoch)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
-        self.log("train/hardest_negatives", float(hardest), batch_size=img.shape[0])
-        self.log("train/negative_pool", float(self.loss_fn.negative_pool(img.shape[0])))
+        for key, value in out.logs.items():
+            self.log(f"train/{key}", value, batch_size=img.shape[0])
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # read back where the loggers sync anyway (see gpo_lit.divergence)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.loss_watch.check()
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.check()
+
+    def on_validation_start(self) -> None:
+        self.loss_watch.check()
+
+    def _step_info(self, batch_idx: int) -> StepInfo:
+        trainer = self._trainer
+        if trainer is None:  # called outside a Trainer (tests, benchmarks)
+            return StepInfo(epoch=0, batch_idx=batch_idx)
+        return StepInfo(
+            epoch=self.current_epoch,
+            batch_idx=batch_idx,
+            batches_per_epoch=trainer.num_training_batches,
+            global_step=self.global_step,
+        )
+
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
-        lr = cfg["lr"]
-        mults: dict[str, float] = dict(cfg.get("lr_mults") or {})
-        # Every parameter, frozen ones included: schedules unfreeze backbones later, and AdamW
-        # skips parameters without gradients.
-        named = list(self.named_parameters())
-        for prefix in mults:
-            if not any(n.startswith(prefix) for n, _ in named):
-                raise GpoLitError(
-                    f"optim.lr_mults: expected a parameter-name prefix of this model, found "
-                    f"{prefix!r} (top-level modules: visual_encoder, text_encoder, visual_pool, "
-                    f"text_pool)"
-                )
-        groups: dict[float, list[Tensor]] = {}
-        for name, param in named:
-            mult = next((m for p, m in mults.items() if name.startswith(p)), 1.0)
-            groups.setdefault(mult, []).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": lr * m} for m, ps in groups.items()],
-            lr=lr,
-            weight_decay=cfg["weight_decay"],
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=list(cfg.get("decay_epochs") or []), gamma=cfg["decay_gamma"]
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        from gpo_lit.optim import configure_optimization
+
+        return configure_optimization(list(self.named_parameters()), self.optim_cfg)
 
     # -- evaluation ------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        if dataloader_idx == 0:
-            emb = self.embed_images(batch["img"], batch["img_len"])
-        else:
-            emb = self.embed_captions(batch["cap"], batch["cap_len"])
+        emb = self.retrieval_embeddings(batch, dataloader_idx)
         self._eval_buffers[dataloader_idx].append((batch["idx"], emb.float()))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
@@ -149,8 +215,9 @@ class VSEModel(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step(batch, dataloader_idx)
 
-    def _collect(self, which: int, n: int) -> Tensor:
-        """Embeddings of items 0..n−1 from every rank, de-duplicated by dataset index.
+    def _collect(self, which: int, n: int) -> tuple[Tensor, Tensor]:
+        """Embeddings ``[n, d]`` of items 0..n−1 from every rank, de-duplicated by dataset index,
+        and which items were embedded (``[n]`` bool; the rows of the others are NaN).
 
         ``DistributedSampler`` pads by repeating items, so the same index may arrive twice.
         """
@@ -164,24 +231,59 @@ class VSEModel(pl.LightningModule):
         out[idx] = emb
         seen = torch.zeros(n, dtype=torch.bool, device=emb.device)
         seen[idx] = True
-        if not bool(seen.all()):
-            raise RuntimeError(f"evaluation embedded {int(seen.sum())} of {n} items")
-        return out
+        return out, seen
+
+    def _eval_limited(self, stage: str) -> bool:
+        """Whether the trainer embeds only part of the split (``limit_{val,test}_batches``,
+        ``fast_dev_run``, ``overfit_batches``)."""
+        limit = (
+            self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
+        )
+        # Lightning keeps an int as a number of batches (fast_dev_run: 1) and 1.0 as "all".
+        return isinstance(limit, int) or (limit is not None and limit < 1.0)
 
     def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
         split = self.trainer.datamodule.eval_split(stage)
-        img = self._collect(0, split.n_images)
-        cap = self._collect(1, split.n_captions)
+        img, img_seen = self._collect(0, split.n_images)
+        cap, cap_seen = self._collect(1, split.n_captions)
         self._eval_buffers = [[], []]
         cap2img = torch.as_tensor(split.cap2img, device=img.device)
-        protocols = (
-            [self.eval_cfg["val_protocol"]] if stage == "val" else self.eval_cfg["test_protocols"]
-        )
+        from gpo_lit.eval_checks import coco_ids_for, stage_protocols
+
+        protocols = stage_protocols(self.eval_cfg, stage)
+        subset = not bool(img_seen.all() and cap_seen.all())
+        if subset:
+            if not self._eval_limited(stage):
+                raise RuntimeError(
+                    f"evaluation embedded {int(img_seen.sum())} of {split.n_images} images and "
+                    f"{int(cap_seen.sum())} of {split.n_captions} captions"
+                )
+            img, cap, cap2img = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
+            # Fold protocols (coco_1k) need the whole split: the subset is ranked at once.
+            level = logging.DEBUG if stage in self._subset_said else logging.WARNING
+            self._subset_said.add(stage)  # once per stage, not every validation epoch
+            log.log(
+                level,
+                "%s on a subset (limited batches): %d of %d images and %d of %d captions; every "
+                "protocol ranks this subset at once, and metrics.json records its size",
+                stage, img.shape[0], split.n_images, cap.shape[0], split.n_captions,
+            )  # fmt: skip
         shard = self.eval_cfg.get("shard_size", 1024)
         ties = self.eval_cfg.get("ties", "pessimistic")  # checkpoints written before it: default
-        results = {p: evaluate(img, cap, cap2img, p, shard, ties) for p in protocols}
-        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples).
-        self.last_eval = (img, cap, cap2img, stage)
+        if subset:
+            # eccv / cxc score the whole COCO testall only: no subset figure for them
+            whole = evaluate(img, cap, cap2img, "full", shard, ties)
+            whole.update(n_images=float(img.shape[0]), n_captions=float(cap.shape[0]))
+            results = {p: dict(whole) for p in protocols if not get_protocol(p).package}
+        else:
+            ids = None
+            if any(get_protocol(p).package for p in protocols):
+                root = getattr(self.trainer.datamodule, "root", None)
+                ids = self.coco_ids or coco_ids_for(self.eval_cfg, root, split)
+            results = evaluate_protocols(img, cap, cap2img, protocols, shard, ties, ids)
+        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples),
+        # whose rows are the split's items: none for a subset (its rows are renumbered).
+        self.last_eval = None if subset else (img, cap, cap2img, stage)
         if self.eval_cfg.get("save_embeddings_to") and stage == "test":
             from gpo_lit.metrics import save_embeddings
 
@@ -196,6 +298,9 @@ class VSEModel(pl.LightningModule):
         # Every rank computed the same numbers from the gathered embeddings.
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if k != "rsum"}, sync_dist=True)
         self.log("val/rsum", metrics["rsum"], prog_bar=True, sync_dist=True)
+        # The best so far, what sweeps optimise (kept in checkpoints, so resuming continues it).
+        self.val_rsum_best = max(self.val_rsum_best, float(metrics["rsum"]))
+        self.log("val/rsum_best", self.val_rsum_best, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._finish_eval("test")
@@ -211,27 +316,59 @@ class VSEModel(pl.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loss_watch.check_weights(
+            checkpoint["state_dict"], self.global_step, self.current_epoch
+        )
         if self.run_config is not None:
             checkpoint["gpo_lit_config"] = self.run_config
+        checkpoint["gpo_lit_val_rsum_best"] = self.val_rsum_best
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_rsum_best = float(checkpoint.get("gpo_lit_val_rsum_best", float("-inf")))
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[VSEModel, dict | None]:
-    """Rebuild a model from a gpo_lit checkpoint (``weights_only=True``: no arbitrary unpickling).
+# Output paths are the caller's: a stored one (a path of the machine that wrote it) is dropped.
+_OUTPUT_KEYS = ("results_to", "save_embeddings_to")
 
-    Returns the model in eval mode and the run config stored with it (or None).
+
+def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
+    """Rebuild a model from a gpo_lit checkpoint, read by
+    :func:`gpo_lit.checkpoint_io.read_checkpoint` (``weights_only=True``; stored configs may name
+    gpo_lit components only), with one-line errors for any other file.
+
+    Returns the model in eval mode on the CPU and the run config stored with it (or None).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise GpoLitError(f"{path}: expected a checkpoint file, found no such file")
+    import inspect
+
+    from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
+    from gpo_lit.cli import user_error
+
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    params = inspect.signature(VSEModel).parameters
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    odd = [k for k in hp if k not in params] + [f"no {k}" for k in required if k not in hp]
+    expect(
+        not odd,
+        path,
+        "the hyper_parameters of a gpo_lit VSEModel",
+        f"those of another model ({', '.join(map(str, odd[:4]))})",
+    )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        model = VSEModel(**hp)
+        model.eval_cfg = {k: v for k, v in dict(model.eval_cfg).items() if k not in _OUTPUT_KEYS}
+    except Exception as err:  # noqa: BLE001 - stored hyper-parameters are user input
+        if user_error(err) is not None:
+            raise
         raise GpoLitError(
-            f"{path}: expected a gpo_lit checkpoint readable with weights_only=True, found "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"{path}: expected hyper_parameters that build a gpo_lit VSEModel, found "
+            f"{first_line(err)}"
         ) from None
-    for key in ("hyper_parameters", "state_dict"):
-        expect(key in ckpt, path, f"a '{key}' entry (a gpo_lit checkpoint)", sorted(ckpt)[:6])
-    model = VSEModel(**ckpt["hyper_parameters"])
+    check_state_dict(
+        path,
+        "the weights of the model its hyper_parameters describe",
+        model.state_dict(),
+        ckpt["state_dict"],
+    )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt.get("gpo_lit_config")

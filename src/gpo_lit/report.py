@@ -48,20 +48,19 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_lit.cli import entry_point
-from gpo_lit.errors import GpoLitError
+from gpo_lit.cli import FIGURE_FILE, entry_point
+from gpo_lit.errors import GpoLitError, UnsafeCheckpointError, first_line
 
-# Metrics of the table (a higher mean is better for all of them), in column order.
+# Metrics of the table (a higher mean is better for all of them), in column order: R@K protocols
+# show TABLE_METRICS; others the known metrics they have (ECCV Caption: mAP@R, R-Precision, R@1).
 TABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-METRIC_TITLES = {
-    "i2t_r1": "i2t R@1",
-    "i2t_r5": "i2t R@5",
-    "i2t_r10": "i2t R@10",
-    "t2i_r1": "t2i R@1",
-    "t2i_r5": "t2i R@5",
-    "t2i_r10": "t2i R@10",
-    "rsum": "rsum",
-}
+_PER_DIRECTION = {"map_at_r": "mAP@R", "rprecision": "R-P", "r1": "R@1", "r5": "R@5", "r10": "R@10"}
+KNOWN_METRICS = (
+    *(f"{d}_{m}" for d in ("i2t", "t2i") for m in _PER_DIRECTION),
+    "rsum",
+)
+METRIC_TITLES = {f"{d}_{m}": f"{d} {t}" for d in ("i2t", "t2i") for m, t in _PER_DIRECTION.items()}
+METRIC_TITLES["rsum"] = "rsum"
 MODALITIES = ("visual", "text")
 # Set sizes when neither the options nor the data config say: BUTD's 36 regions per image; a
 # caption length for θ plots; a K at or above ``DEFAULT_SET_SIZE`` is labelled N (mean pooling).
@@ -73,6 +72,7 @@ DEFINING_OPTIONS = {"kmax": ("k",)}
 _POOLING_KEYS = ("model/pooling", "model.pooling", "model.visual_pooling", "model.text_pooling")
 _GROUP_KEYS = ("experiment", "name", "model/visual", "model/text")
 OUTPUT_FILES = ("report.md", "summary.csv", "rsum.png", "kmax_grid.png", "gpo_theta.png")
+RETRIEVAL_FIGURE = FIGURE_FILE  # a job's example-retrieval grid (train/eval figures=true)
 
 
 # ---- collecting -----------------------------------------------------------------------------------
@@ -336,6 +336,34 @@ def describe(
     return out
 
 
+def sweep_tags(jobs: Sequence[Job]) -> list[str]:
+    """The ``tags`` of the sweep's jobs (their run configs), each once, in order of appearance."""
+    tags: dict[str, None] = {}
+    for job in jobs:
+        value = _select(job.config, "tags") or []
+        for tag in value if isinstance(value, list | tuple) else [value]:
+            tags[str(tag)] = None
+    return list(tags)
+
+
+def optuna_note(sweep_dir: Path) -> str | None:
+    """One line on an Optuna search's result (``optimization_results.yaml`` of the sweep), whose
+    objective is each trial's best validation rsum (gpo_lit.train), not the test rsum tabled."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    try:
+        found = OmegaConf.to_container(OmegaConf.load(path))
+        value, params = float(found["best_value"]), found["best_params"]
+    except Exception as err:  # noqa: BLE001 - a note, not a reason to stop the report
+        return f"{path.name}: unreadable ({type(err).__name__})"
+    shown = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in params.items())
+    return (
+        f"Optuna search ({path.name}): best validation rsum {value:.2f} (the objective; the table "
+        f"shows test metrics) with {shown}"
+    )
+
+
 def common_overrides(jobs: Sequence[Job]) -> list[str]:
     """Overrides (minus ``seed``) shared by every job of the sweep, in the first job's order."""
     if not jobs:
@@ -410,13 +438,14 @@ def aggregate(
     rows = []
     for key, group in members.items():
         done = [j.metrics[protocol] for j in group if j.metrics is not None]
-        names = [m for m in TABLE_METRICS if any(m in d for d in done)]
+        names = [m for m in KNOWN_METRICS if any(m in d for d in done)]
         names += sorted({m for d in done for m in d} - set(names))
         mean, std = {}, {}
         for m in names:
             mean[m], std[m] = mean_std([float(d[m]) for d in done if m in d])
         rows.append(Row(configs[key], group, mean, std, len(done)))
-    rows.sort(key=lambda r: math.inf if math.isnan(_rsum(r)) else -_rsum(r))
+    cols = table_metrics(rows)
+    rows.sort(key=lambda r: math.inf if math.isnan(_score(r, cols)) else -_score(r, cols))
     return protocol, rows
 
 
@@ -424,10 +453,32 @@ def _rsum(row: Row) -> float:
     return row.mean.get("rsum", math.nan)
 
 
-def best_means(rows: Sequence[Row], metrics: Sequence[str] = TABLE_METRICS) -> dict[str, float]:
+def table_metrics(rows: Sequence[Row]) -> tuple[str, ...]:
+    """The table's columns: :data:`TABLE_METRICS` for R@K protocols, else the known metrics the
+    protocol has (``eccv``: mAP@R, R-Precision and R@1 per direction; ``cxc``: R@1/5/10)."""
+    have = {m for r in rows for m in r.mean}
+    if "rsum" in have or not have & set(KNOWN_METRICS):
+        return TABLE_METRICS
+    return tuple(m for m in KNOWN_METRICS if m in have)
+
+
+def sort_label(rows: Sequence[Row]) -> str:
+    """What the rows are sorted by: rsum, else the sum of the table's columns."""
+    return "rsum" if "rsum" in table_metrics(rows) else "the sum of the columns"
+
+
+def _score(row: Row, cols: Sequence[str]) -> float:
+    """rsum when the protocol has it, else the sum of the row's table columns."""
+    if "rsum" in cols:
+        return _rsum(row)
+    vals = [row.mean.get(m, math.nan) for m in cols]
+    return math.nan if any(math.isnan(v) for v in vals) else sum(vals)
+
+
+def best_means(rows: Sequence[Row], metrics: Sequence[str] | None = None) -> dict[str, float]:
     """The best (highest) mean per metric over the rows that have one."""
     best = {}
-    for m in metrics:
+    for m in metrics if metrics is not None else table_metrics(rows):
         vals = [r.mean[m] for r in rows if not math.isnan(r.mean.get(m, math.nan))]
         if vals:
             best[m] = max(vals)
@@ -450,15 +501,16 @@ def _n_cell(row: Row) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """Markdown table, one row per configuration (as sorted), best mean per metric in bold."""
-    best = best_means(rows)
+    cols = table_metrics(rows)
+    best = best_means(rows, cols)
     show_other = any(r.config.other for r in rows)
     head = ["experiment", "visual pooling", "text pooling", *(["other"] if show_other else [])]
-    head += ["n", *(METRIC_TITLES[m] for m in TABLE_METRICS)]
+    head += ["n", *(METRIC_TITLES[m] for m in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = r.config
         cells = [c.group, c.visual, c.text, *([c.other] if show_other else []), _n_cell(r)]
-        for m in TABLE_METRICS:
+        for m in cols:
             mean, std = r.mean.get(m, math.nan), r.std.get(m, math.nan)
             cells.append(format_cell(mean, std, bold=m in best and mean == best[m]))
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
@@ -472,8 +524,11 @@ def format_markdown(
     common: Sequence[str] = (),
     notes: Sequence[str] = (),
     plots: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    retrieval: Sequence[str] = (),
 ) -> str:
-    """The whole ``report.md``: header, table, missing jobs, notes and plot links."""
+    """The whole ``report.md``: header, table, missing jobs, notes, plot links and the best
+    configuration's example-retrieval figures (``retrieval``: links to the jobs' PNGs)."""
     jobs = [j for r in rows for j in r.jobs]
     missing = [(r, j) for r in rows for j in r.missing]
     out = [
@@ -481,8 +536,11 @@ def format_markdown(
         "",
         f"Protocol `{protocol}`; {len(jobs)} jobs, {len(jobs) - len(missing)} finished, "
         f"{len(missing)} missing; {len(rows)} configurations. Cells: mean ± sample std over "
-        "seeds (n = finished seeds); best mean per column in **bold**; sorted by rsum.",
+        f"seeds (n = finished seeds); best mean per column in **bold**; sorted by "
+        f"{sort_label(rows)}.",
     ]
+    if tags:
+        out += ["", "Tags: " + ", ".join(f"`{t}`" for t in tags)]
     if common:
         out += ["", "Common overrides: " + ", ".join(f"`{o}`" for o in common)]
     out += ["", format_table(rows)]
@@ -495,13 +553,17 @@ def format_markdown(
         out += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     if plots:
         out += ["", "## Plots", "", *(f"![{Path(p).stem}]({p})" for p in plots)]
+    if retrieval:
+        best = rows[0].config
+        out += ["", f"## Example retrievals of the best configuration ({best.group}: {best.label})"]
+        out += ["", *(f"![{Path(p).parent.name}]({p})" for p in retrieval)]
     return "\n".join(out) + "\n"
 
 
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:
     """``summary.csv``: configuration columns, n, missing, seeds, then ``<metric>_mean`` and
     ``<metric>_std`` for every metric (empty where undefined)."""
-    metrics = list(TABLE_METRICS)
+    metrics = list(table_metrics(rows))
     for r in rows:
         metrics += [m for m in r.mean if m not in metrics]
     head = ["experiment", "visual_pooling", "text_pooling", "other", "overrides", "n", "missing"]
@@ -534,35 +596,51 @@ def _is_gpo(node: dict) -> bool:
     return str(node.get("name", "")).startswith("gpo")
 
 
+GPO_COLOR, OTHER_COLOR = "tab:orange", "tab:blue"
+
+
 def plot_rsum(rows: Sequence[Row]) -> Figure | None:
-    """Horizontal bars of mean rsum ± std per configuration, best on top, one panel per
-    experiment / features; GPO configurations in orange. None without results."""
-    groups = {g: [r for r in rs if r.n] for g, rs in _groups(rows).items()}
+    """Horizontal bars of mean rsum per configuration from 0, best on top, one panel per
+    experiment / features; GPO configurations in orange (a legend says so). Error bars (± sample
+    std over seeds) only where a configuration has 2 or more finished seeds. None without results.
+    """
+    from matplotlib.patches import Patch
+
+    # the eccv / cxc protocols have no rsum: no bars for them
+    groups = {
+        g: [r for r in rs if r.n and not math.isnan(_rsum(r))] for g, rs in _groups(rows).items()
+    }
     groups = {g: rs for g, rs in groups.items() if rs}
     if not groups:
         return None
     heights = [max(1.6, 0.42 * len(rs) + 1.0) for rs in groups.values()]
     fig = Figure(figsize=(8.5, sum(heights)), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=heights)[:, 0]
+    hi = max(_rsum(r) + np.nan_to_num(r.std.get("rsum", math.nan)) for rs in groups.values()
+             for r in rs)  # fmt: skip
     for ax, (group, rs) in zip(axes, groups.items(), strict=True):
         rs = sorted(rs, key=_rsum)  # barh draws bottom-up: best on top
         mean = np.array([_rsum(r) for r in rs])
-        std = np.nan_to_num(np.array([r.std.get("rsum", math.nan) for r in rs]))
-        colors = [
-            "tab:orange" if any(_is_gpo(r.config.node(m)) for m in MODALITIES) else "tab:blue"
-            for r in rs
-        ]
+        std = np.array([r.std.get("rsum", math.nan) if r.n > 1 else math.nan for r in rs])
+        is_gpo = [any(_is_gpo(r.config.node(m)) for m in MODALITIES) for r in rs]
+        colors = [GPO_COLOR if g else OTHER_COLOR for g in is_gpo]
         y = np.arange(len(rs))
-        ax.barh(y, mean, xerr=std, color=colors, capsize=3, height=0.7)
+        ax.barh(y, mean, color=colors, height=0.7)
+        spread = np.isfinite(std)
+        if spread.any():  # one seed: no error bar at all (not a zero-width one)
+            ax.errorbar(mean[spread], y[spread], xerr=std[spread], fmt="none", ecolor="black",
+                        capsize=3, linewidth=1)  # fmt: skip
         ax.set_yticks(y, [f"{r.config.label} (n={r.n})" for r in rs], fontsize=8)
-        lo, hi = float((mean - std).min()), float((mean + std).max())
-        pad = max(1.0, 0.25 * (hi - lo))
-        ax.set_xlim(max(0.0, lo - pad), hi + pad)
-        for yi, m, s in zip(y, mean, std, strict=True):
-            ax.text(m + s + pad * 0.05, yi, f"{m:.1f}", va="center", fontsize=7)
+        ax.set_xlim(0.0, 1.12 * hi)  # bars start at 0: lengths compare; same scale per panel
+        for yi, m, sd in zip(y, mean, np.nan_to_num(std), strict=True):
+            ax.text(m + sd + 0.01 * hi, yi, f"{m:.1f}", va="center", fontsize=7)
         ax.set_title(group if len(groups) > 1 else f"rsum per pooling configuration: {group}")
-        ax.set_xlabel("rsum (mean ± std over seeds)")
+        n_max = max(r.n for r in rs)
+        ax.set_xlabel("rsum (mean ± sample std over seeds)" if n_max > 1 else "rsum (one seed)")
         ax.grid(axis="x", alpha=0.3)
+        shown = [(GPO_COLOR, "GPO pooling (either modality)"), (OTHER_COLOR, "other pooling")]
+        handles = [Patch(color=c, label=t) for c, t in shown if c in colors]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -600,7 +678,8 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
             vis, txt = r.config.node("visual"), r.config.node("text")
             ks = vis.get("k"), txt.get("k")
             both_kmax = vis.get("name") == "kmax" == txt.get("name")
-            if r.n and both_kmax and all(isinstance(k, int) for k in ks):
+            has_rsum = not math.isnan(_rsum(r))  # eccv / cxc have none: no grid
+            if r.n and has_rsum and both_kmax and all(isinstance(k, int) for k in ks):
                 by_other.setdefault(r.config.other, {})[ks] = r
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
@@ -681,18 +760,19 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
 
     Rebuilds only the two pooling heads from the checkpoint's ``hyper_parameters`` and
     ``state_dict`` (exactly as :class:`gpo_lit.model.VSEModel` builds them), so no encoder (BERT,
-    a timm backbone) is constructed; read with ``weights_only=True``. Per-dimension θ
-    (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
+    a timm backbone) is constructed; read by :func:`gpo_lit.checkpoint_io.read_checkpoint`.
+    Per-dimension θ (``gpo_perdim``, ``[n, D]``) is averaged over the dimensions.
     """
     import torch
 
     import gpo_lit.pooling.sequence  # noqa: F401 - registers the poolers by name
     import gpo_lit.pooling.zoo  # noqa: F401
+    from gpo_lit.checkpoint_io import read_checkpoint
     from gpo_lit.pooling import create_pooling
 
     path = Path(path)
+    ckpt = read_checkpoint(path, mmap=True)  # UnsafeCheckpointError for a hostile config
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
         out = {}
         for modality in MODALITIES:
@@ -710,10 +790,9 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
             out[modality] = (theta.mean(-1) if theta.dim() > 1 else theta).numpy().copy()
         return out
     except Exception as err:  # noqa: BLE001 - one line naming the file
-        first = str(err).splitlines()[0] if str(err) else ""
         raise GpoLitError(
-            f"{path}: expected a gpo_lit checkpoint with hyper_parameters and state_dict "
-            f"(readable with weights_only=True), found {type(err).__name__}: {first}"
+            f"{path}: expected a gpo_lit checkpoint whose pooling heads its hyper_parameters "
+            f"rebuild, found {first_line(err)}"
         ) from None
 
 
@@ -742,6 +821,8 @@ def theta_curves(
                 continue
             try:
                 weights = load_gpo_weights(ckpt, sizes)
+            except UnsafeCheckpointError:
+                raise  # never a note: someone else's code was put in the sweep
             except GpoLitError as err:
                 notes.append(f"θ plot: {err}")
                 continue
@@ -807,11 +888,22 @@ class Report:
     curves: list[ThetaCurve]
     notes: list[str] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)  # file name -> figure
+    retrieval: list[Path] = field(default_factory=list)  # the best configuration's job figures
+    out_dir: Path | None = None  # where report.md goes (links are relative to it)
 
     @property
     def markdown(self) -> str:
+        base = self.out_dir if self.out_dir is not None else self.sweep_dir / "report"
+        links = [os.path.relpath(p, base) for p in self.retrieval]
         return format_markdown(
-            self.sweep_dir, self.protocol, self.rows, self.common, self.notes, list(self.figures)
+            self.sweep_dir,
+            self.protocol,
+            self.rows,
+            self.common,
+            self.notes,
+            list(self.figures),
+            tags=sweep_tags(self.jobs),
+            retrieval=links,
         )
 
 
@@ -830,14 +922,21 @@ def build_report(
     curves, notes = theta_curves(rows, theta_sizes)
     if not any(r.n for r in rows):
         notes.insert(0, "no finished job: nothing to plot")
+    note = optuna_note(sweep_dir)
+    if note:
+        notes.insert(0, note)
     figures = {
         "rsum.png": plot_rsum(rows),
         "kmax_grid.png": plot_kmax_grids(grids),
         "gpo_theta.png": plot_theta(curves),
     }
     figures = {k: f for k, f in figures.items() if f is not None}
+    if any(r.n for r in rows) and "rsum.png" not in figures:
+        notes.append(f"protocol {protocol} has no rsum: no rsum / K-max plots")
     common = common_overrides(jobs)
-    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures)
+    retrieval = [j.path / RETRIEVAL_FIGURE for j in rows[0].jobs] if rows and rows[0].n else []
+    retrieval = [p for p in retrieval if p.is_file()]
+    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures, retrieval)
 
 
 def write_report(report: Report, out_dir: str | Path | None = None, overwrite: bool = False):
@@ -848,6 +947,7 @@ def write_report(report: Report, out_dir: str | Path | None = None, overwrite: b
     if not overwrite:
         check_new(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report.out_dir = out_dir  # figure links relative to it
     for name, fig in report.figures.items():
         fig.savefig(out_dir / name, dpi=120)
     write_csv(report.rows, out_dir / "summary.csv")

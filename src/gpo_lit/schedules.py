@@ -1,7 +1,7 @@
-"""Training schedules for end-to-end grid models (REFERENCE §3, §5).
+"""Training schedules for end-to-end backbones, CNN grids and ViTs (REFERENCE §3, §5, §12).
 
-:class:`BackboneSchedule` freezes the CNN backbone for the first epoch(s), then unfreezes it (whole,
-or in stages: layer4, then layer3, ...), and during the first epoch in which the backbone trains it
+:class:`BackboneSchedule` freezes the backbone for the first epoch(s), then unfreezes it (whole,
+or in stages: layer4, then layer3, ...; ViT blocks.11, then blocks.10, ...), and during the first epoch in which the backbone trains it
 scales the loss linearly from 0 to 1 over the epoch (the supplement's "linear warm-up"), through
 ``pl_module.loss_scale``.
 
@@ -20,6 +20,27 @@ import pytorch_lightning as pl
 from torch import nn
 
 from gpo_lit.errors import GpoLitError
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies in module ``prefix`` (whole dotted components:
+    ``blocks.1`` holds ``blocks.1.attn.qkv.weight``, not ``blocks.11.…``)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _children(names: Sequence[str], prefix: str) -> str:
+    """The sub-module names next to a wrong ``prefix``: under its deepest existing parent
+    (``blocks has 0 … 11`` for ``blocks.12``), or the top-level ones."""
+    parts = prefix.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        parent = ".".join(parts[:k])
+        start = len(parent) + 1 if parent else 0
+        kids = {n[start:].split(".")[0] for n in names if not parent or under(n, parent)}
+        if kids:
+            ordered = sorted(kids, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+            shown = ordered if len(ordered) <= 8 else [*ordered[:3], "…", *ordered[-3:]]
+            return f"{parent or 'it'} has {', '.join(shown)}"
+    return "it has no parameters"
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -42,9 +63,10 @@ class BackboneSchedule(pl.Callback):
     Args:
         freeze_epochs: epochs ``0 .. freeze_epochs-1`` train with the backbone frozen (paper: 1).
         stages: None = the whole backbone trains from epoch ``freeze_epochs``. Otherwise a list of
-            lists of parameter-name prefixes relative to the backbone: stage k (epoch
-            ``freeze_epochs + k``) trains the union of ``stages[0..k]`` (e.g.
-            ``[[layer4], [layer3], [layer2]]``); after the last stage the set stays as it is, unless
+            lists of module names relative to the backbone (whole dotted components): stage k
+            (epoch ``freeze_epochs + k``) trains the union of ``stages[0..k]`` (e.g.
+            ``[[layer4], [layer3], [layer2]]`` for a CNN, ``[[blocks.11], [blocks.10]]`` for a
+            ViT); after the last stage the set stays as it is, unless
             ``stages_then_all`` makes the whole backbone train.
         warmup: scale the loss by ``i / iters_per_epoch`` during the first epoch the backbone trains.
         module: dotted path of the backbone inside the LightningModule.
@@ -84,15 +106,14 @@ class BackboneSchedule(pl.Callback):
         named = list(backbone.named_parameters())
         if prefixes:
             for p in prefixes:
-                if not any(n == p or n.startswith(p + ".") for n, _ in named):
+                if not any(under(n, p) for n, _ in named):
                     raise GpoLitError(
                         f"callbacks.backbone_schedule.stages: expected parameter-name prefixes of "
-                        f"{self.module}, found {p!r} (it has "
-                        f"{sorted({n.split('.')[0] for n, _ in named})})"
+                        f"{self.module}, found {p!r} ({_children([n for n, _ in named], p)})"
                     )
         n_train = 0
         for name, param in named:
-            on = prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
+            on = prefixes is None or any(under(name, p) for p in prefixes)
             param.requires_grad_(on)
             n_train += int(on)
         return n_train

@@ -2,7 +2,8 @@
 
 ``conf/logger/wandb.yaml`` builds a plain :class:`~pytorch_lightning.loggers.WandbLogger`;
 :func:`instantiate_loggers` fills in what only the running Hydra job knows (group, tags, name and
-the resolved config) wherever that file leaves them ``null``. The mode comes from ``WANDB_MODE``
+the resolved config) wherever that file leaves them ``null``, and the run id kept in the run
+folder (``wandb-run-id``: a job resumed in place continues its W&B run). The mode comes from ``WANDB_MODE``
 (offline unless set), never from ``offline=True``, which leaks into every later run of the
 process. The entry point closes the run at the end of each job (:func:`gpo_lit.cli.finish_wandb`)
 so that the jobs of a multirun never share one run.
@@ -11,6 +12,8 @@ so that the jobs of a multirun never share one run.
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,10 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpo_lit.files import write_atomic
+
 MAX_TAG = 64  # W&B rejects longer tags
+ID_FILE = "wandb-run-id"  # in the run folder: the id a resumed job continues
 SETTINGS = ("group", "tags", "name", "config")
 
 
@@ -46,12 +52,19 @@ def _tags(hc: DictConfig) -> list[str]:
     return out
 
 
+def _run_tags(cfg: DictConfig, hc: DictConfig | None) -> list[str]:
+    """The run's own ``tags`` first, then :func:`_tags` of the Hydra job; no repeats, none longer
+    than W&B allows."""
+    tags = [str(t) for t in cfg.get("tags") or []] + (_tags(hc) if hc is not None else [])
+    return [t for t in dict.fromkeys(tags) if len(t) <= MAX_TAG]
+
+
 def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """``group``, ``tags``, ``name`` and ``config`` of this job's W&B run.
 
     - group: the sweep folder's name for a multirun (all jobs of one sweep share it, whatever the
       experiment of each), else the experiment ``name``;
-    - tags: the Hydra choices (``model/pooling=gpo``, ``experiment=demo``, …) and the overrides;
+    - tags: the run's ``tags``, then the Hydra choices (``model/pooling=gpo``, …) and the overrides;
     - name: ``<experiment>-<job number>`` in a multirun, else ``<experiment>-<time>``;
     - config: the resolved job config as plain containers.
     """
@@ -65,7 +78,7 @@ def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return {
         "group": Path(str(hc.sweep.dir)).name if multirun else str(cfg.get("name") or name),
-        "tags": _tags(hc) if hc is not None else [],
+        "tags": _run_tags(cfg, hc),
         "name": f"{name}-{hc.job.num}" if multirun else f"{name}-{stamp}",
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -83,6 +96,22 @@ def is_wandb_node(node: Any) -> bool:
     except Exception:  # noqa: BLE001 - a function target or an unimportable one: not ours to judge
         return False
     return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
+def run_id(run_dir: Path) -> str:
+    """The W&B run id of the job in ``run_dir``: read from ``run_dir/wandb-run-id``, or new (and
+    written there by rank 0), so that a job resumed in its folder continues the same run."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    path = run_dir / ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    # W&B's own ids: 8 characters of [a-z0-9] (its generator is not public API)
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, f"{new}\n".encode())
+    return new
 
 
 def instantiate_loggers(cfg: DictConfig) -> list[Any]:
@@ -108,6 +137,9 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
         kwargs = OmegaConf.to_container(node, resolve=True)
         settings = wandb_settings_from_hydra(cfg)
         kwargs.update({k: settings[k] for k in SETTINGS if kwargs.get(k) is None})
+        if kwargs.get("id") is None and kwargs.get("save_dir"):
+            kwargs["id"] = run_id(Path(kwargs["save_dir"]))
+            kwargs.setdefault("resume", "allow")  # a resumed job continues its run
         cls = get_class(kwargs.pop("_target_"))
         loggers.append(cls(**{k: v for k, v in kwargs.items() if not k.startswith("_")}))
     return loggers

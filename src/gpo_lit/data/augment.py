@@ -143,9 +143,17 @@ def drop_regions(feats: np.ndarray, rng: Rng, p_keep: float = 0.8) -> np.ndarray
         raise ValueError(
             f"drop_regions: expected a non-empty [R, D] array, got shape {feats.shape}"
         )
+    return feats[kept_regions(feats.shape[0], rng, p_keep)]
+
+
+def kept_regions(n: int, rng: Rng, p_keep: float = 0.8) -> np.ndarray:
+    """The regions :func:`drop_regions` keeps of ``n``: a bool mask ``[n]``, drawn from ``rng``
+    exactly as it draws them (so a reader can copy out only the kept rows)."""
+    if n <= 0:
+        raise ValueError(f"drop_regions: expected at least one region, got {n}")
     if not 0.0 < p_keep <= 1.0:
         raise ValueError(f"drop_regions: p_keep must be in (0, 1], got {p_keep}")
-    keep = _uniforms(rng, feats.shape[0]) < p_keep
+    keep = _uniforms(rng, n) < p_keep
     if not keep.any():
-        keep[_randint(rng, 0, feats.shape[0])] = True
-    return feats[keep]
+        keep[_randint(rng, 0, n)] = True
+    return keep

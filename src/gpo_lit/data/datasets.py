@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpo_lit.data.augment import drop_regions, perturb_words
+from gpo_lit.data.augment import drop_regions, kept_regions, perturb_words
+from gpo_lit.data.precomp import PrecompSplit
 from gpo_lit.data.reader import SplitReader
 from gpo_lit.data.tokenize import CaptionTokenizer
 
@@ -26,6 +27,8 @@ class Augment:
             default): as the released code for the tokenizer
             (``CaptionTokenizer.perturb_specials_default``): yes for the BiGRU vocabulary's
             ``<start>``/``<end>``, no for Hugging Face tokenizers' ``[CLS]``/``[SEP]``.
+        per_token: perturb each token on its own instead of all pieces of a word together, as
+            PCME++ does on CLIP's BPE tokens (REFERENCE §12); off = VSE∞'s whole words (§4).
     """
 
     region_keep_prob: float | None = 0.8
@@ -33,19 +36,28 @@ class Augment:
     word_mask_prob: float = 0.5
     word_random_prob: float = 0.1
     perturb_specials: bool | None = None
+    per_token: bool = False
 
 
 class PairDataset(Dataset):
-    """One item per caption: (its image's regions, its token ids), augmented.
+    """One item per caption slot: (its image's regions, its token ids), augmented.
 
     Indexed by ``(caption index, epoch)`` pairs from :class:`EpochShuffleSampler`; the
     augmentation RNG is seeded by ``(seed, epoch, index)`` so workers and resumed runs agree.
+    ``caption_map`` (noisy correspondences, ``gpo_lit.data.noise``) shows caption
+    ``caption_map[j]`` at slot j, with slot j's image; None = every caption with its own image.
     """
 
     def __init__(
-        self, split: SplitReader, tokenizer: CaptionTokenizer, augment: Augment, seed: int = 0
+        self,
+        split: SplitReader,
+        tokenizer: CaptionTokenizer,
+        augment: Augment,
+        seed: int = 0,
+        caption_map: np.ndarray | None = None,
     ) -> None:
         self.split = split
+        self.caption_map = caption_map
         self.tokenizer = tokenizer
         self.augment = augment
         self.seed = seed
@@ -60,11 +72,20 @@ class PairDataset(Dataset):
         rng = np.random.default_rng((self.seed, epoch, index))
         image = int(self.split.cap2img[index])
         train_image = getattr(self.split, "train_image", None)  # raw images: random crop/flip
-        feats = train_image(image, rng) if train_image is not None else self.split.image(image)
         aug = self.augment
-        if aug.region_keep_prob is not None and aug.region_keep_prob < 1:
-            feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)
-        ids, word_ids = self.tokenizer.encode(self.split.caption(index))
+        drop = aug.region_keep_prob is not None and aug.region_keep_prob < 1
+        if drop and train_image is None and isinstance(self.split, PrecompSplit):
+            # the same draws as drop_regions, but only the kept regions are copied out
+            keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)
+            feats = self.split.image(image, keep=keep)
+        else:
+            feats = train_image(image, rng) if train_image is not None else self.split.image(image)
+            if drop:
+                feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)
+        shown = index if self.caption_map is None else int(self.caption_map[index])
+        ids, word_ids = self.tokenizer.encode(self.split.caption(shown))
+        if aug.per_token:  # every non-special token a "word" of its own
+            word_ids = [None if w is None else k for k, w in enumerate(word_ids)]
         if aug.word_prob > 0:
             ids = perturb_words(
                 ids,

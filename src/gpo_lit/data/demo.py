@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
@@ -218,7 +219,7 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     one split, all from ``rng`` in one fixed order."""
     ims = np.empty((n, n_regions, world.w2.shape[1]), np.float32)
     scenes, caps = [], []
-    for i in range(n):
+    for i in tqdm(range(n), desc="demo data: scenes", unit="scene", mininterval=1.0):
         objs = _scene(rng)
         ims[i] = _image(world, objs, n_regions, rng)
         caps.extend(_caption(objs, rng) for _ in range(k))

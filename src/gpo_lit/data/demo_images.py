@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from gpo_lit.data.demo import COLOURS, SPLITS, demo_scenes, is_generated
 from gpo_lit.data.demo import GENERATOR_VERSION as SCENES_VERSION
@@ -154,7 +155,8 @@ def generate_demo_images(
         objs_list, caps = scenes[split]
         rng = np.random.default_rng(ss)
         ids = [f"demo-{split}-{i:05d}" for i in range(len(objs_list))]
-        for image_id, objs in zip(ids, objs_list, strict=True):
+        bar = tqdm(ids, desc=f"demo images: {split}", unit="image", mininterval=1.0)
+        for image_id, objs in zip(bar, objs_list, strict=True):
             im = render_scene(objs, image_size, rng)
             name = f"{image_id}.jpg"
             write_atomic(

@@ -28,13 +28,14 @@ import numpy as np
 
 from gpo_lit.data.precomp import REPEAT, read_lines
 from gpo_lit.data.reader import CaptionList
-from gpo_lit.errors import GpoLitError, expect, require_file
+from gpo_lit.errors import GpoLitError, expect, not_a_file, require_file
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)  # BUTD detector (pixels 0..255, BGR, std 1)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters
 
 
 def train_crop_box(
@@ -65,6 +66,8 @@ class ImageSplit(CaptionList):
         hflip_p: training horizontal flip probability.
         mean, std: per-channel normalisation after ``scale`` (in output channel order).
         bgr: output channels in BGR order (Caffe-converted backbones).
+        interpolation: resampling filter of the resize (``bilinear`` as the released code;
+            ``bicubic`` for most timm ViTs; ``data/transforms=backbone`` picks the backbone's).
         scale: pixel values are ``uint8 / 255 * scale`` before normalising (255 for Caffe).
         image_dir: folder of the image files, relative to ``root`` (or absolute).
         precomp_dir: folder of the ids / captions files, relative to ``root``.
@@ -87,6 +90,7 @@ class ImageSplit(CaptionList):
         std: tuple[float, ...] = IMAGENET_STD,
         bgr: bool = False,
         scale: float = 1.0,
+        interpolation: str = "bilinear",
         image_dir: str = "images",
         precomp_dir: str = "precomp",
         mapping_file: str = "id_mapping.json",
@@ -95,16 +99,9 @@ class ImageSplit(CaptionList):
     ) -> None:
         root = Path(root)
         self.root, self.split = root, split
-        expect(int(image_size) >= 8, "image_size", "at least 8 pixels", image_size)
-        expect(0 < crop_min_ratio <= 1, "crop_min_ratio", "a ratio in (0, 1]", crop_min_ratio)
-        self.image_size = int(image_size)
-        self.crop_min_ratio = float(crop_min_ratio)
-        self.hflip_p = float(hflip_p)
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
-        self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
-        self.n_bad = 0
-        self.feat_dim = 3
+        self._pixel_settings(
+            image_size, crop_min_ratio, hflip_p, mean, std, bgr, scale, skip_bad, interpolation
+        )
 
         pre = root / precomp_dir
         self.path = ids_path = pre / f"{split}_ids.txt"
@@ -168,7 +165,8 @@ class ImageSplit(CaptionList):
             if absent and not skip_bad:
                 raise GpoLitError(
                     f"{absent[0]}: expected an image file (id_mapping.json entry under {base}), "
-                    f"found no such file ({len(absent)} of {self.n_images} {split} images missing)"
+                    f"found {not_a_file(absent[0])} ({len(absent)} of {self.n_images} {split} "
+                    "images missing)"
                 )
             if absent:
                 log.warning(
@@ -197,8 +195,10 @@ class ImageSplit(CaptionList):
             with Image.open(path) as im:
                 im.load()
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            reason = "no such file" if isinstance(e, FileNotFoundError) else type(e).__name__
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            reason = not_a_file(path) or type(e).__name__
+            if isinstance(e, Image.DecompressionBombError):  # its size and PIL's limit
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             if not self.skip_bad:
                 raise GpoLitError(
                     f"{path}: expected a readable image (id {self.image_ids[i]}), found {reason} "
@@ -218,13 +218,54 @@ class ImageSplit(CaptionList):
         x = x * (self.scale / 255.0)
         return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
 
+    def _pixel_settings(
+        self,
+        image_size: int,
+        crop_min_ratio: float,
+        hflip_p: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        bgr: bool,
+        scale: float,
+        skip_bad: bool,
+        interpolation: str,
+    ) -> None:
+        """The image size, crop / flip, normalisation and resampling settings (checked), shared
+        by every reader of raw pictures."""
+        expect(int(image_size) >= 8, "image_size", "at least 8 pixels", image_size)
+        expect(0 < crop_min_ratio <= 1, "crop_min_ratio", "a ratio in (0, 1]", crop_min_ratio)
+        self.image_size = int(image_size)
+        self.crop_min_ratio = float(crop_min_ratio)
+        self.hflip_p = float(hflip_p)
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.bgr, self.scale, self.skip_bad = bool(bgr), float(scale), bool(skip_bad)
+        expect(
+            str(interpolation) in INTERPOLATIONS,
+            "data.reader.interpolation",
+            f"one of {', '.join(INTERPOLATIONS)}",
+            interpolation,
+        )
+        self.interpolation = str(interpolation)
+        self.n_bad = 0
+        self.feat_dim = 3
+
+    def _filter(self):
+        from PIL import Image
+
+        return Image.Resampling[self.interpolation.upper()]
+
+    def display_image(self, i: int):
+        """Image ``i`` as the file holds it (RGB ``PIL.Image``), for figures; None if unreadable
+        with ``skip_bad``."""
+        return self._open(i)
+
     def image(self, i: int) -> np.ndarray:
         """Evaluation view of image ``i``: the whole image resized to S×S, float32 ``[3, S, S]``."""
-        from PIL import Image
 
         im = self._open(i)
         if im is not None:
-            im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+            im = im.resize((self.image_size, self.image_size), self._filter())
         return self._to_array(im)
 
     def train_image(self, i: int, rng: np.random.Generator) -> np.ndarray:
@@ -234,7 +275,7 @@ class ImageSplit(CaptionList):
         im = self._open(i)
         if im is not None:
             box = train_crop_box(im.width, im.height, rng, self.crop_min_ratio)
-            im = im.resize((self.image_size, self.image_size), Image.BILINEAR, box=box)
+            im = im.resize((self.image_size, self.image_size), self._filter(), box=box)
             if rng.random() < self.hflip_p:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
         else:

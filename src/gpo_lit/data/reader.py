@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from gpo_lit.errors import MissingFileError
 
 
 @runtime_checkable
@@ -33,6 +36,11 @@ class SplitReader(Protocol):
         """Caption ``j``."""
         ...
 
+    def display_image(self, i: int) -> Any:
+        """What a figure shows for item ``i``: an RGB ``PIL.Image`` when the data are pictures,
+        None when there are none to show (precomputed features, video frame features)."""
+        ...
+
 
 class CaptionList:
     """``n_captions`` and ``caption(j)`` for readers that hold ``captions`` and ``path``."""
@@ -52,3 +60,20 @@ class CaptionList:
                 f"caption {j} out of range for {self.n_captions} captions in {self.path}"
             )
         return self.captions[j]
+
+
+def open_split(
+    reader: Callable[..., SplitReader],
+    root: str | Path,
+    name: str,
+    max_images: int | None = None,
+    source_hint: str = "",
+) -> SplitReader:
+    """Open and validate split ``name`` with ``reader``; a missing file also says where the data
+    come from (``source_hint``)."""
+    try:
+        return reader(root=Path(root), split=name, max_images=max_images)
+    except MissingFileError as err:
+        if not source_hint:
+            raise
+        raise MissingFileError(f"{err}; {source_hint}") from None

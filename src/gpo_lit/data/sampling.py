@@ -24,12 +24,22 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         size: number of items.
         seed: base seed of the run.
         shuffle: False keeps the natural order (still yields the epoch).
+        rank, world_size: this process's share; None (default) reads them from
+            ``torch.distributed`` at iteration time.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._skip = 0
 
@@ -40,8 +50,9 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
+    def _rank_world(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
@@ -79,8 +90,11 @@ class ResumableDataLoader(DataLoader):
         self._batches_done = batches_done
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch}
+        # Lightning swaps in a SequentialSampler for overfit_batches: epoch 0, nothing to skip.
+        return {"epoch": getattr(self.sampler, "epoch", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochShuffleSampler):
+            return
         self.sampler.set_epoch(state["epoch"])
         self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)

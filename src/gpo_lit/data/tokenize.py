@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gpo_lit.data.vocab import Vocabulary, tokenize_words
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, first_line
 
 
 @runtime_checkable
@@ -57,9 +57,8 @@ def _not_found_message(name_or_path: str, err: Exception) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     where = f"text tokenizer {name_or_path!r}"
-    detail = (str(err).strip().splitlines() or [""])[0]  # keep the message to one line
     if Path(name_or_path).expanduser().is_dir():
-        return f"{where}: expected a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json), found none loadable (gpo_lit never downloads) [{type(err).__name__}: {detail}]"
+        return f"{where}: expected a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json), found none loadable (gpo_lit never downloads) [{first_line(err)}]"
     if name_or_path.startswith(("/", ".", "~")):
         return f"{where}: no such directory (gpo_lit never downloads); pass a directory written by `AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)`"
     return (
@@ -79,10 +78,16 @@ class HFTokenizer:
     ``vocab_size`` is the base vocabulary (``tokenizer.vocab_size``, without added tokens), the
     pool the released code draws random replacement tokens from.
 
+    CLIP's tokenizer (``openai/clip-vit-base-patch32``): ``<|startoftext|> … <|endoftext|>``, 77
+    tokens at most, word ids from its pre-tokenizer (``dog's`` is two words, ``dog`` and ``'s``),
+    and no mask token: ``mask_token`` names the one to mask with (PCME++ uses ``M``).
+
     Args:
         name_or_path: a directory holding ``tokenizer.json`` (+ config), or a hub name already in
             the local HF cache, e.g. ``bert-base-uncased``.
-        max_length: most tokens per caption, specials included.
+        max_length: most tokens per caption, specials included; None = the tokenizer's
+            ``model_max_length`` (77 for CLIP). Never more than that (the model's positions).
+        mask_token: the token that masks perturbed words (None = the tokenizer's mask token).
 
     The released BERT code adds ``[CLS]``/``[SEP]`` after its caption augmentation: they are
     never perturbed.
@@ -90,7 +95,9 @@ class HFTokenizer:
 
     perturb_specials_default = False
 
-    def __init__(self, name_or_path: str, max_length: int = 128) -> None:
+    def __init__(
+        self, name_or_path: str, max_length: int | None = 128, mask_token: str | None = None
+    ) -> None:
         from transformers import AutoTokenizer  # heavy import; only BERT-style configs need it
 
         self.name_or_path = str(name_or_path)
@@ -104,20 +111,35 @@ class HFTokenizer:
             raise GpoLitError(
                 f"text tokenizer {self.name_or_path!r}: expected a fast tokenizer (tokenizer.json), found {type(tok).__name__}"
             )
-        for attr in ("pad_token_id", "mask_token_id"):
-            if getattr(tok, attr) is None:
-                raise GpoLitError(
-                    f"text tokenizer {self.name_or_path!r}: expected a {attr[:-9]} token (caption padding / masking), found none"
-                )
-        n_special = tok.num_special_tokens_to_add()
-        if max_length < n_special + 1:
+        if tok.pad_token_id is None:
             raise GpoLitError(
-                f"text tokenizer max_length: expected >= {n_special + 1}, found {max_length}"
+                f"text tokenizer {self.name_or_path!r}: expected a pad token (caption padding), found none"
+            )
+        mask_id = tok.mask_token_id if mask_token is None else tok.convert_tokens_to_ids(mask_token)
+        if mask_id is None or (mask_token is not None and mask_id == tok.unk_token_id):
+            raise GpoLitError(
+                f"model.text.tokenizer.mask_token: expected a token of {self.name_or_path!r} to mask "
+                f"perturbed words with (it has no mask token of its own), found "
+                f"{'none' if mask_token is None else repr(mask_token) + ' (not in its vocabulary)'}"
+            )
+        limit = tok.model_max_length if tok.model_max_length < 1_000_000 else None  # 1e30: unset
+        if max_length is None:
+            if limit is None:
+                raise GpoLitError(
+                    f"model.text.tokenizer.max_length: expected a number ({self.name_or_path!r} "
+                    f"sets no model_max_length), found null"
+                )
+            max_length = limit
+        n_special = tok.num_special_tokens_to_add()
+        if max_length < n_special + 1 or (limit is not None and max_length > limit):
+            bound = f" and <= {limit} (the tokenizer's model_max_length)" if limit else ""
+            raise GpoLitError(
+                f"text tokenizer max_length: expected >= {n_special + 1}{bound}, found {max_length}"
             )
         self.tokenizer = tok
         self.max_length = int(max_length)
         self.pad_id: int = tok.pad_token_id
-        self.mask_id: int = tok.mask_token_id
+        self.mask_id: int = int(mask_id)
         self.vocab_size: int = tok.vocab_size
 
     def encode(self, caption: str) -> tuple[list[int], list[int | None]]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from gpo_lit.data.precomp import read_lines, read_npy_header
 from gpo_lit.data.reader import CaptionList
-from gpo_lit.errors import GpoLitError, MissingFileError, expect, require_file
+from gpo_lit.errors import GpoLitError, MissingFileError, expect, first_line, require_file
 
 # HGR names its split files trn / val / tst; gpo_lit configs say train / val / test.
 HGR_SPLITS = {"train": "trn", "trn": "trn", "val": "val", "dev": "val", "test": "tst", "tst": "tst"}
@@ -57,17 +57,12 @@ def sample_frames(n_total: int, n_frames: int | None) -> np.ndarray:
     return np.round(np.linspace(0, n_total - 1, n_frames)).astype(np.int64)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _load_json(path: Path, what: str) -> Any:
     require_file(path, what)
     try:
         return json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise GpoLitError(f"{path}: expected UTF-8 JSON ({what}), found {_first_line(e)}") from None
+        raise GpoLitError(f"{path}: expected UTF-8 JSON ({what}), found {first_line(e)}") from None
     except json.JSONDecodeError as e:
         raise GpoLitError(
             f"{path}: expected JSON ({what}), found invalid JSON at line {e.lineno} column "
@@ -246,6 +241,10 @@ class _VideoSplit(CaptionList):
             expect(bad == 0, where, f"finite features for video {name!r}", f"{bad} NaN/inf values")
         return x
 
+    def display_image(self, i: int) -> None:
+        """No picture: the frames are feature vectors, not images (figures show the video id)."""
+        return None
+
     def __repr__(self) -> str:
         t = self.lengths
         return (
@@ -268,11 +267,11 @@ def _load_names(path: Path) -> list[str]:
                 f"np.save(path, np.asarray(names, dtype=str)))"
             ) from None
         raise GpoLitError(
-            f"{path}: expected a .npy array of video names, found {_first_line(e)}"
+            f"{path}: expected a .npy array of video names, found {first_line(e)}"
         ) from None
     except (OSError, EOFError) as e:
         raise GpoLitError(
-            f"{path}: expected a .npy array of video names, found {_first_line(e)}"
+            f"{path}: expected a .npy array of video names, found {first_line(e)}"
         ) from None
     expect(
         isinstance(arr, np.ndarray), path, "a .npy array (not an .npz archive)", type(arr).__name__
@@ -361,7 +360,7 @@ class HGRSplit(_VideoSplit):
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise GpoLitError(
-                f"{self.path}: expected an HDF5 file, found {_first_line(e)}"
+                f"{self.path}: expected an HDF5 file, found {first_line(e)}"
             ) from None
         with f:
             keys, shapes, dtypes = [], [], []
@@ -502,7 +501,7 @@ class FrameNpySplit(_VideoSplit):
         try:
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise GpoLitError(f"{path}: expected UTF-8 CSV, found {_first_line(e)}") from None
+            raise GpoLitError(f"{path}: expected UTF-8 CSV, found {first_line(e)}") from None
         rows = list(csv.reader(text.splitlines()))
         expect(len(rows) > 0, path, "a CSV with a header line", "an empty file")
         header = [h.strip() for h in rows[0]]
@@ -543,5 +542,5 @@ class FrameNpySplit(_VideoSplit):
             return np.load(path, allow_pickle=False), path
         except (ValueError, OSError, EOFError) as e:
             raise GpoLitError(
-                f"{path}: expected a .npy array of frame features, found {_first_line(e)}"
+                f"{path}: expected a .npy array of frame features, found {first_line(e)}"
             ) from None

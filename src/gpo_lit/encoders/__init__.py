@@ -4,5 +4,13 @@ from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
 from gpo_lit.encoders.region import RegionEncoder
 from gpo_lit.encoders.text_gru import BiGRUTextEncoder
 from gpo_lit.encoders.text_hf import HFTextEncoder
+from gpo_lit.encoders.vit import ViTEncoder
 
-__all__ = ["BiGRUTextEncoder", "GridCellEncoder", "GridEncoder", "HFTextEncoder", "RegionEncoder"]
+__all__ = [
+    "BiGRUTextEncoder",
+    "GridCellEncoder",
+    "GridEncoder",
+    "HFTextEncoder",
+    "RegionEncoder",
+    "ViTEncoder",
+]

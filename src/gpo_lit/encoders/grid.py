@@ -7,19 +7,18 @@ parameters train whenever the block trains. In training, "size augmentation" dro
 (per image with p = 0.8, each cell with a per-image rate ~ U(0.04, 0.2]), packs the kept cells to
 the front and returns the new lengths.
 
-Weights never come from the network at run time: ``pretrained=True`` reads timm's weights from
-the local Hugging Face cache (looked up, never requested), ``checkpoint_path`` reads a local file (e.g.
-the BUTD detector's ResNet-101 converted to a torchvision-style state dict).
+Weights never come from the network at run time (``encoders.timm_backbone``): ``pretrained=True``
+reads timm's weights from the local Hugging Face cache (looked up, never requested),
+``checkpoint_path`` reads a local file (e.g. the BUTD detector's ResNet-101 converted to a
+torchvision-style state dict).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
+from gpo_lit.encoders.timm_backbone import create_timm_model
 from gpo_lit.errors import GpoLitError
 
 
@@ -63,103 +62,6 @@ def grid_size_augment(
     return packed, lengths
 
 
-def _missing_weights(backbone: str, err: Exception) -> GpoLitError:
-    cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    return GpoLitError(
-        f"model.visual.backbone: expected pretrained weights of '{backbone}' in the local Hugging "
-        f"Face cache ({cache}/hub; no network is used), found none ({type(err).__name__}); "
-        f"download them once with `huggingface-cli download timm/{backbone}`, or set "
-        f"model.visual.checkpoint_path=<local .pth/.safetensors file>"
-    )
-
-
-def cached_timm_weights(backbone: str) -> Path:
-    """The local Hugging Face cache file of timm's pretrained ``backbone`` weights.
-
-    Looked up in the cache only (``try_to_load_from_cache``): no request is ever made, whatever
-    ``HF_HUB_OFFLINE`` says. A model or tag without Hub weights, or weights not in the cache, is
-    a one-line error saying how to get them.
-    """
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    if not timm.is_model(backbone.split(".")[0]):
-        raise GpoLitError(f"model.visual.backbone: expected a timm model name, found '{backbone}'")
-    try:
-        cfg = get_pretrained_cfg(backbone)
-    except (RuntimeError, ValueError, KeyError):
-        cfg = None  # an unknown tag: no weights to find
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if repo:
-        names = (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin")
-        for name in filter(None, names):
-            found = try_to_load_from_cache(repo, name)
-            if isinstance(found, str):
-                return Path(found)
-    raise _missing_weights(backbone, FileNotFoundError(repo or "no Hugging Face Hub weights"))
-
-
-def load_state_file(path: Path) -> dict[str, Tensor]:
-    """A state dict from a ``.safetensors`` or torch file (``weights_only=True``), unwrapped from
-    ``{"state_dict": …}`` / ``{"model": …}`` containers."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise GpoLitError(
-            f"{path}: expected a state dict readable with weights_only=True, found "
-            f"{type(err).__name__}: {first}"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise GpoLitError(f"{path}: expected a state dict, found {type(sd).__name__}")
-    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-
-
-# prefixes stripped from checkpoint keys (DataParallel, the authors' grid checkpoints, timm wraps)
-_PREFIXES = ("module.", "backbone.resnet.", "resnet.", "backbone.", "model.")
-
-
-def _strip(key: str) -> str:
-    """``key`` without any leading wrapper prefixes (``module.backbone.resnet.conv1.weight``)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
-
-
-def load_backbone_weights(model: nn.Module, path: Path, backbone: str) -> None:
-    """Load ``path`` into ``model`` (a features-only timm model): every backbone tensor must be
-    found (classifier and other extra keys are ignored)."""
-    sd = load_state_file(path)
-    want = model.state_dict()
-    stripped = {_strip(k): v for k, v in sd.items()}
-    if sum(k in want for k in stripped) > sum(k in want for k in sd):  # only when it helps
-        sd = stripped
-    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
-    bad = [k for k in want if k in sd and sd[k].shape != want[k].shape]
-    if missing or bad:
-        what = f"{len(missing)} missing (e.g. {missing[0]})" if missing else ""
-        what += ("; " if what else "") + (
-            f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else ""
-        )
-        raise GpoLitError(
-            f"{path}: expected the weights of timm '{backbone}' ({len(want)} tensors), found {what}"
-        )
-    model.load_state_dict({k: sd[k] for k in want if k in sd}, strict=False)
-
-
 def stride_in_1x1(model: nn.Module) -> int:
     """Move each bottleneck's stride from its 3×3 convolution to its first 1×1 (in place).
 
@@ -188,49 +90,32 @@ def create_backbone(
     weights_hint: str = "",
 ) -> nn.Module:
     """A timm model returning one feature map (``features_only``), weights from local files only."""
-    import timm
-
-    kwargs = dict(backbone_kwargs or {})
-    if pretrained and checkpoint_path is None:
-        # timm's own loader, pointed at the cached file: it applies the model's checkpoint filter
-        cached = cached_timm_weights(backbone)
-        kwargs["pretrained_cfg_overlay"] = {"file": str(cached), "hf_hub_id": None, "url": None}
-    try:
-        model = timm.create_model(
-            backbone,
-            pretrained=pretrained and checkpoint_path is None,
-            features_only=True,
-            out_indices=(out_index,),
-            **kwargs,
-        )
-    except (RuntimeError, ValueError, TypeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise GpoLitError(
-            f"model.visual.backbone: expected a timm model name (and kwargs it takes), found {first}"
-        ) from None
-    if checkpoint_path is not None:
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise GpoLitError(
-                f"model.visual.checkpoint_path: expected a weights file for '{backbone}', found "
-                f"no such file at {path}" + (f"; {weights_hint}" if weights_hint else "")
-            )
-        load_backbone_weights(model, path, backbone)
-    return model
+    return create_timm_model(
+        backbone,
+        pretrained,
+        checkpoint_path,
+        backbone_kwargs,
+        weights_hint,
+        features_only=True,
+        out_indices=(out_index,),
+    )
 
 
 class GridCellEncoder(nn.Module):
-    """Grid cells ``[B, N, C]`` → ``Linear(C → d)`` set, with size augmentation in training.
+    """Grid cells or tokens ``[B, N, C]`` → ``Linear(C → d)`` set, size augmentation in training.
 
-    The head of :class:`GridEncoder`, and on its own the visual encoder for grid cells
-    precomputed by ``make features`` (``model/visual=grid_precomp``): the same ``fc`` and the same
-    cell dropping as end to end, the backbone fixed.
+    The head of :class:`GridEncoder` and of the ViT encoder (``encoders.vit``), and on its own the
+    visual encoder for cells / tokens precomputed by ``make features``
+    (``model/visual=grid_precomp`` or ``vit_precomp``): the same ``fc`` and the same dropping as
+    end to end, the backbone fixed.
 
     Args:
-        in_dim: cell width C.
+        in_dim: cell (token) width C.
         embed_dim: joint embedding width d.
-        size_augment: drop grid cells in training (REFERENCE §4).
+        size_augment: drop cells / tokens in training (REFERENCE §4, §12).
         augment_p, augment_min_rate, augment_max_rate: size augmentation parameters.
+        xavier_init: ``fc`` weight Xavier-uniform and bias zero (PCME++'s towers, REFERENCE §12);
+            off = PyTorch's default ``nn.Linear`` initialisation.
     """
 
     def __init__(
@@ -241,10 +126,14 @@ class GridCellEncoder(nn.Module):
         augment_p: float = 0.8,
         augment_min_rate: float = 0.04,
         augment_max_rate: float = 0.2,
+        xavier_init: bool = False,
     ) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.fc = nn.Linear(in_dim, embed_dim)
+        if xavier_init:
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
         self.size_augment = size_augment
         self.augment = (augment_p, augment_min_rate, augment_max_rate)
 

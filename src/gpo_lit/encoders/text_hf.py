@@ -1,4 +1,10 @@
-"""Any Hugging Face transformer as a text encoder (BERT by default)."""
+"""Any Hugging Face transformer as a text encoder (BERT by default; CLIP's text tower too).
+
+A composite checkpoint (CLIP, SigLIP, …: a config with a ``text_config``) gives its text model
+alone: ``openai/clip-vit-base-patch32`` builds a ``CLIPTextModel`` from the checkpoint's
+``text_model`` weights (the vision tower is not loaded). Its ``last_hidden_state`` is after the
+final LayerNorm and before the text projection, with its own causal attention (REFERENCE §12).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,13 @@ from gpo_lit.errors import GpoLitError
 
 
 def load_hf_config(name_or_path: str):
-    """Load a transformers config from a local path or the local HF cache, never the network."""
+    """Load a transformers config from a local path or the local HF cache, never the network;
+    of a composite (text + vision) checkpoint, its text config."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        return getattr(config, "text_config", None) or config
     except (OSError, ValueError) as err:
         raise GpoLitError(
             f"model.text.name_or_path: expected a local model folder or a model in the local "
@@ -26,7 +34,8 @@ def load_hf_config(name_or_path: str):
 
 
 class HFTextEncoder(nn.Module):
-    """Last hidden state of every token (incl. [CLS]/[SEP]) → ``Linear(hidden → d)``.
+    """Last hidden state of every token (incl. [CLS]/[SEP], CLIP's start/end) →
+    ``Linear(hidden → d)``; padding is masked out of attention.
 
     Args:
         name_or_path: model name in the local HF cache or a local folder.

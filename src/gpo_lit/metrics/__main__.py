@@ -1,9 +1,13 @@
-"""Evaluate saved embeddings: ``python -m gpo_lit.metrics EMB.npz [EMB2.npz ...] --protocol P``.
+"""Evaluate saved embeddings: ``python -m gpo_lit.metrics EMB.npz [EMB2.npz ...] --protocol P[,Q]``.
 
-Several files form an ensemble (similarity matrices averaged); they must share cap2img.
+Several files form an ensemble (similarity matrices averaged); they must share cap2img. Several
+protocols (comma-separated) share one load; ``eccv`` / ``cxc`` need ``--coco-ids`` (the folder of
+the CxC annotation files ``testall_ids.txt`` and ``testall_capids.txt``, or one holding
+``cxc_annots/``). Every protocol's size is checked before anything is ranked. ``--json`` writes
+``{protocol: {metric: value}}``, the layout of ``metrics.json`` (never over an existing file). A GpoLitError is printed as one
+line on stderr, exit status 2.
 ``--ties optimistic`` counts only candidates strictly above the ground truth (default
 ``pessimistic``: ties count against the query).
-A GpoLitError is printed as one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,21 +21,9 @@ import torch
 
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics.embeddings_io import load_embeddings
-from gpo_lit.metrics.protocols import PROTOCOLS, evaluate, get_protocol
+from gpo_lit.metrics.protocols import PROTOCOLS, check_size, evaluate_protocols, get_protocol
 from gpo_lit.metrics.ranks import TIES, check_ties
-
-
-def format_table(metrics: dict[str, float]) -> str:
-    """Two rows (image→text, text→image) of R@1/5/10, MedR, MeanR, then rsum."""
-    cols = ("r1", "r5", "r10", "medr", "meanr")
-    head = f"{'':12s}" + "".join(
-        f"{c.upper():>9s}" for c in ("R@1", "R@5", "R@10", "MedR", "MeanR")
-    )
-    lines = [head]
-    for label, pre in (("image→text", "i2t"), ("text→image", "t2i")):
-        lines.append(f"{label:12s}" + "".join(f"{metrics[f'{pre}_{c}']:9.2f}" for c in cols))
-    lines.append(f"{'rsum':12s}{metrics['rsum']:9.2f}")
-    return "\n".join(lines)
+from gpo_lit.metrics.table import format_table
 
 
 def _device(name: str) -> torch.device:
@@ -49,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m gpo_lit.metrics", description=__doc__.splitlines()[0]
     )
     ap.add_argument("files", nargs="+", type=Path, help="embeddings .npz (img, cap, cap2img)")
-    ap.add_argument("--protocol", default="full", help=f"one of {', '.join(PROTOCOLS)}")
+    ap.add_argument(
+        "--protocol",
+        default="full",
+        help=f"one or more (comma-separated) of {', '.join(PROTOCOLS)}",
+    )
+    ap.add_argument("--coco-ids", type=Path, default=None, help="CxC ids folder (eccv, cxc)")
     ap.add_argument("--shard-size", type=int, default=1024)
     ap.add_argument(
         "--ties",
@@ -61,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     args = ap.parse_args(argv)
     try:
-        get_protocol(args.protocol)  # fail before loading anything
+        protocols = [get_protocol(p.strip()) for p in args.protocol.split(",")]  # fail first
+        if args.json is not None:
+            from gpo_lit.cli import ensure_new
+
+            ensure_new(args.json)
         check_ties(args.ties)
         device = _device(args.device)
         loaded = [load_embeddings(f) for f in args.files]
@@ -71,21 +72,33 @@ def main(argv: list[str] | None = None) -> int:
                 raise GpoLitError(
                     f"{f}: expected the same cap2img as {args.files[0]} (ensemble), found a different one"
                 )
+        n_img = loaded[0][0].shape[0]
+        for p in protocols:
+            check_size(p, n_img, where=str(args.files[0]))
+        coco_ids = None
+        if any(p.package for p in protocols):
+            from gpo_lit.metrics.eccv import find_ids_dir, read_coco_ids
+
+            if args.coco_ids is None:
+                raise GpoLitError(
+                    "--coco-ids: expected the folder of cxc_annots/testall_ids.txt and "
+                    "testall_capids.txt (for eccv / cxc), found none given"
+                )
+            coco_ids = read_coco_ids(find_ids_dir(args.coco_ids, None), cap2img.numpy())
         imgs = [img.to(device) for img, _, _ in loaded]
         caps = [cap.to(device) for _, cap, _ in loaded]
-        metrics = evaluate(imgs, caps, cap2img, args.protocol, args.shard_size, args.ties)
+        results = evaluate_protocols(
+            imgs, caps, cap2img, protocols, args.shard_size, args.ties, coco_ids
+        )
     except GpoLitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = " + ".join(str(f) for f in args.files)
-    print(
-        f"protocol {args.protocol}, ties {args.ties}: {names} "
-        f"({imgs[0].shape[0]} images, {caps[0].shape[0]} captions)"
-    )
-    print(format_table(metrics))
+    print(f"{names}: {imgs[0].shape[0]} images, {caps[0].shape[0]} captions, ties {args.ties}")
+    print(format_table(results))
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
         except OSError as e:
             print(
                 f"error: {args.json}: expected a writable path, found {e.strerror}", file=sys.stderr

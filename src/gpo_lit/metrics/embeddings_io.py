@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, first_line
 from gpo_lit.files import write_atomic
 from gpo_lit.metrics.ranks import prepare_embeddings
 
@@ -64,9 +64,8 @@ def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor]:
     except GpoLitError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GpoLitError(
-            f"{path}: expected an .npz archive without pickles, found {msg}"
+            f"{path}: expected an .npz archive without pickles, found {first_line(e)}"
         ) from None
     for k in ("img", "cap"):
         if not np.issubdtype(arrays[k].dtype, np.floating):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,13 +31,46 @@ def positional_encoding(
     return pe
 
 
+def _index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype that holds positions 0..n-1 (sort indices kept for backward)."""
+    return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
+
+
+def _sort_rows_inplace(a: np.ndarray, idx: np.ndarray) -> None:
+    """Sort each row of ``a [R, N]`` ascending in place and write where each value came from into
+    ``idx [R, N]`` (cast to its narrow dtype on the fly). One numpy call on one thread: splitting
+    the rows over a thread pool measured several times slower at 2 torch threads on a loaded
+    2-core machine."""
+    idx[...] = np.argsort(a, axis=-1)
+    a.sort(axis=-1)
+
+
+def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort ``xt [B, D, N]`` ascending along N, in place where it can: the values ``[B, D, N]``
+    and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
+    N = 32768: a quarter of int64's bytes, kept for backward).
+
+    On the CPU through numpy (an argsort, then an in-place values sort of the same rows: several
+    times faster than ``torch.sort`` on many short rows; equal values are interchangeable, so the
+    two agree). ``xt`` must be contiguous."""
+    b, d, n = xt.shape
+    idt = _index_dtype(n)
+    if xt.device.type != "cpu" or b * d * n == 0:
+        vals, idx = xt.sort(dim=-1)
+        return vals, idx.to(idt)
+    idx = torch.empty(b, d, n, dtype=idt)
+    _sort_rows_inplace(xt.numpy().reshape(b * d, n), idx.numpy().reshape(b * d, n))
+    return xt, idx
+
+
 class _SortedWeightedSum(torch.autograd.Function):
     """``out[b, d] = Σ_k theta[b, k] · sort_desc(x[b, valid, d])_k``; padding sorts last as 0.
     Computed in ``theta``'s dtype whatever ``x``'s; the gradient for ``x`` comes back in x's dtype.
 
-    Sorts in a ``[B, D, N]`` copy (contiguous along the sorted axis: ~2x faster on CPU, a little
-    on CUDA) and has a hand-written backward (one scatter) instead of autograd through
-    masked_fill → sort → masked_fill → bmm, so fewer ``[B, N, D]`` temporaries.
+    Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
+    θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
+    ever flipped. Keeps for backward the sorted values and the sort positions in int16
+    (``sort_ascending_``): 1.5x the bytes of an fp32 input. The backward is one scatter.
     """
 
     @staticmethod
@@ -45,23 +79,24 @@ class _SortedWeightedSum(torch.autograd.Function):
         # One pass: cast to the working dtype and transpose into a fresh [B, D, N] buffer.
         xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
         ctx.x_dtype = x.dtype
-        xs, idx = xt.masked_fill_(pad, float("-inf")).sort(dim=-1, descending=True)
-        # Padding now sits at ranks >= length; zero it (0 · -inf would be NaN).
-        xs.masked_fill_(pad, 0.0)
-        ctx.save_for_backward(xs, idx, theta)
-        return torch.bmm(xs, theta.unsqueeze(-1)).squeeze(-1)
+        xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
+        # Padding now sits in front, at positions < N - length; zero it (0 · -inf would be NaN).
+        xs.masked_fill_(pad.flip(-1), 0.0)
+        theta_rev = theta.flip(-1)  # [B, N]: weight of ascending position j
+        ctx.save_for_backward(xs, idx, theta_rev)
+        return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        xs, idx, theta = ctx.saved_tensors
+        xs, idx, theta_rev = ctx.saved_tensors
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
             # idx is a permutation per (b, d), so the scatter writes every entry of the buffer.
-            per_rank = grad.unsqueeze(-1) * theta.unsqueeze(1)  # [B, D, N]
-            grad_x = torch.empty_like(xs).scatter_(2, idx, per_rank).transpose(1, 2)
+            per_pos = grad.unsqueeze(-1) * theta_rev.unsqueeze(1)  # [B, D, N]
+            grad_x = torch.empty_like(xs).scatter_(2, idx.long(), per_pos).transpose(1, 2)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.bmm(grad.unsqueeze(1), xs).squeeze(1)  # [B, N]
+            grad_theta = torch.bmm(grad.unsqueeze(1), xs).squeeze(1).flip(-1)  # [B, N]
         return grad_x, grad_theta, None
 
 

@@ -1,4 +1,4 @@
-"""Hinge triplet ranking loss of VSE++ / VSE∞ (REFERENCE.md §3).
+"""Hinge triplet ranking loss of VSE++ / VSE∞ (REFERENCE.md §3), ``loss=triplet``.
 
 Scores ``S = img · capᵀ`` over a batch of matching (image, caption) pairs; the diagonal holds the
 positives. Both retrieval directions use the hinge ``[α + S_neg − S_pos]₊``:
@@ -14,12 +14,13 @@ assume it, so a mean would silently change the effective step size by the batch 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpo_lit.dist import gather_no_grad, gather_with_grad
+from gpo_lit.losses.base import LossOutput, PairEmbeddings, RetrievalLoss, StepInfo
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(RetrievalLoss):
     """Bidirectional hinge triplet loss with margin, summed over the batch.
 
     Args:
@@ -43,17 +44,23 @@ class TripletLoss(nn.Module):
         mask_same_image: bool = False,
         gather: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(gather=gather)
         self.margin = float(margin)
         self.all_negatives_epochs = int(all_negatives_epochs)
         self.mask_same_image = bool(mask_same_image)
-        self.gather = gather
 
-    def negative_pool(self, local_batch: int) -> int:
-        """Negatives per query: the global batch minus one when gathering, else the local one."""
-        from gpo_lit.dist import world_size
-
-        return (local_batch * (world_size() if self.gather else 1)) - 1
+    def training_loss(self, batch: PairEmbeddings, step: StepInfo) -> LossOutput:
+        """All negatives before ``all_negatives_epochs``, then the hardest (logged as
+        ``hardest_negatives``)."""
+        hardest = self.hardest_for_epoch(step.epoch)
+        value = self(batch.img, batch.cap, batch.img_ids, hardest=hardest)
+        return LossOutput(
+            value,
+            {
+                "hardest_negatives": float(hardest),
+                "negative_pool": float(self.negative_pool(batch.batch_size)),
+            },
+        )
 
     def hardest_for_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) uses hardest negatives; earlier epochs use all negatives."""

@@ -1,0 +1,1 @@
+"""On-disk readers (and their writers), one module per format."""

@@ -1,0 +1,213 @@
+"""Stopping and resuming a training run without losing or repeating anything.
+
+- :class:`StopOnSigterm`: ``kill -TERM`` finishes the training step in progress, saves
+  ``last.ckpt`` (atomically, through the trainer's checkpoint IO) and exits with status 143;
+  :func:`gpo_lit.run_dir.resume_command` is the line that resumes it.
+- :class:`ResumableCSVLogger`: a resumed run appends to ``csv/metrics.csv``; rows the
+  interrupted run logged after its checkpoint are dropped first (they are logged again).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+from gpo_lit.checkpoint_io import load_torch_file
+from gpo_lit.files import write_atomic
+from gpo_lit.run_dir import config_changes, refuse_changes
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on SIGTERM after saving its state; the process exits with status 143."""
+
+    def __init__(self, checkpoint: Path, step: int) -> None:
+        super().__init__(SIGTERM_EXIT)
+        self.checkpoint, self.step = checkpoint, step
+
+
+def slurm_requeues(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's SLURM environment owns the signals (``cluster=slurm``: SIGUSR2 saves
+    an hpc checkpoint and requeues the job; that path is left exactly as Lightning has it)."""
+    env = trainer._accelerator_connector.cluster_environment
+    return isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+
+class StopOnSigterm(pl.Callback):
+    """On SIGTERM: save ``last_path`` at the end of the current training step, then stop.
+
+    The checkpoint is taken where Lightning's own step checkpoints are (the end of a training
+    batch); the process stops at the next hook, once that step's metrics are logged. A signal
+    during validation stops after the next training step (validation finishes first: a
+    checkpoint taken inside it would resume without it); after the last step it stops before
+    testing. ``last_path`` is also saved when training ends, so a run stopped while testing
+    resumes straight to the test. Under DDP every rank stops at the same step (any rank's
+    signal counts). The signal goes to the training process (a DataLoader worker receiving it
+    dies, and the run with it).
+
+    Every checkpoint save also flushes the loggers, then again once the step's own metrics
+    are logged, so the CSV rows up to a checkpoint are on disk whatever happens next.
+    """
+
+    def __init__(self, last_path: str | Path) -> None:
+        self.last_path = Path(last_path)
+        self.received = False  # the signal came
+        self.stopping = False  # last_path holds the state to resume from; stop at the next hook
+        self.saved_step = -1  # the global step last_path was saved at
+        self.flush_pending = False
+
+    def _listen(self, trainer: pl.Trainer) -> None:
+        # Lightning installs its own handler right before the stage runs; this replaces it.
+        if slurm_requeues(trainer) or threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def _agreed(self, trainer: pl.Trainer) -> bool:
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(self.received, all=False))
+        return self.received
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
+        self.saved_step = trainer.global_step
+
+    def _after_step(self, trainer: pl.Trainer) -> None:
+        """The first hook after a training step's metrics are logged."""
+        if self.flush_pending:
+            self.flush_pending = False
+            for logger in trainer.loggers:
+                logger.save()
+        if self.stopping:
+            raise TrainingInterrupted(self.last_path, self.saved_step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._listen(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._listen(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.stopping and self._agreed(trainer):
+            self._save(trainer)
+            self.stopping = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._after_step(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._after_step(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._after_step(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.stopping:
+            self._save(trainer)
+            self.stopping = self._agreed(trainer)
+        self._after_step(trainer)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._agreed(trainer):
+            raise TrainingInterrupted(self.last_path, self.saved_step)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        self.flush_pending = True
+
+
+def check_checkpoint_config(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """A run continued from a checkpoint file must have the configuration stored in it
+    (``gpo_lit_config``; the output folder and what derives from it aside), unless
+    ``resume_changes=allow``: one line naming the changed keys otherwise."""
+    ckpt = load_torch_file(ckpt_path, "a gpo_lit checkpoint", mmap=True)
+    stored = ckpt.get("gpo_lit_config")
+    if not isinstance(stored, dict):
+        return
+    new = OmegaConf.to_container(cfg, resolve=True)
+    old_out = str((stored.get("paths") or {}).get("output_dir") or "\0")
+    new_out = str(new["paths"]["output_dir"])
+
+    def rebase(x: Any) -> Any:  # the old run's folder in its paths is this run's
+        if isinstance(x, dict):
+            return {k: rebase(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rebase(v) for v in x]
+        return x.replace(old_out, new_out) if isinstance(x, str) else x
+
+    changes = config_changes(rebase(stored), new)
+    where = f"ckpt_path={ckpt_path}"
+    refuse_changes(where, "the configuration it was saved with", changes, cfg.get("resume_changes"))
+
+
+def logged_step(ckpt_path: str | Path) -> int:
+    """The logging step of the last training batch a checkpoint holds: rows the run logged after
+    it are logged again by the resumed run (Lightning counts that batch on restoring)."""
+    ckpt = load_torch_file(ckpt_path, "a gpo_lit checkpoint", mmap=True)
+    return int(ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, keeping the rows of ``metrics.csv`` logged up to ``keep_until``."""
+
+    def __init__(self, log_dir: str, keep_until: int) -> None:
+        self.keep_until = keep_until
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(float(r["step"])) <= self.keep_until]
+            header = list(reader.fieldnames or [])
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(path, out.getvalue().encode())
+        self.metrics_keys = sorted(header)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """:class:`~pytorch_lightning.loggers.CSVLogger` that appends when the run resumes.
+
+    Call :meth:`resume_at` before training starts: with a step, the existing ``metrics.csv``
+    keeps its rows logged up to that step and new rows are appended; with None (a run that
+    starts from scratch, e.g. requeued before its first checkpoint) it is replaced, as
+    Lightning's logger does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_until: int | None = None
+
+    def resume_at(self, step: int | None) -> None:
+        self._keep_until = step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self._keep_until is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self._keep_until)
+        return super().experiment

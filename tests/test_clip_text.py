@@ -1,0 +1,193 @@
+"""CLIP's text tower as a token set (REFERENCE §12): a tiny CLIP checkpoint and byte-level BPE
+tokenizer written offline, read back the way ``openai/clip-vit-base-patch32`` is."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from gpo_lit.data.datasets import Augment, PairDataset
+from gpo_lit.data.tokenize import HFTokenizer
+from gpo_lit.encoders import HFTextEncoder
+from gpo_lit.errors import GpoLitError
+from tests.test_model import compose_cfg
+from tests.test_text import _OneCaptionSplit
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+MERGES = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte symbols of byte-level BPE, in GPT-2 / CLIP order (printable bytes first)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
+
+
+def clip_vocab() -> dict[str, int]:
+    """CLIP's vocabulary layout: bytes, bytes + ``</w>``, merges, then start / end."""
+    symbols = byte_symbols()
+    words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES), SOT, EOT]
+    return {w: i for i, w in enumerate(words)}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny CLIP checkpoint (text + vision) and its tokenizer in one folder, as on the Hub."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("clip")
+    vocab = clip_vocab()
+    CLIPTokenizer(vocab=vocab, merges=MERGES, model_max_length=12).save_pretrained(root)
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 12,
+        "projection_dim": 24,
+        "bos_token_id": vocab[SOT],
+        "eos_token_id": vocab[EOT],
+        "pad_token_id": vocab[EOT],
+    }
+    vision = {"hidden_size": 16, "intermediate_size": 20, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    ).save_pretrained(root)
+    return root
+
+
+def test_tokenizer_limits_word_ids_and_mask_token(clip_dir: Path) -> None:
+    vocab = clip_vocab()
+    tok = HFTokenizer(str(clip_dir), max_length=None, mask_token="M")
+    assert tok.max_length == 12  # the tokenizer's own model_max_length (77 for CLIP)
+    assert tok.mask_id == vocab["M"] == 44  # as in CLIP's real vocabulary (PCME++'s mask)
+    assert tok.pad_id == vocab[EOT] and tok.vocab_size == len(vocab)
+    ids, word_ids = tok.encode("A dog's cat, 2 dogs!")
+    pieces = [
+        SOT,
+        "a</w>",
+        "dog</w>",
+        "'",
+        "s</w>",
+        "cat</w>",
+        ",</w>",
+        "2</w>",
+        "do",
+        "g",
+        "s</w>",
+    ]
+    assert ids == [vocab[p] for p in [*pieces, EOT]]  # 12 tokens: "!" is cut, <|endoftext|> kept
+    # words from CLIP's pre-tokenizer: "'s" is a word of two pieces, "dogs" one of three
+    assert word_ids == [None, 0, 1, 2, 2, 3, 4, 5, 6, 6, 6, None]
+    with pytest.raises(GpoLitError, match=r"max_length: expected >= 3 and <= 12 .*found 13"):
+        HFTokenizer(str(clip_dir), max_length=13, mask_token="M")
+    with pytest.raises(GpoLitError, match="mask_token: expected a token .* found none") as e:
+        HFTokenizer(str(clip_dir))  # CLIP has no mask token of its own
+    assert "\n" not in str(e.value)
+    with pytest.raises(GpoLitError, match="found 'zebra' \\(not in its vocabulary\\)"):
+        HFTokenizer(str(clip_dir), mask_token="zebra")
+
+
+def test_text_tower_is_every_token_after_the_final_norm_without_projection(clip_dir) -> None:
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    enc = HFTextEncoder(str(clip_dir), embed_dim=8).eval()
+    full = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
+    assert type(enc.bert).__name__ == "CLIPTextModel"  # the text tower alone
+    assert not any("vision" in n or "projection" in n for n, _ in enc.named_parameters())
+    mine = enc.bert.state_dict()
+    theirs = full.text_model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert enc.linear.in_features == 32  # hidden size, not the projection's 24
+
+    tok = HFTokenizer(str(clip_dir), max_length=None, mask_token="M")
+    a, b = tok.encode("a dog"), tok.encode("a cat, a dog")
+    ids = torch.full((2, len(b[0])), tok.pad_id)
+    ids[0, : len(a[0])], ids[1] = torch.tensor(a[0]), torch.tensor(b[0])
+    lengths = torch.tensor([len(a[0]), len(b[0])])
+    with torch.no_grad():
+        out, out_len = enc(ids, lengths)
+        states = full.text_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        expected = enc.linear(full.text_model.final_layer_norm(states))
+    assert out.shape == (2, len(b[0]), 8) and out_len.tolist() == lengths.tolist()
+    # causal attention: a caption's tokens never see the padding after it, masked or not
+    torch.testing.assert_close(out[1], expected[1])
+    torch.testing.assert_close(out[0, : len(a[0])], expected[0, : len(a[0])])
+
+
+def test_word_level_augmentation_and_per_token_option(clip_dir: Path) -> None:
+    tok = HFTokenizer(str(clip_dir), max_length=None, mask_token="M")
+    caption = "a dog's cat"  # words: a, dog, 's (two pieces), cat
+    ids, word_ids = tok.encode(caption)
+    split = _OneCaptionSplit(caption)
+    masked = Augment(region_keep_prob=None, word_prob=1.0, word_mask_prob=1.0, word_random_prob=0)
+    item = PairDataset(split, tok, masked)[(0, 0)]
+    assert item["cap"] == [ids[0], *[tok.mask_id] * (len(ids) - 2), ids[-1]]  # start / end kept
+
+    # half the words masked: the two pieces of "'s" share one decision, unless per_token
+    half = {
+        "region_keep_prob": None,
+        "word_prob": 0.5,
+        "word_mask_prob": 1.0,
+        "word_random_prob": 0,
+    }
+    pieces = [k for k, w in enumerate(word_ids) if w == 2]
+    for per_token, split_decisions in ((False, 0), (True, 1)):
+        data = PairDataset(split, tok, Augment(**half, per_token=per_token))
+        caps = np.array([data[(0, epoch)]["cap"] for epoch in range(400)])
+        differ = (caps[:, pieces[0]] == tok.mask_id) != (caps[:, pieces[1]] == tok.mask_id)
+        assert (differ.mean() > 0.3) == bool(split_decisions), per_token  # 0.5 for independent
+
+
+def test_clip_text_config_builds_the_model(clip_dir: Path) -> None:
+    cfg = compose_cfg("train", "experiment=demo", "model/text=clip", "model.embed_dim=8",
+                      f"model.text.encoder.name_or_path={clip_dir}")  # fmt: skip
+    with open_dict(cfg):
+        cfg.model.visual.in_dim = 6
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=None)
+    assert (model.tokenizer.max_length, model.tokenizer.mask_id) == (12, 44)
+    ids, _ = model.tokenizer.encode("a dog")
+    emb = model.embed_captions(torch.tensor([ids]), torch.tensor([len(ids)]))
+    assert emb.shape == (1, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+
+
+@pytest.mark.slow
+def test_vit_and_clip_text_train_end_to_end(clip_dir: Path, tmp_path: Path) -> None:
+    """The CLIP-era pair on the demo images: a tiny ViT image tower (frozen in epoch 0, then
+    trained with the loss warm-up) and the tiny CLIP text tower, PCME++'s per-token masking."""
+    import json
+
+    from tests.test_grid_e2e import TINY_GRID_DEMO
+    from tests.test_train_eval import run
+    from tests.test_vit import VIT_DEMO
+
+    run_dir = tmp_path / "run"
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo_grid",
+        *TINY_GRID_DEMO,
+        *VIT_DEMO,
+        "model/text=clip",
+        f"model.text.encoder.name_or_path={clip_dir}",
+        "data.augment.per_token=true",
+        "trainer.max_epochs=2",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())["full"]
+    assert metrics["rsum"] > 0

@@ -1,0 +1,122 @@
+"""Two nodes × one process on localhost through torchrun (gloo, CPU), through the same entry point
+and trainer settings a cluster job uses (``trainer=ddp trainer.num_nodes=2 trainer.devices=1``),
+against one process: the gathered loss and global batch per step, the trained weights, the
+distributed evaluation and a resume from ``last.ckpt`` give what one process gives."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_distributed import free_port
+from tests.test_train_eval import ENV, TINY_DEMO, run
+
+# No BatchNorm and no model-side random cell dropping: with those, 2 ranks of batch B/2 differ
+# from one process of batch B by design (per-replica statistics, per-process RNG). Data order and
+# word augmentation are functions of (seed, epoch, index), so they agree.
+COMMON = [
+    "experiment=demo",
+    *TINY_DEMO,
+    "model/visual=grid_precomp",
+    "model.visual.in_dim=${data.demo.feat_dim}",
+    "model.visual.size_augment=false",
+    "~model.visual.mlp_hidden",
+    "trainer.accelerator=cpu",
+    "trainer.limit_train_batches=3",
+    "trainer.log_every_n_steps=1",
+    "callbacks.last_checkpoint.every_n_train_steps=2",  # a mid-epoch last.ckpt to resume from
+    "logger=csv",
+]
+
+
+def two_nodes(run_dir: Path, data: Path, *overrides: str) -> str:
+    """``torchrun --nnodes=2 --node_rank=k --nproc_per_node=1`` for k = 0, 1, as two cluster
+    nodes would start it (both pointed at one run folder on a shared file system)."""
+    port = free_port()
+    args = [*COMMON, "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
+            f"paths.data_dir={data}", f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={k}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "gpo_lit.train",
+                *args,
+            ],  # fmt: skip
+            cwd=run_dir.parent,
+            env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for k, (p, (_, err)) in enumerate(zip(nodes, outs, strict=True)):
+        assert p.returncode == 0, f"node {k}: {err[-3000:]}"
+    return outs[0][0]
+
+
+def steps(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, train/loss, train/negative_pool) per logged training step."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return [(int(r["step"]), float(r["train/loss"]), float(r["train/negative_pool"]))
+            for r in rows]  # fmt: skip
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_two_nodes_by_torchrun_equal_one_process(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ref = tmp_path / "one"
+    res = run("gpo_lit.train", *COMMON, "trainer.max_epochs=2", f"paths.data_dir={data}",
+              f"hydra.run.dir={ref}", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    multi = tmp_path / "two"
+    multi.mkdir()
+    two_nodes(multi, data, "trainer.max_epochs=1", "test_after_fit=false")  # stopped after epoch 0
+    first = steps(multi)  # (the resumed run's CSV logger starts metrics.csv afresh)
+    out = two_nodes(multi, data, "trainer.max_epochs=2", "ckpt_path=last")  # resumed, both nodes
+
+    # the gathered loss over the global batch of 32, step by step (resumed steps logged again)
+    one = steps(ref)
+    two = {s: (loss, pool) for s, loss, pool in [*first, *steps(multi)]}  # resumed steps: last
+    assert [s for s, _, _ in one] == sorted(two) == list(range(6))
+    assert min(s for s, _, _ in steps(multi)) == 2  # resumed mid-epoch 0, from step 2's last.ckpt
+    for s, loss, pool in one:
+        assert pool == two[s][1] == 31  # negatives per query: the global batch less the positive
+        assert loss == pytest.approx(two[s][0], rel=1e-5, abs=1e-6)
+    # the trained weights, through the resume: equal to float32 rounding, which Adam amplifies
+    # to ~3e-5 where a gradient component is near zero (weights moved ~3e-3 over these 6 steps)
+    a, b = weights(ref / "checkpoints" / "last.ckpt"), weights(multi / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+    # distributed evaluation of the best checkpoint = one process evaluating it
+    (best,) = re.findall(r"Test metrics of (\S+):", out)  # the best of both runs
+    res = run("gpo_lit.eval", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    distributed = json.loads((multi / "metrics.json").read_text())
+    assert distributed == json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    ref_metrics = json.loads((ref / "metrics.json").read_text())
+    for k, v in ref_metrics["full"].items():
+        assert distributed["full"][k] == pytest.approx(v, abs=0.25), k  # at most a tie flipped
