@@ -14,21 +14,36 @@ fixed random attribute embeddings plus instance jitter) times a gain (large > sm
 plus noise, so features are non-negative and sparse-ish like ReLU CNN features. The embeddings and
 the mapping are drawn once from the seed.
 
-Captions are five paraphrases per image from a small grammar with synonyms ("a red ball", "a crimson
-sphere"), varied word order ("on the left there is ...", "... to the left") and often only a
-subset of the objects or attributes, lower-case, 6-20 words.
+Within a scene the objects differ in (colour, shape) and in position. Captions are five
+paraphrases per image from a small grammar with synonyms ("a big red ball", "a huge crimson
+sphere") and varied word order ("on the left there is ...", "... to the left"); each names **every**
+object with its size, colour and shape (its position 3 times in 4), lower-case, 6-36 words.
 
-What the structure favours: a few informative regions among many clutter and distractor regions,
-so **max-like pooling beats mean pooling on the image side** (mean dilutes the objects with ~30
-uninformative regions and sums the partial distractors); captions of varying length with the
-content words spread over the sentence, so pooling over all words helps on the text side. Captions
-that omit objects or attributes make some queries ambiguous, so retrieval is learnable on a CPU in
-minutes but does not saturate.
+What the structure favours:
+
+- Image side: **max-like pooling (max, k-max, GPO) over mean pooling.** Of 36 regions only the
+  1-4 objects (and their second views) carry the scene; mean pooling averages them with ~30
+  clutter regions whose per-image background varies, and with the distractors, whose attribute
+  codes are random, so the mean is dominated by what the captions never mention. A pooling that
+  picks the strongest responses per dimension keeps the objects.
+- Text side: the content words (size, colour, shape, position) are spread over the sentence, so
+  pooling over all words helps.
+- The loss: a caption identifies its scene up to the rare scene with the same objects, so
+  in-batch negatives are nearly all true negatives. Measured on the default training split, a
+  batch of 128 captions holds on average 1.0 pair of captions of one image and 2.3 pairs of
+  captions whose scenes hold the same objects (mostly one-object scenes; a named position often
+  still tells them apart); the paper masks neither. Hardest-negative training then works after
+  the paper's one all-negatives epoch. (Version 1 of this generator often named only some
+  objects: many in-batch "negatives" matched such a partial caption, and hardest negatives
+  collapsed the loss unless the warm-up lasted 6 of 10 epochs.)
+- Difficulty: the objects are noisy codes through a random non-linear map, mixed with partial-
+  object distractors; retrieval is learnable on a CPU in minutes and approaches, but does not
+  reach, the ceiling.
 
 Files: ``root/{train,dev,test}_{ims.npy,caps.txt,ids.txt}`` and ``root/demo_meta.json``. Generation
 is idempotent (same meta: nothing is rewritten) and never clobbers a different existing demo.
 
-    python -m gpo_lit.data.demo --root data/demo [--seed 0] [--n-train 4000] ...
+    python -m gpo_lit.data.demo --root data/demo [--seed 0] [--n-train 6000] ...
 """
 
 from __future__ import annotations
@@ -47,7 +62,7 @@ from tqdm.auto import tqdm
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_FILE = "demo_meta.json"
 SPLITS = ("train", "dev", "test")
 
@@ -82,8 +97,9 @@ POSITIONS = {
 ATTRS = (COLOURS, SHAPES, SIZES, POSITIONS)  # object = one index into each
 
 LATENT, HIDDEN, CLUTTER_RANK = 32, 192, 8
-N_OBJECTS_P = np.array([0.2, 0.35, 0.3, 0.15])  # P(1..4 objects)
-MIN_WORDS, MAX_WORDS = 6, 20
+N_OBJECTS_P = np.array([0.15, 0.35, 0.3, 0.2])  # P(1..4 objects)
+P_POSITION = 0.75  # a caption names an object's position
+MIN_WORDS = 6  # at most 4 objects x 8 words + a 3-word opener: 6-36 words
 OPENERS = ["a picture of", "an image showing", "this photo shows", "we can see", "there is",
            "a simple scene with", "a rendering of"]  # fmt: skip
 
@@ -116,12 +132,14 @@ class _World:
 
 
 def _scene(rng: np.random.Generator) -> np.ndarray:
-    """Objects of one image: int ``[n_obj, 4]`` (colour, shape, size, position), distinct positions."""
+    """Objects of one image: int ``[n_obj, 4]`` (colour, shape, size, position); within a scene the
+    (colour, shape) pairs and the positions are distinct, so a caption tells its objects apart."""
     n = rng.choice(4, p=N_OBJECTS_P) + 1
+    kind = rng.permutation(len(COLOURS) * len(SHAPES))[:n]
     objs = np.stack(
         [
-            rng.integers(len(COLOURS), size=n),
-            rng.integers(len(SHAPES), size=n),
+            kind // len(SHAPES),
+            kind % len(SHAPES),
             rng.integers(len(SIZES), size=n),
             rng.permutation(len(POSITIONS))[:n],
         ],
@@ -162,28 +180,20 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 
 def _phrase(o: np.ndarray, rng: np.random.Generator) -> tuple[str, str | None]:
-    """(noun phrase, position key or None) for one object; attributes are sometimes left out."""
+    """(noun phrase, position key or None) of one object: its size, colour and shape always (a
+    synonym of each), its position usually."""
     colour, shape, size = (list(a.values())[v] for a, v in zip(ATTRS[:3], o[:3], strict=True))
-    words = []
-    if rng.random() < 0.45:
-        words.append(_pick(rng, size))
-    if rng.random() < 0.85:
-        words.append(_pick(rng, colour))
-    words.append(_pick(rng, shape) if rng.random() < 0.9 or len(words) == 0 else "object")
+    words = [_pick(rng, size), _pick(rng, colour), _pick(rng, shape)]
     article = "an" if words[0][0] in "aeiou" else "a"
-    pos = list(POSITIONS)[o[3]] if rng.random() < 0.7 else None
+    pos = list(POSITIONS)[o[3]] if rng.random() < P_POSITION else None
     return f"{article} {' '.join(words)}", pos
 
 
 def _caption(objs: np.ndarray, rng: np.random.Generator) -> str:
-    """One lower-case caption naming 1-3 of the objects (at least two when there are two)."""
-    order = rng.permutation(len(objs))
-    keep = [objs[i] for i in order if rng.random() < (0.9 if objs[i][2] == 1 else 0.7)][:3]
-    if len(keep) < min(2, len(objs)):  # name at least two objects when there are two
-        keep = [objs[i] for i in order[:2]]
+    """One lower-case caption naming every object of the scene, in random order."""
     parts = []
-    for i, o in enumerate(keep):
-        np_, pos = _phrase(o, rng)
+    for i, j in enumerate(rng.permutation(len(objs))):
+        np_, pos = _phrase(objs[j], rng)
         if pos is None:
             parts.append(np_)
         elif i == 0 and rng.random() < 0.3:  # position first: "on the left there is a red ball"
@@ -191,14 +201,9 @@ def _caption(objs: np.ndarray, rng: np.random.Generator) -> str:
         else:
             parts.append(f"{np_} {_pick(rng, POSITIONS[pos][0])}")
     body = _join(parts)
-    while len(body.split()) > MAX_WORDS and len(parts) > 2:  # keep captions short-ish
-        parts.pop()
-        body = _join(parts)
     if " there is " in parts[0]:  # already a sentence
         return body
     opener = _pick(rng, OPENERS) if rng.random() < 0.85 else ""
-    if len(body.split()) + len(opener.split()) > MAX_WORDS:
-        opener = ""
     sentence = f"{opener} {body}".strip()
     if len(sentence.split()) < MIN_WORDS:
         sentence += " " + _pick(rng, ["on a plain background", "in the picture", "in this scene"])
@@ -210,14 +215,16 @@ def _join(parts: list[str]) -> str:
 
 
 def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generator):
-    """Features float32 ``[n, R, D]`` and ``n * k`` captions of one split."""
+    """Scenes (int ``[n_obj, 4]`` each), features float32 ``[n, R, D]`` and ``n * k`` captions of
+    one split, all from ``rng`` in one fixed order."""
     ims = np.empty((n, n_regions, world.w2.shape[1]), np.float32)
-    caps = []
+    scenes, caps = [], []
     for i in tqdm(range(n), desc="demo data: scenes", unit="scene", mininterval=1.0):
         objs = _scene(rng)
         ims[i] = _image(world, objs, n_regions, rng)
         caps.extend(_caption(objs, rng) for _ in range(k))
-    return ims, caps
+        scenes.append(objs)
+    return scenes, ims, caps
 
 
 def _diff(meta: dict, old: object) -> tuple[str, str]:
@@ -255,7 +262,7 @@ def is_generated(meta_path: Path, meta: dict, files: list[Path], overwrite: bool
 def generate_demo(
     root: str | Path,
     seed: int = 0,
-    n_train: int = 4000,
+    n_train: int = 6000,
     n_dev: int = 500,
     n_test: int = 1000,
     n_regions: int = 36,
@@ -303,7 +310,7 @@ def generate_demo(
     world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
     world = _World.draw(np.random.default_rng(world_ss), feat_dim)
     for split, ss in zip(SPLITS, split_ss, strict=True):
-        ims, caps = _split(
+        _, ims, caps = _split(
             world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
         )
         ids = [f"demo-{split}-{i:05d}" for i in range(sizes[split])]
@@ -356,7 +363,7 @@ if __name__ == "__main__":
 
 def demo_scenes(
     seed: int = 0,
-    n_train: int = 4000,
+    n_train: int = 6000,
     n_dev: int = 500,
     n_test: int = 1000,
     n_regions: int = 36,
@@ -370,13 +377,9 @@ def demo_scenes(
     world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
     world = _World.draw(np.random.default_rng(world_ss), feat_dim)
     out: dict[str, tuple[list[np.ndarray], list[str]]] = {}
-    for split, ss in zip(SPLITS, split_ss, strict=True):
-        rng = np.random.default_rng(ss)
-        scenes, caps = [], []
-        for _ in range(sizes[split]):  # the draws of _split, in its order
-            objs = _scene(rng)
-            _image(world, objs, n_regions, rng)
-            caps.extend(_caption(objs, rng) for _ in range(captions_per_image))
-            scenes.append(objs)
+    for split, ss in zip(SPLITS, split_ss, strict=True):  # the draws of generate_demo
+        scenes, _, caps = _split(
+            world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
+        )
         out[split] = (scenes, caps)
     return out

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpo_lit.data.demo import COLOURS, SPLITS, demo_scenes, is_generated
+from gpo_lit.data.demo import GENERATOR_VERSION as SCENES_VERSION
 from gpo_lit.errors import expect
 from gpo_lit.files import write_atomic
 
@@ -122,6 +123,7 @@ def generate_demo_images(
     meta = {
         "generator": "gpo_lit.data.demo_images",
         "version": GENERATOR_VERSION,
+        "scenes_version": SCENES_VERSION,  # the scenes and captions of gpo_lit.data.demo
         "seed": int(seed),
         "n_train": n_train,
         "n_dev": n_dev,
