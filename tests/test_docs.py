@@ -83,7 +83,7 @@ def readme_commands(text: str) -> list[str]:
 def config_commands() -> list[tuple[str, str]]:
     """(config file, command) for the command lines of every config comment."""
     found = []
-    for path in sorted(Path(CONF_DIR).rglob("*.yaml")):
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
         text = re.sub(r"\\\n#\s*", " ", path.read_text())  # continued comment lines
         for m in re.finditer(r"^#\s+((?:make |gpo-|python -m )[^\n]*)", text, re.M):
             line = _clean(m.group(1))
