@@ -1,1 +1,0 @@
-"""Data: on-disk formats, the embedded demo data, augmentation, collate and DataModules."""

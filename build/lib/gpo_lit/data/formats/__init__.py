@@ -1,1 +1,0 @@
-"""On-disk readers (and their writers), one module per format."""
