@@ -94,23 +94,27 @@ def test_two_nodes_by_torchrun_equal_one_process(tmp_path: Path) -> None:
     multi = tmp_path / "two"
     multi.mkdir()
     two_nodes(multi, data, "trainer.max_epochs=1", "test_after_fit=false")  # stopped after epoch 0
-    first = steps(multi)  # (the resumed run's CSV logger starts metrics.csv afresh)
-    out = two_nodes(multi, data, "trainer.max_epochs=2", "ckpt_path=last")  # resumed, both nodes
+    first = steps(multi)
+    out = two_nodes(
+        multi, data, "trainer.max_epochs=2", "ckpt_path=last", "resume_changes=allow"
+    )  # resumed
 
     # the gathered loss over the global batch of 32, step by step (resumed steps logged again)
     one = steps(ref)
     two = {s: (loss, pool) for s, loss, pool in [*first, *steps(multi)]}  # resumed steps: last
     assert [s for s, _, _ in one] == sorted(two) == list(range(6))
-    assert min(s for s, _, _ in steps(multi)) == 2  # resumed mid-epoch 0, from step 2's last.ckpt
+    # the resumed run's metrics.csv keeps the first run's steps: every step exactly once
+    assert [s for s, _, _ in steps(multi)] == list(range(6))
     for s, loss, pool in one:
         assert pool == two[s][1] == 31  # negatives per query: the global batch less the positive
         assert loss == pytest.approx(two[s][0], rel=1e-5, abs=1e-6)
     # the trained weights, through the resume: equal to float32 rounding, which Adam amplifies
-    # to ~3e-5 where a gradient component is near zero (weights moved ~3e-3 over these 6 steps)
+    # where a gradient component is near zero (measured 3e-5 on demo v1, 1.5e-4 on demo v2; the
+    # per-step losses above agree to 1e-5)
     a, b = weights(ref / "checkpoints" / "last.ckpt"), weights(multi / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-4, msg=k)
     # distributed evaluation of the best checkpoint = one process evaluating it
     (best,) = re.findall(r"Test metrics of (\S+):", out)  # the best of both runs
     res = run("gpo_lit.eval", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)

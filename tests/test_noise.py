@@ -121,7 +121,7 @@ def test_training_logs_the_mismatched_fraction(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     line = "data.noise_ratio=0.2: 240 of 1200 training captions (20.00 %) shown with another image"
-    assert line in res.stdout and line in (run_dir / "train.log").read_text()
+    assert line in res.stdout + res.stderr and line in (run_dir / "train.log").read_text()
     rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     col = rows[0].split(",").index("train/noise_mismatched")
     assert [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]] == [0.2]

@@ -145,6 +145,16 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     refuse_changes(stored_path, "the configuration of the run being resumed", changes, allow)
 
 
+def other_rank() -> bool:
+    """Whether this process is not the first of a distributed launch (torchrun's ``RANK``,
+    SLURM's ``SLURM_PROCID``, Lightning's re-launched ``LOCAL_RANK`` children)."""
+    import os
+
+    return any(
+        os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+    )
+
+
 def prepare(config_name: str, argv: list[str]) -> list[str]:
     """The command line Hydra gets: ``argv`` plus the run folder this job may write to.
 
@@ -156,6 +166,8 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
 
     from gpo_lit.cli import CONF_DIR
 
+    if other_rank():
+        return argv  # rank 0 of the launch claims and checks the one shared run folder
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return argv  # --help, --cfg, another config: Hydra writes no run folder, or not ours
