@@ -158,7 +158,7 @@ def test_report_shows_eccv_columns_and_the_best_runs_figures(tmp_path: Path) -> 
         Image.new("RGB", (8, 8)).save(job / "retrieval.png")
     report = rp.build_report(sweep, protocol="eccv")
     table = rp.format_table(report.rows)
-    assert "i2t mAP@R | i2t R-P | i2t R@1 | t2i mAP@R" in table and "rsum" not in table
+    assert "I2T mAP@R | I2T R-P | I2T R@1 | T2I mAP@R" in table and "RSUM" not in table
     assert report.rows[0].config.visual == "gpo"  # sorted by the sum of the columns
     md = report.markdown
     assert "sorted by the sum of the columns" in md and "has no rsum" in md

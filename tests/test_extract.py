@@ -156,7 +156,7 @@ def test_resume_with_other_settings_and_finished_files_are_refused(
 
     done = extract_split(encoder, tree_split, tmp_path / "done", settings={}, progress=False)
     before = done.read_bytes()
-    with pytest.raises(GpoLitError, match=r"test_ims\.npy: expected no feature file"):
+    with pytest.raises(GpoLitError, match=r"test_ims\.npy: expected a new file"):
         extract_split(encoder, tree_split, tmp_path / "done", settings={}, progress=False)
     assert done.read_bytes() == before
 

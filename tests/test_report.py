@@ -187,7 +187,7 @@ def test_table_bolds_the_best_mean_per_column(sweep: Path) -> None:
     _, rows = rp.aggregate(rp.collect_jobs(sweep))
     table = rp.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| experiment | visual pooling | text pooling | n | i2t R@1")
+    assert lines[0].startswith("| experiment | visual pooling | text pooling | n | I2T R@1")
     gpo_line = lines[2]
     assert "| gpo | gpo | 2 |" in gpo_line
     std = statistics.stdev([40.0, 44.0])

@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from gpo_lit.cli import FIGURE_FILE, RANKS_FILE
+from gpo_lit.modalities import DEFAULT_THETA_SIZE, MODALITIES, pool_attr
 from gpo_lit.wandb_utils import wandb_loggers
 
 log = logging.getLogger("gpo_lit.callbacks")
 
 HIT = "✓"
-MODALITIES = {"visual": "visual_pool", "text": "text_pool"}
-DEFAULT_SIZES = {"visual": 36, "text": 12}
 
 
 def _item_names(split: Any, n: int) -> list[str]:
@@ -258,24 +257,6 @@ def split_figure(img: Tensor, cap: Tensor, cap2img: Any, split: Any, n_queries: 
     )
 
 
-def theta_figure(curves: dict[str, np.ndarray]) -> Any:
-    """A matplotlib figure of θ_k against rank k per modality (Agg canvas, no pyplot)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    ax = fig.add_subplot()
-    for modality, theta in curves.items():
-        ranks = np.arange(1, len(theta) + 1)
-        ax.plot(ranks, theta, marker="o", markersize=3, label=f"{modality} (n = {len(theta)})")
-    ax.set_xlabel("rank k (features sorted descending)")
-    ax.set_ylabel("θ_k")
-    ax.set_title("GPO pooling weights")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 def _png(fig: Any) -> Any:
     """The figure as a PIL image (what ``wandb.Image`` takes without matplotlib's pyplot)."""
     from PIL import Image
@@ -313,14 +294,14 @@ class PoolingWeightsPlot(pl.Callback):
                 n = None
             if isinstance(n, int) and n > 0:
                 return n
-        return DEFAULT_SIZES[modality]
+        return DEFAULT_THETA_SIZE[modality]
 
     @torch.no_grad()
     def curves(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, np.ndarray]:
         """θ at this callback's set size for each modality whose pooling exposes it."""
         out = {}
-        for modality, attr in MODALITIES.items():
-            pool = getattr(pl_module, attr, None)
+        for modality in MODALITIES:
+            pool = getattr(pl_module, pool_attr(modality), None)
             if pool is None or not callable(getattr(pool, "weights_for_length", None)):
                 continue
             theta = pool.weights_for_length(self._size(trainer, modality))
@@ -342,8 +323,11 @@ class PoolingWeightsPlot(pl.Callback):
 
         media: dict[str, Any] = {}
         try:
+            from gpo_lit.report.theta import ThetaCurve, plot_theta  # the report's figure
+
+            fig = plot_theta([ThetaCurve(m, theta) for m, theta in curves.items()])
             media["pooling/theta"] = wandb.Image(
-                _png(theta_figure(curves)), caption=f"epoch {trainer.current_epoch}"
+                _png(fig), caption=f"epoch {trainer.current_epoch}"
             )
         except ImportError as err:  # no matplotlib / PIL: the line plot still goes out
             log.warning("pooling/theta image skipped: %s", err)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
 from gpo_lit.errors import GpoLitError, one_line
+from gpo_lit.files import ensure_new  # noqa: F401 - the entry points' and callbacks' import
 
 log = logging.getLogger("gpo_lit")
 
@@ -157,12 +158,6 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     from gpo_lit.metrics.table import format_table as metrics_table
 
     return metrics_table(results)
-
-
-def ensure_new(path: Path) -> None:
-    """Refuse to overwrite results: an existing file is never clobbered."""
-    if path.exists():
-        raise GpoLitError(f"{path}: expected a new file, found an existing one (not overwritten)")
 
 
 def write_metrics(path: Path, results: dict[str, dict[str, float]]) -> None:

@@ -23,9 +23,10 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.checkpoint_io import read_checkpoint
-from gpo_lit.cli import ensure_new, entry_point, format_table, write_metrics
+from gpo_lit.cli import entry_point, format_table, write_metrics
 from gpo_lit.config_check import check_config
 from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.files import ensure_new
 from gpo_lit.metrics import check_ties
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import check_free_space, reserve, write_atomic
+from gpo_lit.files import check_free_space, ensure_new, reserve, write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
 _NPY_HEADER = 128  # bytes before the rows in a .npy file of this size (numpy aligns to 64)
@@ -117,11 +117,7 @@ def extract_split(
     final = out_dir / f"{name}_ims.npy"
     partial = out_dir / f"{name}_ims.partial.npy"
     state_path = out_dir / f"{name}_ims.progress.json"
-    if final.exists():
-        raise GpoLitError(
-            f"{final}: expected no feature file (finished features are never overwritten), "
-            f"found one; remove it or choose another extract.out_dir"
-        )
+    ensure_new(final, "finished features are kept; remove it or choose another extract.out_dir")
     encoder.eval().to(device)
     dtype = torch.bfloat16 if bf16 else None
 

@@ -23,6 +23,16 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def ensure_new(path: str | Path, hint: str = "") -> None:
+    """Refuse, in one line naming ``path``, to write where a file exists: results, checkpoints,
+    features and reports are never clobbered (``hint``: how to get past it)."""
+    if Path(path).exists():
+        more = f"; {hint}" if hint else ""
+        raise GpoLitError(
+            f"{path}: expected a new file, found an existing one (not overwritten{more})"
+        )
+
+
 def free_space(path: str | Path) -> int:
     """Bytes free for an unprivileged writer on the file system that holds (or will hold) ``path``."""
     folder = Path(path).absolute()

@@ -21,6 +21,7 @@ from gpo_lit.encoders.uncertainty import UncertaintyHead
 from gpo_lit.errors import GpoLitError, expect, first_line
 from gpo_lit.losses import PairEmbeddings, RetrievalLoss, StepInfo, instantiate_loss
 from gpo_lit.metrics import check_ties, evaluate, evaluate_protocols, get_protocol
+from gpo_lit.modalities import pooling_for
 from gpo_lit.pooling import create_pooling
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ class VSEModel(pl.LightningModule):
         if text["tokenizer"].get("kind") == "vocab":
             encoder_cfg["vocab_size"] = self.tokenizer.vocab_size
         self.text_encoder = instantiate(encoder_cfg)
-        self.visual_pool = create_pooling(dim=embed_dim, **(visual_pooling or pooling))
-        self.text_pool = create_pooling(dim=embed_dim, **(text_pooling or pooling))
+        self.visual_pool = create_pooling(dim=embed_dim, **pooling_for(self.hparams, "visual"))
+        self.text_pool = create_pooling(dim=embed_dim, **pooling_for(self.hparams, "text"))
         self.loss_fn: RetrievalLoss = instantiate_loss(loss)
         # log σ² heads (PCME++): only for losses that use them, so other models are unchanged
         self.visual_uncertainty: UncertaintyHead | None = None

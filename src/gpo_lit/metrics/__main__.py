@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         protocols = [get_protocol(p.strip()) for p in args.protocol.split(",")]  # fail first
         if args.json is not None:
-            from gpo_lit.cli import ensure_new
+            from gpo_lit.files import ensure_new
 
             ensure_new(args.json)
         check_ties(args.ties)

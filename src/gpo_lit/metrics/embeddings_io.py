@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gpo_lit.errors import GpoLitError, first_line
-from gpo_lit.files import write_atomic
+from gpo_lit.files import ensure_new, write_atomic
 from gpo_lit.metrics.ranks import prepare_embeddings
 
 KEYS = ("img", "cap", "cap2img")
@@ -33,8 +33,7 @@ def save_embeddings(path: str | os.PathLike, img: Any, cap: Any, cap2img: Any) -
     existing file is never overwritten.
     """
     path = Path(path)
-    if path.exists():
-        raise GpoLitError(f"{path}: expected a new file, found an existing one (not overwritten)")
+    ensure_new(path)
     img_np = _numpy(img).astype(np.float32, copy=False)
     cap_np = _numpy(cap).astype(np.float32, copy=False)
     c2i_np = _numpy(cap2img)

@@ -4,9 +4,15 @@ The first table has the R@K columns (R@1/5/10, MdR, MnR per direction, RSUM) and
 protocol that has any of them (``–`` where a protocol lacks one: CxC has no MdR, ECCV Caption only
 R@1). Metrics outside those columns (ECCV's mAP@R and R-Precision, or any other) follow in a
 second table, one row per protocol that has them. i2t = image/video → text.
+
+:func:`markdown_table`, :func:`title` and :func:`cell` are the pieces every results table of
+gpo_lit is made of (the sweep report's table of configurations too).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
 
 DIRECTIONS = ("i2t", "t2i")
 MAIN = ("r1", "r5", "r10", "medr", "meanr")
@@ -21,7 +27,8 @@ TITLES = {
 }
 
 
-def _title(key: str) -> str:
+def title(key: str) -> str:
+    """A metric's column title: ``i2t_r1`` -> ``I2T R@1``, ``rsum`` -> ``RSUM``."""
     if key == "rsum":
         return "RSUM"
     d, _, metric = key.partition("_")
@@ -30,15 +37,29 @@ def _title(key: str) -> str:
     return key
 
 
+def cell(value: float | None, digits: int = 2) -> str:
+    """A number as a table shows it: ``12.34``; ``–`` where there is none (None or NaN)."""
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table: header, rule, one line per row (a ``|`` in a cell escaped)."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(head), "|---" * len(head) + "|", *(line(r) for r in rows)]
+
+
 def _table(results: dict[str, dict[str, float]], cols: list[str]) -> list[str]:
-    head = "| protocol | " + " | ".join(_title(c) for c in cols) + " |"
-    rule = "|---" * (len(cols) + 1) + "|"
     rows = [
-        f"| {p} | " + " | ".join(f"{m[c]:.2f}" if c in m else "–" for c in cols) + " |"
+        [p, *(cell(m[c]) if c in m else "–" for c in cols)]
         for p, m in results.items()
         if any(c in m for c in cols)
     ]
-    return [head, rule, *rows]
+    return markdown_table(["protocol", *(title(c) for c in cols)], rows)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
