@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gpo_lit.convert import convert, read_authors_checkpoint
 from gpo_lit.data.vocab import Vocabulary
@@ -330,3 +331,57 @@ def test_converted_and_native_grid_checkpoints_evaluate_identically(tmp_path: Pa
         assert res.returncode == 0, res.stderr[-3000:]
         results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert results[0] == results[1] and results[0]["full"]["rsum"] > 0
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+def test_the_recipe_is_the_matching_experiment_composed_from_conf(tmp_path: Path) -> None:
+    """Pooling, loss, optimiser and the data reader come from conf/experiment/ (composed here
+    independently), dimensions from the tensors; --experiment picks another, a typo is one line."""
+    from gpo_lit.convert import experiment_for
+
+    model = tiny_model()
+    layout = authors_layout(model)
+    layout["opt"].data_name = "coco_precomp"
+    torch.save(layout, tmp_path / "m.pth")
+    Vocabulary(WORDS).save(tmp_path / "vocab.json")
+    vocab = str(tmp_path / "vocab.json")
+    out = convert(tmp_path / "m.pth", tmp_path / "c.ckpt", "data/x", vocab=vocab)
+    stored = torch.load(out, weights_only=True)
+    hp, run_cfg = stored["hyper_parameters"], stored["gpo_lit_config"]
+    assert run_cfg["experiment"] == "coco_butd_bigru"
+    want = compose_cfg("train", "experiment=coco_butd_bigru")
+    for key in ("optim", "loss", "pooling"):
+        assert hp[key] == OmegaConf.to_container(
+            want[key] if key != "pooling" else want.model.pooling, resolve=True
+        )
+    assert hp["optim"]["weight_decay"] == 1e-2  # the BiGRU recipe, not BERT's 1e-4
+    assert hp["embed_dim"] == 8 and hp["visual"]["in_dim"] == 6 and hp["visual"]["mlp_hidden"] == 4
+    assert hp["evaluation"]["test_protocols"] == ["full"]
+    assert run_cfg["data"]["root"] == "data/x" and run_cfg["data"]["reader"]["_target_"].endswith(
+        "PrecompSplit"
+    )
+
+    out = convert(tmp_path / "m.pth", tmp_path / "b.ckpt", "x", vocab=vocab, experiment="demo")
+    assert torch.load(out, weights_only=True)["gpo_lit_config"]["experiment"] == "demo"
+    with pytest.raises(GpoLitError, match="--experiment: expected one of") as err:
+        convert(tmp_path / "m.pth", tmp_path / "d.ckpt", "x", vocab=vocab, experiment="f30k_nope")
+    assert "\n" not in str(err.value) and not (tmp_path / "d.ckpt").exists()
+
+    opt = argparse.Namespace(data_name="f30k_precomp")
+    assert experiment_for(opt, "region", "bert") == "f30k_butd_bert"
+    assert experiment_for(opt, "detector", "bert") == "f30k_butd_grid_bert"
+    assert experiment_for(argparse.Namespace(), "imagenet", "bigru") == "f30k_resnet152_bigru"
+    assert experiment_for(opt, "wsl", "bigru") == "f30k_wsl"  # the backbone's, text swapped
+
+
+def test_a_swapped_text_tower_keeps_no_multiplier_for_the_absent_one(tmp_path: Path) -> None:
+    torch.save(authors_grid_layout(tiny_grid_model()), tmp_path / "grid.pth")
+    Vocabulary(WORDS).save(tmp_path / "vocab.json")
+    kw = {"vocab": str(tmp_path / "vocab.json"), "backbone": "resnet26"}
+    kw["backbone_kwargs"] = {"channels": [4, 8, 8, 16], "stem_width": 8}
+    out = convert(tmp_path / "grid.pth", tmp_path / "grid.ckpt", "data/f30k", **kw)
+    hp = torch.load(out, weights_only=True)["hyper_parameters"]
+    want = compose_cfg("train", "experiment=f30k_wsl").optim.lr_mults  # backbone ×0.01, BERT ×0.1
+    assert hp["optim"]["lr_mults"] == {"visual_encoder.backbone": want["visual_encoder.backbone"]}
+    assert "text_encoder.bert" in want
+    assert hp["text"]["encoder"]["_target_"].endswith("BiGRUTextEncoder")

@@ -5,7 +5,9 @@
 
 The ``.pth`` is read with ``torch.load(weights_only=True)``; the only class it may contain
 besides tensors and containers is ``argparse.Namespace`` (the training options), allow-listed
-explicitly: nothing else is unpickled. Dimensions are read off the tensors, not the options.
+explicitly: nothing else is unpickled. The recipe (pooling, loss, optimiser, evaluation, data
+reader) is the matching paper setting composed from ``conf/experiment/`` (:data:`EXPERIMENTS`;
+``--experiment`` names another); dimensions are read off the tensors, not the options.
 Region (+ BiGRU / BERT) and grid (+ BERT / BiGRU) checkpoints are supported. A grid checkpoint
 names no timm model: the architecture is read off the tensors (ResNet-50/101/152, ResNeXt-32×Nd)
 or given with ``--backbone``; ``--backbone-source detector`` (or the options' ``backbone_source``)
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from gpo_lit.checkpoint_io import load_torch_file
 from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.files import ensure_new
 
 # authors' prefix (per encoder) → gpo_lit prefix
 IMAGE_KEYS = {"fc.": "visual_encoder.fc.", "mlp.": "visual_encoder.mlp.", "gpool.": "visual_pool."}
@@ -155,107 +159,93 @@ def convert_state(ckpt: dict[str, Any], where: str) -> tuple[dict[str, Tensor], 
     return state, text_kind, "grid" if grid else "region"
 
 
-def model_config(
+# A checkpoint's image encoder (``region``, or the grid backbone's source) and text encoder → its
+# paper setting in conf/experiment/, after the data set prefix (f30k_ or coco_, from the options'
+# data_name). A grid backbone with another text encoder takes its backbone's setting with the text
+# tower swapped (model/text=…; learning-rate multipliers of the absent tower dropped).
+EXPERIMENTS = {
+    ("region", "bigru"): "butd_bigru",
+    ("region", "bert"): "butd_bert",
+    ("wsl", "bert"): "wsl",
+    ("detector", "bert"): "butd_grid_bert",
+    ("imagenet", "bigru"): "resnet152_bigru",
+}
+
+
+def experiment_for(opt: Any, image: str, text_kind: str) -> str:
+    """The ``conf/experiment/`` recipe of a checkpoint (see :data:`EXPERIMENTS`); ``image`` is
+    ``region`` or the grid backbone's source (``wsl``, ``imagenet``, ``detector``)."""
+    data = str(getattr(opt, "data_name", "") or "")
+    prefix = "coco" if data.startswith("coco") else "f30k"
+    family = image if any(f == image for f, _ in EXPERIMENTS) else "wsl"
+    name = EXPERIMENTS.get((family, text_kind))
+    if name is None:
+        name = next(v for (f, _), v in EXPERIMENTS.items() if f == family)
+    return f"{prefix}_{name}"
+
+
+def compose_recipe(experiment: str, text_kind: str) -> DictConfig:
+    """``conf/train.yaml`` composed with ``experiment=<experiment> model/text=<text_kind>``: the
+    recipe (encoders, pooling, loss, optimiser, evaluation, data reader) a converted model keeps."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from gpo_lit.cli import CONF_DIR
+
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("train", [f"experiment={experiment}", f"model/text={text_kind}"])
+    except MissingConfigException as err:
+        options = ", ".join(err.options or []) or "none"
+        raise GpoLitError(
+            f"--experiment: expected one of conf/experiment/ ({options}), found {experiment!r}"
+        ) from None
+
+
+def fit_to_tensors(
+    cfg: DictConfig,
     state: dict[str, Tensor],
     text_kind: str,
     bert: str | None,
     grid: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``VSEModel`` kwargs matching the tensors' shapes (the paper's recipe otherwise); ``grid``:
-    the :class:`GridEncoder` kwargs of a grid checkpoint (backbone, backbone_kwargs, ...)."""
+) -> None:
+    """Set into the composed recipe what the tensors say (dimensions) and what a converted model
+    needs (no pretrained weights: every tensor comes from the checkpoint); ``grid``: the
+    :class:`GridEncoder` kwargs of a grid checkpoint (backbone, backbone_kwargs, caffe_stride)."""
     embed_dim, in_dim = state["visual_encoder.fc.weight"].shape
+    model = cfg.model
+    model.embed_dim = int(embed_dim)
     if grid is not None:
-        visual = {
-            "_target_": "gpo_lit.encoders.grid.GridEncoder",
-            "embed_dim": int(embed_dim),
-            "pretrained": False,  # every backbone tensor comes from the checkpoint
-            **grid,
-        }
+        for key, value in {"pretrained": False, "checkpoint_path": None, **grid}.items():
+            model.visual[key] = value
     else:
         has_mlp = "visual_encoder.mlp.layers.0.weight" in state
-        hidden = state["visual_encoder.mlp.layers.0.weight"].shape[0] if has_mlp else 512
-        visual = {
-            "_target_": "gpo_lit.encoders.RegionEncoder",
-            "in_dim": int(in_dim),
-            "embed_dim": int(embed_dim),
-            "mlp_hidden": int(hidden),
-            "residual_mlp": has_mlp,
-        }
+        model.visual.in_dim = int(in_dim)
+        model.visual.residual_mlp = has_mlp
+        if has_mlp:
+            model.visual.mlp_hidden = int(state["visual_encoder.mlp.layers.0.weight"].shape[0])
     if text_kind == "bert":
         expect(
             bert is not None, "--bert", "the BERT model name or folder the checkpoint used", None
         )
-        text = {
-            "encoder": {
-                "_target_": "gpo_lit.encoders.HFTextEncoder",
-                "name_or_path": bert,
-                "embed_dim": int(embed_dim),
-                "pretrained": False,
-            },
-            "tokenizer": {"kind": "hf", "name_or_path": bert, "max_length": 128},
-        }
+        model.text.encoder.name_or_path = bert
+        model.text.encoder.pretrained = False
     else:
-        vocab_size, word_dim = state["text_encoder.embed.weight"].shape
-        text = {
-            "encoder": {
-                "_target_": "gpo_lit.encoders.BiGRUTextEncoder",
-                "word_dim": int(word_dim),
-                "embed_dim": int(embed_dim),
-                "num_layers": 1,
-            },
-            "tokenizer": {"kind": "vocab"},
-        }
-    gpo = {"name": "gpo", "d_pe": 32, "d_hidden": 32, "temperature": 0.1}
-    return {
-        "visual": visual,
-        "text": text,
-        "pooling": gpo,
-        "embed_dim": int(embed_dim),
-        "loss": {
-            "_target_": "gpo_lit.losses.TripletLoss",
-            "margin": 0.2,
-            "all_negatives_epochs": 1,
-            "mask_same_image": False,
-            "gather": True,
-        },
-        "optim": {
-            "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
-            "lr": 5e-4,
-            "weight_decay": 1e-4,
-            "lr_mults": None,
-            "layer_decay": None,
-            "no_weight_decay": ["loss_fn"],
-            "decay_epochs": [15],
-            "decay_gamma": 0.1,
-            "scheduler": {
-                "_target_": "torch.optim.lr_scheduler.MultiStepLR",
-                "_partial_": True,
-                "milestones": [15],
-                "gamma": 0.1,
-            },
-            "interval": "epoch",
-        },
-        "evaluation": {
-            "val_protocol": "full",
-            "test_protocols": ["full"],
-            "shard_size": 1024,
-            "save_embeddings_to": None,
-        },
-    }
+        model.text.encoder.word_dim = int(state["text_encoder.embed.weight"].shape[1])
+    mults = cfg.optim.lr_mults
+    if mults:  # a swapped text tower: no multiplier for the one the model lacks
+        kept = {p: m for p, m in mults.items() if any(k.startswith(f"{p}.") for k in state)}
+        cfg.optim.lr_mults = kept or None
 
 
-def image_reader(detector: bool, image_size: int) -> dict[str, Any]:
-    """The raw-image reader of a grid checkpoint: ImageNet or the detector's Caffe input."""
-    reader: dict[str, Any] = {
-        "_target_": "gpo_lit.data.images.ImageSplit",
-        "_partial_": True,
-        "image_size": image_size,
-    }
-    if detector:
-        from gpo_lit.data.images import CAFFE_MEAN_BGR
-
-        reader |= {"bgr": True, "scale": 255.0, "mean": list(CAFFE_MEAN_BGR), "std": [1.0] * 3}
-    return reader
+def image_reader(detector: bool, image_size: int | None = None) -> dict[str, Any]:
+    """The raw-image reader of a grid checkpoint, as its experiment has it: ImageNet input, or
+    the detector's Caffe input (``detector``); ``image_size``: another input side."""
+    family = "detector" if detector else "wsl"
+    cfg = compose_recipe(f"f30k_{EXPERIMENTS[(family, 'bert')]}", "bert")
+    if image_size is not None:
+        cfg.data.reader.image_size = int(image_size)
+    return OmegaConf.to_container(cfg.data.reader, resolve=True)
 
 
 def convert(
@@ -269,37 +259,46 @@ def convert(
     backbone: str | None = None,
     backbone_source: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
-    image_size: int = 512,
+    image_size: int | None = None,
+    experiment: str | None = None,
 ) -> Path:
     """Write a gpo_lit checkpoint (weights + run config) converted from the authors' ``src``.
 
-    Grid checkpoints only: ``backbone`` (timm name; default read off the tensors),
-    ``backbone_source`` (``detector`` = BUTD Caffe input and stride; default the checkpoint's
-    ``opt.backbone_source``, else ImageNet input), ``backbone_kwargs`` (extra
-    ``timm.create_model`` kwargs), ``image_size`` (512 in the paper).
+    The recipe is ``experiment``'s (default: :func:`experiment_for` the checkpoint), composed
+    from ``conf/``, with the dimensions read off the tensors; ``protocols``: the test protocols
+    (default ``full``: the whole ``test_split``). Grid checkpoints only: ``backbone`` (timm name;
+    default read off the tensors), ``backbone_source`` (``detector`` = BUTD Caffe input and
+    stride; default the checkpoint's ``opt.backbone_source``, else ImageNet input),
+    ``backbone_kwargs`` (extra ``timm.create_model`` kwargs), ``image_size`` (default the
+    experiment's, 512 as in the paper).
     """
     from gpo_lit.data.vocab import Vocabulary
     from gpo_lit.model import VSEModel
 
     dst = Path(dst)
-    if dst.exists():
-        raise GpoLitError(f"{dst}: expected a new file, found an existing one (not overwritten)")
+    ensure_new(dst)
     ckpt = read_authors_checkpoint(src)
     state, text_kind, image_kind = convert_state(ckpt, str(src))
+    opt = ckpt.get("opt")
     grid = None
-    data: dict[str, Any] = {}
+    image = "region"
     if image_kind == "grid":
-        source = backbone_source or getattr(ckpt.get("opt"), "backbone_source", None)
-        detector = source == "detector"
+        image = str(backbone_source or getattr(opt, "backbone_source", None) or "wsl")
         grid = {
             "backbone": backbone or infer_backbone(state, str(src)),
             "backbone_kwargs": backbone_kwargs,
-            "caffe_stride": detector,
+            "caffe_stride": image == "detector",
         }
-        data["reader"] = image_reader(detector, image_size)
-        data["augment"] = {"region_keep_prob": None}
-    hparams = model_config(state, text_kind, bert, grid)
-    hparams["evaluation"]["test_protocols"] = list(protocols or ["full"])
+    experiment = experiment or experiment_for(opt, image, text_kind)
+    cfg = compose_recipe(experiment, text_kind)
+    fit_to_tensors(cfg, state, text_kind, bert, grid)
+    if image_kind == "grid" and image_size is not None:
+        cfg.data.reader.image_size = int(image_size)
+    cfg.evaluation.test_protocols = list(protocols or ["full"])
+    cfg.data.root = data_root
+    cfg.data.test_split = test_split
+    hparams = OmegaConf.to_container(cfg.model, resolve=True)
+    hparams.pop("_target_", None)
     words = None
     if text_kind == "bigru":
         expect(
@@ -327,15 +326,9 @@ def convert(
             f"missing {sorted(missing)[:4]} and unexpected {sorted(unexpected)[:4]}"
         )
     run_config = {
-        "data": {
-            "_target_": "gpo_lit.data.datamodule.RetrievalDataModule",
-            "root": data_root,
-            "test_split": test_split,
-            "val_max_images": None,
-            "eval_batch_size": 128,
-            "num_workers": 0,
-            **data,
-        },
+        "name": str(cfg.name),
+        "experiment": experiment,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
         "converted_from": str(src),
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["wsl", "imagenet", "detector"],
         help="grid: detector = BUTD Caffe input and stride (default: the checkpoint's options)",
     )
-    parser.add_argument("--image-size", type=int, default=512, help="grid: input side")
+    parser.add_argument(
+        "--image-size", type=int, help="grid: input side (default: the experiment's, 512)"
+    )
+    parser.add_argument(
+        "--experiment",
+        help="the conf/experiment/ recipe to keep (default: the checkpoint's paper setting)",
+    )
     args = parser.parse_args(argv)
     try:
         out = convert(
@@ -385,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             backbone=args.backbone,
             backbone_source=args.backbone_source,
             image_size=args.image_size,
+            experiment=args.experiment,
         )
     except GpoLitError as err:
         print(f"error: {err}", file=sys.stderr)
