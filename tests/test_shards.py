@@ -130,7 +130,7 @@ def test_write_shards_never_overwrites(tmp_path: Path) -> None:
     sample = [("k0", jpeg((1, 2, 3)), "jpg", ["c"])]
     write_shards(sample, tmp_path / "x-%06d.tar", 1)
     before = (tmp_path / "x-000000.tar").read_bytes()
-    with pytest.raises(GpoLitError, match="never overwritten"):
+    with pytest.raises(GpoLitError, match="x-000000.tar: expected a new file"):
         write_shards(sample, tmp_path / "x-%06d.tar", 1)
     assert (tmp_path / "x-000000.tar").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x-000000.tar"]  # no temporary left

@@ -43,6 +43,7 @@ import numpy as np
 
 from gpo_lit.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit
 from gpo_lit.errors import GpoLitError, MissingFileError, expect
+from gpo_lit.files import ensure_new
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def write_shards(
             if tar is not None:
                 finish()
             target = Path(str(pattern) % len(written))
-            expect(not target.exists(), target, "no existing shard (never overwritten)", "a file")
+            ensure_new(target, "write the shards elsewhere")
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
             os.close(fd)
