@@ -183,3 +183,63 @@ def test_make_features_reads_webdataset_shards(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     for name in ("test_caps.txt", "test_ids.txt"):
         assert (a.parent / name).read_text() == (b.parent / name).read_text()
+
+
+@pytest.mark.slow
+def test_launched_ranks_resume_after_one_is_killed(tmp_path: Path) -> None:
+    """Two ``gpo-extract`` processes launched as torchrun would (RANK / WORLD_SIZE); rank 1 is
+    SIGKILLed midway, rank 0 gives up in one line; rerunning both gives the one-process file."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = [
+        "experiment=demo_grid",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "++data.demo.n_train=8",
+        "++data.demo.n_dev=8",
+        "++data.demo.n_test=60",
+        "extract.splits=[test]",
+        "extract.batch_size=1",
+        "extract.flush_every=1",
+        "extract.num_threads=1",
+        "extract.progress=false",
+        "extract.rank_wait_s=30",  # rank 0 gives up 30 s after rank 1 stops moving
+    ]
+
+    def launch(out: str, rank: int, world: int, run: str) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}
+        args = [*common, f"extract.out_dir={tmp_path / out}", f"hydra.run.dir={tmp_path / run}"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpo_lit.extract", *args],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    one = launch("one", 0, 1, "r1")
+    assert one.wait(300) == 0, one.stderr.read()[-2000:]
+    ref = (tmp_path / "one" / "test_ims.npy").read_bytes()
+
+    ranks = [launch("two", r, 2, "r2") for r in (0, 1)]
+    record = tmp_path / "two" / "test_ims.progress.1of2.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and ranks[1].poll() is None:
+        try:
+            if json.loads(record.read_text())["done"] > 35:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.02)
+    ranks[1].send_signal(signal.SIGKILL)
+    assert ranks[1].wait(60) == -signal.SIGKILL, ranks[1].stderr.read()[-2000:]
+    assert ranks[0].wait(300) == 2
+    err = ranks[0].stderr.read().strip().splitlines()
+    assert "expected the other 1 rank(s) to finish their rows" in err[-1]
+    done = json.loads(record.read_text())["done"]
+    assert 35 < done < 60 and not (tmp_path / "two" / "test_ims.npy").exists()
+
+    again = [launch("two", r, 2, f"r3-{r}") for r in (0, 1)]
+    assert [p.wait(300) for p in again] == [0, 0], again[0].stderr.read()[-2000:]
+    assert (tmp_path / "two" / "test_ims.npy").read_bytes() == ref
