@@ -127,6 +127,8 @@ RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
     "extract.pool_grid": ("null or a grid side >= 1", optional(positive_int)),
     "extract.max_images": ("null or a positive integer", optional(positive_int)),
     "extract.flush_every": ("a positive integer", positive_int),
+    "extract.devices": ("a positive integer (processes sharing each split)", positive_int),
+    "extract.rank_wait_s": ("a positive number of seconds", lambda v: _number(v) and v > 0),
 }
 
 

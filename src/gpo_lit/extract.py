@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,162 +33,19 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
 
 from gpo_lit.cli import entry_point
 from gpo_lit.config_check import check_config
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
-from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import check_free_space, ensure_new, reserve, write_atomic
+from gpo_lit.errors import GpoLitError, expect, one_line
+from gpo_lit.feature_writer import extract_split, write_json
 
 log = logging.getLogger("gpo_lit.extract")
-_NPY_HEADER = 128  # bytes before the rows in a .npy file of this size (numpy aligns to 64)
 
 #: encoders whose backbone set (``grid()``) the extractor stores, and the head config for it
 BackboneEncoder = GridEncoder | ViTEncoder
 _HEAD_CONFIG = {GridEncoder: "grid_precomp", ViTEncoder: "vit_precomp"}
-
-
-class EvalImages(Dataset):
-    """Images ``start … n_images−1`` of a raw-image split in their evaluation view."""
-
-    def __init__(self, split: Any, start: int = 0) -> None:
-        self.split, self.start = split, start
-
-    def __len__(self) -> int:
-        return self.split.n_images - self.start
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return torch.from_numpy(self.split.image(self.start + k))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` atomically and on disk (progress records vouch for flushed rows)."""
-    write_atomic(path, json.dumps(obj, indent=1).encode(), sync=True)
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    """Write ``lines`` to ``path``, or check that an existing ``path`` holds exactly them."""
-    text = "".join(f"{ln}\n" for ln in lines)
-    if path.exists():
-        expect(
-            path.read_text(encoding="utf-8") == text,
-            path,
-            f"the {len(lines)} lines of the split being extracted (never overwritten)",
-            "a different file; remove it or choose another extract.out_dir",
-        )
-        return
-    write_atomic(path, text.encode("utf-8"))
-
-
-@torch.no_grad()
-def extract_split(
-    encoder: BackboneEncoder,
-    split: Any,
-    out_dir: Path,
-    *,
-    settings: dict[str, Any],
-    pool_grid: int | None = None,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    flush_every: int = 20,
-    progress: bool = True,
-) -> Path:
-    """Write the precomp files of one split; resume an interrupted run with the same ``settings``.
-
-    Args:
-        encoder: a grid or ViT encoder (only its backbone runs, in eval mode).
-        split: an :class:`~gpo_lit.data.images.ImageSplit` (or any reader with ``image(i)``).
-        out_dir: destination folder (created).
-        settings: what determines the features (backbone, weights, image pipeline, pooling);
-            stored with the progress and in ``features_meta.json``; a resume must match it.
-        pool_grid: average-pool the feature map to ``pool_grid × pool_grid`` cells.
-        flush_every: flush rows and record progress every this many batches.
-
-    Returns:
-        the path of ``{split}_ims.npy``.
-    """
-    from tqdm.auto import tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = split.split
-    final = out_dir / f"{name}_ims.npy"
-    partial = out_dir / f"{name}_ims.partial.npy"
-    state_path = out_dir / f"{name}_ims.progress.json"
-    ensure_new(final, "finished features are kept; remove it or choose another extract.out_dir")
-    encoder.eval().to(device)
-    dtype = torch.bfloat16 if bf16 else None
-
-    def cells(x: torch.Tensor) -> np.ndarray:
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=bf16):
-            out = encoder.grid(x, pool_grid)
-        return out.float().cpu().numpy()
-
-    probe = cells(torch.from_numpy(split.image(0))[None])
-    shape = (split.n_images, *probe.shape[1:])
-    key = {"settings": settings, "split": name, "shape": list(shape)}
-
-    start = 0
-    # The rows are written through a memory map: space missing on disk would be a SIGBUS later,
-    # so it is checked first and then allocated for the whole file (rows × cells × C × 4 bytes).
-    size = _NPY_HEADER + 4 * int(np.prod(shape))
-    what = f"{shape[0]} images × {shape[1]} cells × {shape[2]} float32 features"
-    if partial.exists():
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        expect(
-            {k: state.get(k) for k in key} == key,
-            partial,
-            f"an interrupted extraction with the same settings ({state_path.name}) to resume",
-            "other settings or no progress file; remove it to start again",
-        )
-        check_free_space(partial, size - 512 * partial.stat().st_blocks, f"the rest of {what}")
-        reserve(partial, partial.stat().st_size, what)
-        mm = np.lib.format.open_memmap(partial, mode="r+")
-        start = int(state["done"])
-        log.info("%s: resuming at image %d of %d", partial, start, shape[0])
-    else:
-        check_free_space(partial, size, what)
-        mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-        try:
-            reserve(partial, os.path.getsize(partial), what)
-        except BaseException:
-            del mm
-            partial.unlink()  # made just now, holds nothing
-            raise
-        _write_json(state_path, {**key, "done": 0})
-
-    loader = DataLoader(
-        EvalImages(split, start),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-    )
-    row = start
-    bar = tqdm(
-        total=shape[0], initial=start, unit="img", desc=f"{name} features", disable=not progress
-    )
-    for b, images in enumerate(loader, 1):
-        feats = cells(images)
-        mm[row : row + len(feats)] = feats
-        row += len(feats)
-        bar.update(len(feats))
-        if b % flush_every == 0:
-            mm.flush()  # rows on disk before the progress file says so
-            _write_json(state_path, {**key, "done": row})
-    bar.close()
-    mm.flush()
-    del mm
-    expect(row == shape[0], partial, f"{shape[0]} rows written", row)
-    _write_lines(out_dir / f"{name}_caps.txt", list(split.captions))
-    if split.image_ids is not None:
-        _write_lines(out_dir / f"{name}_ids.txt", list(split.image_ids))
-    os.replace(partial, final)
-    state_path.unlink()
-    return final
 
 
 def build_encoder(cfg: DictConfig) -> BackboneEncoder:
@@ -221,13 +79,46 @@ def default_out_dir(cfg: DictConfig, encoder: BackboneEncoder) -> Path:
     return Path(cfg.data.root) / "features" / name
 
 
-def extract(cfg: DictConfig) -> dict[str, Path]:
-    """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``."""
+def launcher_ranks() -> tuple[int, int, int]:
+    """``(rank, world, local rank)`` of a torchrun or SLURM launch; ``(0, 1, 0)`` otherwise."""
+    for rank, world, local in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if int(os.environ.get(world, "1") or 1) > 1:
+            env = os.environ
+            return int(env.get(rank, 0)), int(env[world]), int(env.get(local, 0) or 0)
+    return 0, 1, 0
+
+
+def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) -> dict[str, Path]:
+    """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``.
+
+    ``extract.devices=N`` spawns N processes here (one per GPU, or CPU processes), each
+    extracting its share; under torchrun or SLURM each launched task is one rank instead.
+    """
     check_config(cfg)
     ex = cfg.extract
+    if rank is None:
+        rank, world, local = launcher_ranks()
+        if world == 1 and ex.devices > 1:
+            return _spawn(cfg, ex.devices)
+        expect(
+            ex.devices in (1, world),
+            "extract.devices",
+            f"1 or the launcher's {world} tasks",
+            ex.devices,
+        )
+    else:
+        local = rank
+    world = world or 1
     if ex.get("num_threads"):
         torch.set_num_threads(ex.num_threads)
+    elif world > 1:  # ranks of one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ex.devices)))
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local}"
     if ex.ckpt:  # checked before the demo images are rendered or a split is opened
         from gpo_lit.checkpoint_io import read_checkpoint
 
@@ -276,12 +167,19 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
             bf16=ex.bf16,
             flush_every=ex.flush_every,
             progress=ex.progress,
+            rank=rank,
+            world=world,
+            wait_s=ex.rank_wait_s,
         )
+        written[name] = path
+        if rank != 0:
+            continue
         shape = np.load(path, mmap_mode="r").shape
         meta["splits"][name] = {"images": shape[0], "cells": shape[1], "dim": shape[2]}
-        written[name] = path
         print(f"{path}: {shape[0]} images × {shape[1]} cells × {shape[2]}", flush=True)
-    _write_json(meta_path, meta)
+    if rank != 0:
+        return written
+    write_json(meta_path, meta)
     dim = meta["splits"][next(iter(written))]["dim"] if written else "C"
     print(
         f"Train on them: make train EXP=<precomputed-feature experiment, e.g. f30k_butd_bert> "
@@ -290,6 +188,61 @@ def extract(cfg: DictConfig) -> dict[str, Path]:
         flush=True,
     )
     return written
+
+
+def _rank_main(rank: int, cfg: dict, world: int, errors: Any) -> None:
+    """One spawned rank: its user errors go to the parent as one line."""
+    try:
+        extract(OmegaConf.create(cfg), rank=rank, world=world)
+    except GpoLitError as err:
+        errors.put(f"rank {rank}: {one_line(err)}")
+        sys.exit(2)
+
+
+def _resolved(node: Any) -> Any:
+    """``node`` as plain containers for the spawned ranks, resolved where it can be here (a
+    ``${hydra:…}`` value outside a Hydra run stays an interpolation the ranks never read)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError:
+        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+        out = {}
+        for k in keys:
+            try:
+                value = node[k]
+            except InterpolationResolutionError:
+                out[k] = node._get_node(k)._value()  # the interpolation itself
+                continue
+            out[k] = _resolved(value) if OmegaConf.is_config(value) else value
+        return list(out.values()) if OmegaConf.is_list(node) else out
+
+
+def _spawn(cfg: DictConfig, n: int) -> dict[str, Path]:
+    """Run ``n`` ranks as processes of this machine; the first user error stops all of them."""
+    import torch.multiprocessing as mp
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # rendered once, before the ranks start
+    for name in cfg.extract.splits:
+        datamodule.split(name, cfg.extract.max_images)  # data errors before any process starts
+    encoder = build_encoder(cfg)
+    out_dir = Path(cfg.extract.out_dir) if cfg.extract.out_dir else default_out_dir(cfg, encoder)
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(
+            _rank_main,
+            args=(_resolved(cfg), n, errors),
+            nprocs=n,
+            start_method="spawn",
+        )
+    except mp.ProcessExitedException:
+        if errors.empty():
+            raise
+        raise GpoLitError(errors.get()) from None
+    return {name: out_dir / f"{name}_ims.npy" for name in cfg.extract.splits}
 
 
 @entry_point("extract")
