@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from gpo_lit.cli import CONF_DIR
-from gpo_lit.data.demo import (
+from gpo_lit.data.demo.regions import (
     COLOURS,
     META_FILE,
     POSITIONS,
@@ -23,7 +23,7 @@ from gpo_lit.data.demo import (
     generate_demo,
     main,
 )
-from gpo_lit.data.precomp import PrecompSplit
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
 from tests.test_model import compose_cfg
 

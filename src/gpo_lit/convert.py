@@ -247,12 +247,12 @@ def model_config(
 def image_reader(detector: bool, image_size: int) -> dict[str, Any]:
     """The raw-image reader of a grid checkpoint: ImageNet or the detector's Caffe input."""
     reader: dict[str, Any] = {
-        "_target_": "gpo_lit.data.images.ImageSplit",
+        "_target_": "gpo_lit.data.formats.images.ImageSplit",
         "_partial_": True,
         "image_size": image_size,
     }
     if detector:
-        from gpo_lit.data.images import CAFFE_MEAN_BGR
+        from gpo_lit.data.formats.images import CAFFE_MEAN_BGR
 
         reader |= {"bgr": True, "scale": 255.0, "mean": list(CAFFE_MEAN_BGR), "std": [1.0] * 3}
     return reader
