@@ -19,13 +19,19 @@ import io
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpo_lit.data.demo.protocol import DemoFolder, check_counts, existing, generator_cli
+from gpo_lit.data.demo.protocol import (
+    DemoFolder,
+    check_counts,
+    existing,
+    generator_cli,
+    settings_of,
+)
 from gpo_lit.data.demo.regions import GENERATOR_VERSION as SCENES_VERSION
 from gpo_lit.data.demo.regions import SPLITS, demo_scenes
 from gpo_lit.data.demo.vocab import COLOURS
@@ -129,10 +135,7 @@ class ImageDemo:
     def checked(cls, who: str, settings: dict, **counts: int) -> ImageDemo:
         """The ``settings`` of generator ``who`` (named in errors); ``counts``: its own positive
         integers (checked too)."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(settings) - set(known))
-        expect(not unknown, who, f"settings among {', '.join(known)}", ", ".join(unknown))
-        demo = cls(**settings)
+        demo = settings_of(cls, who, settings)
         check_counts(who, n_train=demo.n_train, n_dev=demo.n_dev, n_test=demo.n_test,
                      image_size=demo.image_size, captions_per_image=demo.captions_per_image,
                      **counts)  # fmt: skip
@@ -153,7 +156,8 @@ class ImageDemo:
         and captions of the region demo with these sizes (:func:`demo_scenes`), rendered from
         one random stream per split."""
         k = self.captions_per_image
-        scenes = demo_scenes(self.seed, self.n_train, self.n_dev, self.n_test, captions_per_image=k)
+        scenes = demo_scenes(seed=self.seed, n_train=self.n_train, n_dev=self.n_dev,
+                             n_test=self.n_test, captions_per_image=k)  # fmt: skip
         render_ss = np.random.SeedSequence((int(self.seed), 7919)).spawn(len(SPLITS))
 
         def split_samples(split: str, ss: np.random.SeedSequence) -> Iterator[Sample]:

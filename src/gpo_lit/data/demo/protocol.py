@@ -22,12 +22,14 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
+
+T = TypeVar("T")
 
 
 def check_counts(prefix: str, **values: Any) -> None:
@@ -35,6 +37,15 @@ def check_counts(prefix: str, **values: Any) -> None:
     for name, v in values.items():
         ok = isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
         expect(ok, f"{prefix} {name}", "a positive integer", v)
+
+
+def settings_of(cls: type[T], who: str, settings: dict[str, Any]) -> T:
+    """The settings dataclass ``cls`` of generator ``who`` from keyword ``settings`` (an unknown
+    name is one line naming ``who``; ``cls`` checks the values)."""
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(settings) - set(known))
+    expect(not unknown, who, f"settings among {', '.join(known)}", ", ".join(unknown))
+    return cls(**settings)
 
 
 def meta_bytes(meta: dict) -> bytes:

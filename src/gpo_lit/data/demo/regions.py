@@ -50,13 +50,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpo_lit.data.demo.protocol import DemoFolder, check_counts, existing, generator_cli
+from gpo_lit.data.demo.protocol import (
+    DemoFolder,
+    check_counts,
+    existing,
+    generator_cli,
+    settings_of,
+)
 from gpo_lit.data.demo.vocab import COLOURS, POSITIONS, SHAPES, SIZES, pick
 from gpo_lit.data.formats.precomp import write_precomp_split
 from gpo_lit.errors import expect
@@ -194,54 +200,62 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     return scenes, ims, caps
 
 
-def _splits(
-    seed: int, sizes: dict[str, int], n_regions: int, feat_dim: int, k: int
-) -> Iterator[tuple[str, list[np.ndarray], np.ndarray, list[str]]]:
-    """Per split, in order: (split, scenes, features, captions) — the one place the demo's random
-    streams are drawn (one for the world, one per split), so every user sees the same scenes."""
-    world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
-    world = _World.draw(np.random.default_rng(world_ss), feat_dim)
-    for split, ss in zip(SPLITS, split_ss, strict=True):
-        yield split, *_split(world, sizes[split], n_regions, k, np.random.default_rng(ss))
+@dataclass(frozen=True)
+class RegionDemo:
+    """The region demo's settings: the keyword arguments of :func:`generate_demo`,
+    :func:`demo_scenes` and the command line (checked on creation), and the one place the demo's
+    random streams are drawn (:meth:`draw`)."""
+
+    seed: int = 0
+    n_train: int = 6000
+    n_dev: int = 500
+    n_test: int = 1000
+    n_regions: int = 36
+    feat_dim: int = 128
+    captions_per_image: int = 5
+
+    def __post_init__(self) -> None:
+        check_counts("demo", n_train=self.n_train, n_dev=self.n_dev, n_test=self.n_test,
+                     n_regions=self.n_regions, feat_dim=self.feat_dim,
+                     captions_per_image=self.captions_per_image)  # fmt: skip
+        expect(
+            self.n_regions >= 20,
+            "demo n_regions",
+            "at least 20 (objects, views, distractors, clutter)",
+            self.n_regions,
+        )
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Images per split."""
+        return {"train": self.n_train, "dev": self.n_dev, "test": self.n_test}
+
+    def draw(self) -> Iterator[tuple[str, list[np.ndarray], np.ndarray, list[str]]]:
+        """Per split, in order: (split, scenes, features, captions), from one random stream for
+        the world and one per split: every user of these settings sees the same scenes."""
+        world_ss, *split_ss = np.random.SeedSequence(int(self.seed)).spawn(1 + len(SPLITS))
+        world = _World.draw(np.random.default_rng(world_ss), self.feat_dim)
+        for split, ss in zip(SPLITS, split_ss, strict=True):
+            rng = np.random.default_rng(ss)
+            n = self.sizes[split]
+            yield split, *_split(world, n, self.n_regions, self.captions_per_image, rng)
 
 
-def generate_demo(
-    root: str | Path,
-    seed: int = 0,
-    n_train: int = 6000,
-    n_dev: int = 500,
-    n_test: int = 1000,
-    n_regions: int = 36,
-    feat_dim: int = 128,
-    captions_per_image: int = 5,
-    overwrite: bool = False,
-) -> Path:
+def generate_demo(root: str | Path, *, overwrite: bool = False, **settings: int) -> Path:
     """Write the demo data set under ``root`` (if not already there) and return ``root``.
 
-    Same seed and sizes give byte-identical files. Files already generated with the same meta are
-    kept; a different demo (or other files with the same names) is an error unless ``overwrite``
-    (the generate-once protocol of :mod:`gpo_lit.data.demo.protocol`).
+    ``settings``: the fields of :class:`RegionDemo` (seed, split sizes, regions, feature width,
+    captions per image). Same settings give byte-identical files. Files already generated with
+    the same meta are kept; a different demo (or other files with the same names) is an error
+    unless ``overwrite`` (the generate-once protocol of :mod:`gpo_lit.data.demo.protocol`).
     """
     root = Path(root)
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    check_counts("demo", n_train=n_train, n_dev=n_dev, n_test=n_test, n_regions=n_regions,
-                 feat_dim=feat_dim, captions_per_image=captions_per_image)  # fmt: skip
-    expect(
-        n_regions >= 20,
-        "demo n_regions",
-        "at least 20 (objects, views, distractors, clutter)",
-        n_regions,
-    )
+    demo = settings_of(RegionDemo, "demo", settings)
     meta = {
         "generator": "gpo_lit.data.demo",  # its module until 2026-12 (the meta is data: kept)
         "version": GENERATOR_VERSION,
-        "seed": int(seed),
-        "n_train": n_train,
-        "n_dev": n_dev,
-        "n_test": n_test,
-        "n_regions": n_regions,
-        "feat_dim": feat_dim,
-        "captions_per_image": captions_per_image,
+        **asdict(demo),
+        "seed": int(demo.seed),
     }
     names = [f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt", "ids.txt")]
     folder = DemoFolder(
@@ -254,31 +268,22 @@ def generate_demo(
     )
     if not folder.start(overwrite):
         return root
-    for split, _, ims, caps in _splits(seed, sizes, n_regions, feat_dim, captions_per_image):
-        ids = [f"demo-{split}-{i:05d}" for i in range(sizes[split])]
+    for split, _, ims, caps in demo.draw():
+        ids = [f"demo-{split}-{i:05d}" for i in range(demo.sizes[split])]
         write_precomp_split(root, split, ims, caps, ids)
     return folder.finish()
 
 
-def demo_scenes(
-    seed: int = 0,
-    n_train: int = 6000,
-    n_dev: int = 500,
-    n_test: int = 1000,
-    n_regions: int = 36,
-    feat_dim: int = 128,
-    captions_per_image: int = 5,
-) -> dict[str, tuple[list[np.ndarray], list[str]]]:
+def demo_scenes(**settings: int) -> dict[str, tuple[list[np.ndarray], list[str]]]:
     """Per split: the scenes (int ``[n_obj, 4]``: colour, shape, size, position indices into
-    ``COLOURS``, ``SHAPES``, ``SIZES``, ``POSITIONS``) and the captions of :func:`generate_demo`
-    with the same arguments (the same random streams), for renderers of the same scenes."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    drawn = _splits(seed, sizes, n_regions, feat_dim, captions_per_image)
+    ``COLOURS``, ``SHAPES``, ``SIZES``, ``POSITIONS``) and the captions that :func:`generate_demo`
+    writes with the same ``settings`` (the same random streams), for renderers of the scenes."""
+    drawn = settings_of(RegionDemo, "demo", settings).draw()
     return {split: (scenes, caps) for split, scenes, _, caps in drawn}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generator_cli(generate_demo, "python -m gpo_lit.data.demo.regions", argv)
+    return generator_cli(generate_demo, "python -m gpo_lit.data.demo.regions", argv, RegionDemo)
 
 
 if __name__ == "__main__":
