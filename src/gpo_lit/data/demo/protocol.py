@@ -35,7 +35,7 @@ T = TypeVar("T")
 def check_counts(prefix: str, **values: Any) -> None:
     """Each value a positive integer (an error naming ``{prefix} {name}`` otherwise)."""
     for name, v in values.items():
-        ok = isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1
+        ok = bool(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1)
         expect(ok, f"{prefix} {name}", "a positive integer", v)
 
 
