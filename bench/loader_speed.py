@@ -5,7 +5,7 @@ loads the same random batches (region dropping p = 0.8, padded with the project'
 
 - OLD: a copy of the previous reader kept here as the baseline: ``np.load(mmap_mode="r")``, one
   row copied out of the map, its finiteness checked, the kept regions copied again;
-- NEW: :class:`gpo_lit.data.precomp.PrecompSplit` (``os.preadv`` of the row, kept regions only),
+- NEW: :class:`gpo_lit.data.formats.precomp.PrecompSplit` (``os.preadv`` of the row, kept regions only),
 
 with 0 and 2 workers, each first on a cold page cache (``posix_fadvise(DONTNEED)`` of the file: no
 global cache drop needed) and then hot (the same batches again). It prints batches/s and the bytes
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gpo_lit.data.augment import drop_regions, kept_regions
 from gpo_lit.data.collate import pad_sets
-from gpo_lit.data.precomp import PrecompSplit
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
 
 

@@ -138,7 +138,7 @@ def test_refuses_arbitrary_pickles(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_converted_and_native_checkpoints_evaluate_identically(tmp_path: Path) -> None:
-    from gpo_lit.data.demo import generate_demo
+    from gpo_lit.data.demo.regions import generate_demo
 
     data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=40, feat_dim=6)
     model = tiny_model().eval()
@@ -237,7 +237,7 @@ def test_grid_checkpoint_converts_exactly(tmp_path: Path) -> None:
     ref, got = model.state_dict(), converted.state_dict()
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
-    assert run_cfg["data"]["reader"]["_target_"] == "gpo_lit.data.images.ImageSplit"
+    assert run_cfg["data"]["reader"]["_target_"] == "gpo_lit.data.formats.images.ImageSplit"
     assert run_cfg["data"]["reader"]["image_size"] == 512
     assert not converted.visual_encoder.training or converted.visual_encoder.freeze_bn
     x = torch.randn(2, 3, 64, 64)

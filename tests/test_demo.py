@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from pathlib import Path
@@ -12,18 +11,19 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from gpo_lit.cli import CONF_DIR
-from gpo_lit.data.demo import (
+from gpo_lit.data.demo.regions import (
     COLOURS,
     META_FILE,
     POSITIONS,
     SHAPES,
     SIZES,
     SPLITS,
+    RegionDemo,
     demo_scenes,
     generate_demo,
     main,
 )
-from gpo_lit.data.precomp import PrecompSplit
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
 from tests.test_model import compose_cfg
 
@@ -176,9 +176,9 @@ def test_bad_sizes(tmp_path: Path) -> None:
 
 def test_default_size_budget() -> None:
     """The default demo stays under 150 MB of features."""
-    d = {k: v.default for k, v in inspect.signature(generate_demo).parameters.items()}
-    n = d["n_train"] + d["n_dev"] + d["n_test"]
-    assert n * d["n_regions"] * d["feat_dim"] * 4 < 150e6
+    d = RegionDemo()  # generate_demo's defaults
+    n = d.n_train + d.n_dev + d.n_test
+    assert n * d.n_regions * d.feat_dim * 4 < 150e6
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,12 @@ CONFIG_OF = {
 }
 SCRIPTS = {"gpo-train": "gpo_lit.train", "gpo-eval": "gpo_lit.eval",
            "gpo-extract": "gpo_lit.extract", "gpo-report": "gpo_lit.report"}  # fmt: skip
-ARGPARSE = {"gpo_lit.convert", "gpo_lit.metrics", "gpo_lit.data.demo", "gpo_lit.data.demo_images"}
+ARGPARSE = {
+    "gpo_lit.convert",
+    "gpo_lit.metrics",
+    "gpo_lit.data.demo.regions",
+    "gpo_lit.data.demo.images",
+}
 COMMAND = re.compile(r"^(make |gpo-\w+|python -m gpo_lit|… )")
 # Commands of the documentation that a test also runs end to end (command: the test).
 RUN_FOR_REAL = {

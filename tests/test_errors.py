@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from gpo_lit.cli import report_errors
 from gpo_lit.data.datasets import ImageDataset
-from gpo_lit.data.demo import generate_demo
-from gpo_lit.data.images import ImageSplit
+from gpo_lit.data.demo.regions import generate_demo
+from gpo_lit.data.formats.images import ImageSplit
 from gpo_lit.data.sampling import EpochShuffleSampler
 from gpo_lit.divergence import LossWatch
 from gpo_lit.errors import GpoLitError

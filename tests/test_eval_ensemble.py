@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpo_lit.data.demo import generate_demo
+from gpo_lit.data.demo.regions import generate_demo
 from gpo_lit.metrics import load_embeddings
 from tests.test_convert import save_native
 from tests.test_metrics import naive_metrics

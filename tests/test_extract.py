@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from gpo_lit.data.images import ImageSplit
-from gpo_lit.data.precomp import PrecompSplit
+from gpo_lit.data.formats.images import ImageSplit
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
 from gpo_lit.errors import GpoLitError
 from gpo_lit.extract import extract_split

@@ -394,8 +394,8 @@ def test_eval_uses_the_runs_num_threads(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_demo_generators_show_progress(tmp_path: Path, capsys) -> None:
-    from gpo_lit.data.demo import generate_demo
-    from gpo_lit.data.demo_images import generate_demo_images
+    from gpo_lit.data.demo.images import generate_demo_images
+    from gpo_lit.data.demo.regions import generate_demo
 
     generate_demo(tmp_path / "regions", n_train=4, n_dev=2, n_test=3, feat_dim=6)
     err = capsys.readouterr().err

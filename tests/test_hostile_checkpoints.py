@@ -523,7 +523,7 @@ def test_every_target_and_generator_of_conf_is_allowed_where_it_is() -> None:
     generators = set(re.findall(r"demo_generator:\s*([\w.]+)", text))
     assert generators and generators <= DEMO_GENERATORS
     # gpo_lit functions (they write files) and classes gpo_lit merely imports are not components
-    for name in ("gpo_lit.files.write_atomic", "gpo_lit.data.demo.generate_demo"):
+    for name in ("gpo_lit.files.write_atomic", "gpo_lit.data.demo.regions.generate_demo"):
         assert name not in allowed_targets()
     assert "gpo_lit.data.datamodule.Path" not in allowed_targets()
     assert "gpo_lit.data.datamodule.RetrievalDataModule" in allowed_targets()

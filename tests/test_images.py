@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpo_lit.data.demo import generate_demo
-from gpo_lit.data.demo_images import META_FILE, generate_demo_images
-from gpo_lit.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, train_crop_box
-from gpo_lit.data.reader import SplitReader
+from gpo_lit.data.demo.images import META_FILE, generate_demo_images
+from gpo_lit.data.demo.regions import generate_demo
+from gpo_lit.data.formats.base import SplitReader
+from gpo_lit.data.formats.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, train_crop_box
 from gpo_lit.errors import GpoLitError, MissingFileError
 
 
@@ -128,7 +128,7 @@ def test_demo_images_render_the_demo_scenes(tmp_path: Path) -> None:
 
 def test_red_object_is_red() -> None:
     """A large red ball on the left of the canvas is rendered red there."""
-    from gpo_lit.data.demo_images import render_scene
+    from gpo_lit.data.demo.images import render_scene
 
     im = np.asarray(render_scene(np.array([[0, 0, 1, 0]]), 64, np.random.default_rng(0)))
     r, g, b = im[28:36, 10:18].reshape(-1, 3).mean(0)

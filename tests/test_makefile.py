@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpo_lit.data.demo import generate_demo
+from gpo_lit.data.demo.regions import generate_demo
 from tests.test_convert import save_native
 from tests.test_eval_ensemble import spread_model
 from tests.test_train_eval import ENV, one_line_error

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpo_lit.data.precomp import PrecompSplit, read_npy_header
+from gpo_lit.data.formats.npy import read_npy_header
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
 
 

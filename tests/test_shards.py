@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from gpo_lit.data.collate import Collate
 from gpo_lit.data.datasets import Augment, PairDataset
-from gpo_lit.data.demo_images import generate_demo_images
-from gpo_lit.data.demo_shards import generate_demo_shards
+from gpo_lit.data.demo.images import generate_demo_images
+from gpo_lit.data.demo.shards import generate_demo_shards
 from gpo_lit.data.formats.shards import ShardSplit, sample_key, write_shards
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
@@ -290,7 +290,7 @@ def test_training_on_shards_beats_the_untrained_model_of_the_same_seed(tmp_path:
 
 
 def test_demo_shards_command_line(tmp_path: Path, capsys) -> None:
-    from gpo_lit.data.demo_shards import main
+    from gpo_lit.data.demo.shards import main
 
     args = ["--root", str(tmp_path), "--n-train", "3", "--n-dev", "1", "--n-test", "1"]
     assert main([*args, "--image-size", "16", "--samples-per-shard", "2"]) == 0

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import gpo_lit.pooling
-from gpo_lit.data.demo_video import generate_demo_video
-from gpo_lit.data.video import FrameNpySplit, HGRSplit, sample_frames
+from gpo_lit.data.demo.video import generate_demo_video
+from gpo_lit.data.formats.frames import FrameNpySplit
+from gpo_lit.data.formats.hgr import HGRSplit
+from gpo_lit.data.formats.video import sample_frames
 from gpo_lit.errors import GpoLitError, MissingFileError
 from gpo_lit.metrics import evaluate
 from gpo_lit.pooling import create_pooling

@@ -194,7 +194,7 @@ def test_reader_resizes_with_the_configured_filter(tmp_path) -> None:
     import numpy as np
     from PIL import Image
 
-    from gpo_lit.data.images import ImageSplit
+    from gpo_lit.data.formats.images import ImageSplit
     from tests.test_images import make_tree
 
     root = make_tree(tmp_path / "f30k", n=2)

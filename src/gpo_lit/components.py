@@ -12,6 +12,9 @@ checkpoint downloaded from someone else must never run code, so before anything 
 - no value holds a ``${…}`` interpolation: configs are stored resolved, and resolving one could
   read the environment (``oc.env``) or call a registered resolver.
 
+A component that moved since a checkpoint was written (:data:`MOVED`) is read under its new name:
+the stored config is updated in place before it is checked.
+
 The trainer, callbacks and logger of the stored run config (:data:`RUN_RECORD_KEYS`) are a record
 of the run that nothing builds or resolves on load; they are not checked, so runs with callbacks
 of their own (Lightning's ``EarlyStopping``, a profiler) stay loadable and resumable. Code that
@@ -47,12 +50,24 @@ FOREIGN_COMPONENTS = frozenset(
 # The functions a stored data config may name as its demo generator.
 DEMO_GENERATORS = frozenset(
     {
-        "gpo_lit.data.demo.generate_demo",
-        "gpo_lit.data.demo_images.generate_demo_images",
-        "gpo_lit.data.demo_shards.generate_demo_shards",
-        "gpo_lit.data.demo_video.generate_demo_video",
+        "gpo_lit.data.demo.regions.generate_demo",
+        "gpo_lit.data.demo.images.generate_demo_images",
+        "gpo_lit.data.demo.shards.generate_demo_shards",
+        "gpo_lit.data.demo.video.generate_demo_video",
     }
 )
+# Old name -> new name of components that moved (readers into gpo_lit.data.formats and demo
+# generators into gpo_lit.data.demo, 2026-12): checkpoints written before still load.
+MOVED = {
+    "gpo_lit.data.precomp.PrecompSplit": "gpo_lit.data.formats.precomp.PrecompSplit",
+    "gpo_lit.data.images.ImageSplit": "gpo_lit.data.formats.images.ImageSplit",
+    "gpo_lit.data.video.HGRSplit": "gpo_lit.data.formats.hgr.HGRSplit",
+    "gpo_lit.data.video.FrameNpySplit": "gpo_lit.data.formats.frames.FrameNpySplit",
+    "gpo_lit.data.demo.generate_demo": "gpo_lit.data.demo.regions.generate_demo",
+    "gpo_lit.data.demo_images.generate_demo_images": "gpo_lit.data.demo.images.generate_demo_images",
+    "gpo_lit.data.demo_shards.generate_demo_shards": "gpo_lit.data.demo.shards.generate_demo_shards",
+    "gpo_lit.data.demo_video.generate_demo_video": "gpo_lit.data.demo.video.generate_demo_video",
+}
 # Parts of the stored run config (gpo_lit_config) that are a record only, never built on load.
 RUN_RECORD_KEYS = ("trainer", "callbacks", "logger")
 # The checkpoint entries that hold configs (Lightning's two, and the run config gpo-train adds).
@@ -88,7 +103,8 @@ def allowed_targets() -> frozenset[str]:
 
 def check_stored_configs(where: object, ckpt: dict) -> None:
     """Raise :class:`UnsafeCheckpointError` (one line naming ``where`` and the key path) unless
-    the configs stored in ``ckpt`` name only allowed components and hold no interpolation."""
+    the configs stored in ``ckpt`` name only allowed components and hold no interpolation; names
+    of :data:`MOVED` components are replaced by their new names first."""
     for entry in CONFIG_ENTRIES:
         if entry in ckpt:
             _check(where, ckpt[entry], entry)
@@ -103,6 +119,9 @@ def _refuse(where: object, found: str, path: str) -> UnsafeCheckpointError:
 
 def _check(where: object, node: Any, path: str) -> None:
     if isinstance(node, dict):
+        for key in ("_target_", "demo_generator"):
+            if isinstance(node.get(key), str) and node[key] in MOVED:
+                node[key] = MOVED[node[key]]
         if "_target_" in node:
             target = node["_target_"]
             if not isinstance(target, str) or target not in allowed_targets():

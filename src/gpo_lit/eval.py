@@ -73,8 +73,8 @@ def precheck(ckpt: str, cfg: DictConfig, out_dir: Path) -> None:
     every protocol, COCO ids for eccv / cxc (the checkpoint's stored config; headers only)."""
     from hydra.utils import instantiate
 
-    from gpo_lit.data.precomp import PrecompSplit
-    from gpo_lit.data.reader import open_split
+    from gpo_lit.data.formats.base import open_split
+    from gpo_lit.data.formats.precomp import PrecompSplit
     from gpo_lit.eval_checks import check_protocols
 
     ensure_new(out_dir / "metrics.json")

@@ -120,7 +120,7 @@ def extract_split(
 
     Args:
         encoder: a grid or ViT encoder (only its backbone, ``grid()``, runs, in eval mode).
-        split: an :class:`~gpo_lit.data.images.ImageSplit` (or any reader with ``image(i)``).
+        split: an :class:`~gpo_lit.data.formats.images.ImageSplit` (or any reader with ``image(i)``).
         out_dir: destination folder (created).
         settings: what determines the features (backbone, weights, image pipeline, pooling);
             stored with the progress and in ``features_meta.json``; a resume must match it.

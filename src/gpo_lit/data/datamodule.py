@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from gpo_lit.data.collate import Collate
 from gpo_lit.data.datasets import Augment, CaptionDataset, ImageDataset, PairDataset
+from gpo_lit.data.formats.base import SplitReader, open_split
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.data.noise import mismatched_fraction, noisy_caption_map
-from gpo_lit.data.precomp import PrecompSplit
-from gpo_lit.data.reader import SplitReader, open_split
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
 from gpo_lit.errors import GpoLitError, expect
@@ -77,7 +77,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         seed: int = 0,
         demo: dict | None = None,
         source_hint: str = "",
-        demo_generator: str = "gpo_lit.data.demo.generate_demo",
+        demo_generator: str = "gpo_lit.data.demo.regions.generate_demo",
         reader: Callable[..., SplitReader] | None = None,
         scan_finite_bytes: int = 2 << 30,
         noise_ratio: float = 0.0,

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from gpo_lit.data.augment import drop_regions, kept_regions, perturb_words
-from gpo_lit.data.precomp import PrecompSplit
-from gpo_lit.data.reader import SplitReader
+from gpo_lit.data.formats.base import SplitReader
+from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.data.tokenize import CaptionTokenizer
 
 

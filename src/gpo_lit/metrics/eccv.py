@@ -84,7 +84,7 @@ def find_ids_dir(given: str | os.PathLike | None, data_root: str | os.PathLike |
 
 
 def _read_int_lines(path: Path, n: int) -> np.ndarray:
-    from gpo_lit.data.precomp import read_lines  # the one text-line reader
+    from gpo_lit.data.formats.base import read_lines  # the one text-line reader
 
     lines = read_lines(path, "id")
     if len(lines) != n:

@@ -32,7 +32,6 @@ import glob
 import io
 import json
 import logging
-import operator
 import os
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit
+from gpo_lit.data.formats.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit
 from gpo_lit.errors import GpoLitError, MissingFileError, expect
 from gpo_lit.files import ensure_new
 
@@ -104,7 +103,7 @@ def _captions_of(members: dict[str, bytes], where: str, skips: SkipCounts) -> li
 class ShardSplit(ImageSplit):
     """One split stored as webdataset tar shards: ``root/{split}-*.tar`` by default.
 
-    Attributes as :class:`~gpo_lit.data.images.ImageSplit` (``n_images``, ``n_captions``,
+    Attributes as :class:`~gpo_lit.data.formats.images.ImageSplit` (``n_images``, ``n_captions``,
     ``captions``, ``cap2img``, ``image_ids`` (sample keys), ``feat_dim``, ``path``, ``n_bad``),
     plus ``shards`` (the tar files), ``skipped`` (:class:`SkipCounts`). ``image(i)`` and
     ``train_image(i, rng)`` are ImageSplit's (same evaluation resize and training crop / flip).
@@ -116,7 +115,7 @@ class ShardSplit(ImageSplit):
         max_images: keep the first m samples (in shard order) and their captions.
         check_headers: identify each image's format from its first bytes while indexing (bad
             ones are skipped and counted); False skips that read.
-        Other args: as :class:`~gpo_lit.data.images.ImageSplit`.
+        Other args: as :class:`~gpo_lit.data.formats.images.ImageSplit`.
     """
 
     def __init__(
@@ -143,8 +142,7 @@ class ShardSplit(ImageSplit):
         self._pixel_settings(
             image_size, crop_min_ratio, hflip_p, mean, std, bgr, scale, skip_bad, interpolation
         )
-        if max_images is not None:
-            expect(max_images >= 1, "max_images", "a positive number of images", max_images)
+        self._check_max_images(max_images)
 
         glob_path = Path(pattern.replace("{split}", split))
         if not glob_path.is_absolute():
@@ -160,19 +158,17 @@ class ShardSplit(ImageSplit):
             )
 
         self.skipped = SkipCounts()
-        # per image: (shard number, byte offset, size); per caption: its image
+        # per image: (shard number, byte offset, size) and its captions
         where: list[tuple[int, int, int]] = []
         keys: list[str] = []
-        captions: list[str] = []
-        cap2img: list[int] = []
+        captions: list[list[str]] = []
         for s, shard in enumerate(self.shards):
             if max_images is not None and len(keys) >= max_images:
                 break  # the rest is not indexed
             for key, (off, size), caps in self._index(shard, check_headers):
                 if max_images is not None and len(keys) >= max_images:
                     break
-                cap2img.extend([len(keys)] * len(caps))
-                captions.extend(caps)
+                captions.append(caps)
                 keys.append(key)
                 where.append((s, off, size))
         expect(
@@ -183,16 +179,15 @@ class ShardSplit(ImageSplit):
         )
         self.image_ids = keys
         self.n_images = len(keys)
-        self.captions = captions
-        self.cap2img = np.asarray(cap2img, dtype=np.int64)
+        self._set_caption_lists(captions)
         self._where = np.asarray(where, dtype=np.int64).reshape(-1, 3)
-        self.captions_per_image = len(captions) / len(keys)
+        self.captions_per_image = self.n_captions / len(keys)
         self.image_dir = glob_path.parent
         self.files = [f"{self.shards[s]}:{k}" for (s, _, _), k in zip(where, keys, strict=True)]
         self._handles: dict[int, int] = {}  # shard number → descriptor, per process
         self._pid = os.getpid()
         summary = (
-            f"{split} shards {glob_path}: {self.n_images} samples, {len(captions)} captions in "
+            f"{split} shards {glob_path}: {self.n_images} samples, {self.n_captions} captions in "
             f"{len(self.shards)} shards; skipped {self._skip_text()}"
         )
         (log.warning if self.skipped.total else log.info)(summary)
@@ -258,9 +253,7 @@ class ShardSplit(ImageSplit):
     # -- pixels ----------------------------------------------------------------------------
     def image_bytes(self, i: int) -> bytes:
         """The encoded bytes of image ``i`` (one ``pread`` in this process's open shard)."""
-        i = operator.index(i)
-        if not 0 <= i < self.n_images:
-            raise IndexError(f"image {i} out of range for {self.n_images} images in {self.path}")
+        i = self._item_index(i)
         s, off, size = (int(v) for v in self._where[i])
         if self._pid != os.getpid():  # a forked worker: its own descriptors
             self._handles, self._pid = {}, os.getpid()
@@ -313,13 +306,16 @@ def write_shards(
     samples: Iterable[tuple[str, bytes, str, Sequence[str]]],
     pattern: str | Path,
     samples_per_shard: int,
+    *,
+    replace: bool = False,
 ) -> list[Path]:
     """Pack samples ``(key, image bytes, image extension, captions)`` into tar shards
     ``pattern % shard_number`` (e.g. ``"out/train-%06d.tar"``), ``samples_per_shard`` each.
 
     Each sample becomes ``<key>.<ext>`` plus ``<key>.txt`` (the first caption) and ``<key>.json``
     (``{"key", "captions"}``). Every shard is written to a temporary name and renamed when
-    complete; an existing shard is never overwritten (an error names it).
+    complete; an existing shard is never overwritten (an error names it) unless ``replace``
+    (the demo generator rewrites the shards its meta file claims: the same bytes, atomically).
     """
     import tempfile
     import time
@@ -332,6 +328,9 @@ def write_shards(
         assert tar is not None and tmp is not None
         tar.close()
         target = written[-1]
+        if replace:
+            os.replace(tmp, target)
+            return
         try:
             os.link(tmp, target)  # fails if the target appeared meanwhile: never clobbered
         finally:
@@ -343,7 +342,8 @@ def write_shards(
             if tar is not None:
                 finish()
             target = Path(str(pattern) % len(written))
-            ensure_new(target, "write the shards elsewhere")
+            if not replace:
+                ensure_new(target, "write the shards elsewhere")
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
             os.close(fd)

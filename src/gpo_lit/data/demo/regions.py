@@ -43,58 +43,35 @@ What the structure favours:
 Files: ``root/{train,dev,test}_{ims.npy,caps.txt,ids.txt}`` and ``root/demo_meta.json``. Generation
 is idempotent (same meta: nothing is rewritten) and never clobbers a different existing demo.
 
-    python -m gpo_lit.data.demo --root data/demo [--seed 0] [--n-train 6000] ...
+    python -m gpo_lit.data.demo.regions --root data/demo [--seed 0] [--n-train 6000] ...
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.files import write_atomic
+from gpo_lit.data.demo.protocol import (
+    DemoFolder,
+    check_counts,
+    existing,
+    generator_cli,
+    settings_of,
+)
+from gpo_lit.data.demo.vocab import COLOURS, POSITIONS, SHAPES, SIZES, pick
+from gpo_lit.data.formats.precomp import write_precomp_split
+from gpo_lit.errors import expect
 
 GENERATOR_VERSION = 2
 META_FILE = "demo_meta.json"
 SPLITS = ("train", "dev", "test")
 
-# attribute values and their synonyms (the first one is the canonical name)
-COLOURS = {
-    "red": ["red", "crimson", "scarlet"],
-    "blue": ["blue", "navy", "azure"],
-    "green": ["green", "emerald", "lime"],
-    "yellow": ["yellow", "golden"],
-    "purple": ["purple", "violet"],
-    "orange": ["orange", "amber"],
-    "white": ["white", "pale"],
-    "black": ["black", "dark"],
-}
-SHAPES = {
-    "ball": ["ball", "sphere", "circle", "orb"],
-    "cube": ["cube", "box", "block"],
-    "cylinder": ["cylinder", "tube", "can"],
-    "cone": ["cone", "funnel"],
-    "ring": ["ring", "hoop", "donut"],
-    "star": ["star"],
-}
-SIZES = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
-# (phrase after the object, phrase that opens the sentence)
-POSITIONS = {
-    "left": (["on the left", "to the left", "at the left side"], ["on the left", "to the left"]),
-    "right": (["on the right", "to the right", "at the right side"], ["on the right"]),
-    "top": (["at the top", "near the top", "up above"], ["at the top", "near the top"]),
-    "bottom": (["at the bottom", "near the bottom", "down below"], ["at the bottom"]),
-    "centre": (["in the centre", "in the middle", "at the center"], ["in the middle"]),
-}
-ATTRS = (COLOURS, SHAPES, SIZES, POSITIONS)  # object = one index into each
+ATTRS = (COLOURS, SHAPES, SIZES, POSITIONS)  # object = one index into each (demo.vocab)
 
 LATENT, HIDDEN, CLUTTER_RANK = 32, 192, 8
 N_OBJECTS_P = np.array([0.15, 0.35, 0.3, 0.2])  # P(1..4 objects)
@@ -175,15 +152,11 @@ def _image(world: _World, objs: np.ndarray, n_regions: int, rng: np.random.Gener
     return x[rng.permutation(n_regions)]
 
 
-def _pick(rng: np.random.Generator, options: list[str]) -> str:
-    return options[rng.integers(len(options))]
-
-
 def _phrase(o: np.ndarray, rng: np.random.Generator) -> tuple[str, str | None]:
     """(noun phrase, position key or None) of one object: its size, colour and shape always (a
     synonym of each), its position usually."""
     colour, shape, size = (list(a.values())[v] for a, v in zip(ATTRS[:3], o[:3], strict=True))
-    words = [_pick(rng, size), _pick(rng, colour), _pick(rng, shape)]
+    words = [pick(rng, size), pick(rng, colour), pick(rng, shape)]
     article = "an" if words[0][0] in "aeiou" else "a"
     pos = list(POSITIONS)[o[3]] if rng.random() < P_POSITION else None
     return f"{article} {' '.join(words)}", pos
@@ -197,16 +170,16 @@ def _caption(objs: np.ndarray, rng: np.random.Generator) -> str:
         if pos is None:
             parts.append(np_)
         elif i == 0 and rng.random() < 0.3:  # position first: "on the left there is a red ball"
-            parts.append(f"{_pick(rng, POSITIONS[pos][1])} there is {np_}")
+            parts.append(f"{pick(rng, POSITIONS[pos][1])} there is {np_}")
         else:
-            parts.append(f"{np_} {_pick(rng, POSITIONS[pos][0])}")
+            parts.append(f"{np_} {pick(rng, POSITIONS[pos][0])}")
     body = _join(parts)
     if " there is " in parts[0]:  # already a sentence
         return body
-    opener = _pick(rng, OPENERS) if rng.random() < 0.85 else ""
+    opener = pick(rng, OPENERS) if rng.random() < 0.85 else ""
     sentence = f"{opener} {body}".strip()
     if len(sentence.split()) < MIN_WORDS:
-        sentence += " " + _pick(rng, ["on a plain background", "in the picture", "in this scene"])
+        sentence += " " + pick(rng, ["on a plain background", "in the picture", "in this scene"])
     return sentence
 
 
@@ -227,159 +200,91 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     return scenes, ims, caps
 
 
-def _diff(meta: dict, old: object) -> tuple[str, str]:
-    """The meta entries that differ, as ``k=v`` lists (wanted, found)."""
-    if not isinstance(old, dict):
-        return _kv(meta, list(meta)), "an unreadable meta file"
-    keys = [k for k in sorted({*meta, *old}) if meta.get(k) != old.get(k)]
-    return _kv(meta, keys), _kv(old, keys)
+@dataclass(frozen=True)
+class RegionDemo:
+    """The region demo's settings: the keyword arguments of :func:`generate_demo`,
+    :func:`demo_scenes` and the command line (checked on creation), and the one place the demo's
+    random streams are drawn (:meth:`draw`)."""
 
+    seed: int = 0
+    n_train: int = 6000
+    n_dev: int = 500
+    n_test: int = 1000
+    n_regions: int = 36
+    feat_dim: int = 128
+    captions_per_image: int = 5
 
-def _kv(d: dict, keys: list[str]) -> str:
-    return ", ".join(f"{k}={d.get(k)}" for k in keys)
-
-
-def is_generated(meta_path: Path, meta: dict, files: list[Path], overwrite: bool) -> bool:
-    """True when ``meta_path`` records exactly ``meta`` and every file exists (nothing to do).
-
-    A different recorded meta is an error unless ``overwrite``: a demo is never clobbered.
-    """
-    if overwrite or not meta_path.is_file():
-        return False
-    try:
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        old = "unreadable"
-    if old != meta:
-        want, have = _diff(meta, old)
-        raise GpoLitError(
-            f"{meta_path}: expected a demo with {want} (use another root or overwrite=True), "
-            f"found {have}"
+    def __post_init__(self) -> None:
+        check_counts("demo", n_train=self.n_train, n_dev=self.n_dev, n_test=self.n_test,
+                     n_regions=self.n_regions, feat_dim=self.feat_dim,
+                     captions_per_image=self.captions_per_image)  # fmt: skip
+        expect(
+            self.n_regions >= 20,
+            "demo n_regions",
+            "at least 20 (objects, views, distractors, clutter)",
+            self.n_regions,
         )
-    return all(f.is_file() for f in files)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Images per split."""
+        return {"train": self.n_train, "dev": self.n_dev, "test": self.n_test}
+
+    def draw(self) -> Iterator[tuple[str, list[np.ndarray], np.ndarray, list[str]]]:
+        """Per split, in order: (split, scenes, features, captions), from one random stream for
+        the world and one per split: every user of these settings sees the same scenes."""
+        world_ss, *split_ss = np.random.SeedSequence(int(self.seed)).spawn(1 + len(SPLITS))
+        world = _World.draw(np.random.default_rng(world_ss), self.feat_dim)
+        for split, ss in zip(SPLITS, split_ss, strict=True):
+            rng = np.random.default_rng(ss)
+            n = self.sizes[split]
+            yield split, *_split(world, n, self.n_regions, self.captions_per_image, rng)
 
 
-def generate_demo(
-    root: str | Path,
-    seed: int = 0,
-    n_train: int = 6000,
-    n_dev: int = 500,
-    n_test: int = 1000,
-    n_regions: int = 36,
-    feat_dim: int = 128,
-    captions_per_image: int = 5,
-    overwrite: bool = False,
-) -> Path:
+def generate_demo(root: str | Path, *, overwrite: bool = False, **settings: int) -> Path:
     """Write the demo data set under ``root`` (if not already there) and return ``root``.
 
-    Same seed and sizes give byte-identical files. Files already generated with the same meta are
-    kept; a different demo (or other files with the same names) is an error unless ``overwrite``.
+    ``settings``: the fields of :class:`RegionDemo` (seed, split sizes, regions, feature width,
+    captions per image). Same settings give byte-identical files. Files already generated with
+    the same meta are kept; a different demo (or other files with the same names) is an error
+    unless ``overwrite`` (the generate-once protocol of :mod:`gpo_lit.data.demo.protocol`).
     """
     root = Path(root)
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    for name, v in [*sizes.items(), ("regions", n_regions), ("feat_dim", feat_dim),
-                    ("captions_per_image", captions_per_image)]:  # fmt: skip
-        expect(int(v) == v and v >= 1, f"demo {name}", "a positive integer", v)
-    expect(
-        n_regions >= 20,
-        "demo regions",
-        "at least 20 (objects, views, distractors, clutter)",
-        n_regions,
-    )
+    demo = settings_of(RegionDemo, "demo", settings)
     meta = {
-        "generator": "gpo_lit.data.demo",
+        "generator": "gpo_lit.data.demo",  # its module until 2026-12 (the meta is data: kept)
         "version": GENERATOR_VERSION,
-        "seed": int(seed),
-        "n_train": n_train,
-        "n_dev": n_dev,
-        "n_test": n_test,
-        "n_regions": n_regions,
-        "feat_dim": feat_dim,
-        "captions_per_image": captions_per_image,
+        **asdict(demo),
+        "seed": int(demo.seed),
     }
-    files = [root / f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt", "ids.txt")]
-    meta_path = root / META_FILE
-    if is_generated(meta_path, meta, files, overwrite):
-        return root
-    if not overwrite and not meta_path.is_file():
-        clash = [f.name for f in files if f.exists()]
-        expect(not clash, root, f"no precomp files without {META_FILE} (or overwrite=True)", clash)
-
-    root.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # written last: its presence means "complete"
-    world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
-    world = _World.draw(np.random.default_rng(world_ss), feat_dim)
-    for split, ss in zip(SPLITS, split_ss, strict=True):
-        _, ims, caps = _split(
-            world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
-        )
-        ids = [f"demo-{split}-{i:05d}" for i in range(sizes[split])]
-        write_atomic(root / f"{split}_ims.npy", lambda f, a=ims: np.save(f, a, allow_pickle=False))
-        write_atomic(
-            root / f"{split}_caps.txt", lambda f, c=caps: f.write(("\n".join(c) + "\n").encode())
-        )
-        write_atomic(
-            root / f"{split}_ids.txt", lambda f, c=ids: f.write(("\n".join(c) + "\n").encode())
-        )
-    write_atomic(
-        meta_path, lambda f: f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    names = [f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt", "ids.txt")]
+    folder = DemoFolder(
+        root,
+        META_FILE,
+        meta,
+        [root / n for n in names],
+        foreign=lambda: existing(root, names),
+        what="precomp files",
     )
-    return root
+    if not folder.start(overwrite):
+        return root
+    for split, _, ims, caps in demo.draw():
+        ids = [f"demo-{split}-{i:05d}" for i in range(demo.sizes[split])]
+        write_precomp_split(root, split, ims, caps, ids)
+    return folder.finish()
 
 
-def generator_cli(generate: Callable[..., Path], prog: str, argv: list[str] | None) -> int:
-    """Command line of a demo generator: ``--root`` plus one ``--option`` per keyword argument of
-    ``generate`` (its defaults; a bool is a flag, a pair takes two numbers). Errors: one line,
-    exit status 2."""
-    p = argparse.ArgumentParser(prog=prog, description=(generate.__doc__ or "").splitlines()[0])
-    p.add_argument("--root", required=True, help="output folder")
-    for name, param in inspect.signature(generate).parameters.items():
-        if name == "root":
-            continue
-        flag, default = f"--{name.replace('_', '-')}", param.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true")
-        elif isinstance(default, tuple | list):
-            p.add_argument(flag, type=type(default[0]), nargs=len(default), default=default)
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    args = vars(p.parse_args(argv))
-    try:
-        root = generate(**args)
-    except GpoLitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"demo data set in {root}")
-    return 0
+def demo_scenes(**settings: int) -> dict[str, tuple[list[np.ndarray], list[str]]]:
+    """Per split: the scenes (int ``[n_obj, 4]``: colour, shape, size, position indices into
+    ``COLOURS``, ``SHAPES``, ``SIZES``, ``POSITIONS``) and the captions that :func:`generate_demo`
+    writes with the same ``settings`` (the same random streams), for renderers of the scenes."""
+    drawn = settings_of(RegionDemo, "demo", settings).draw()
+    return {split: (scenes, caps) for split, scenes, _, caps in drawn}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generator_cli(generate_demo, "python -m gpo_lit.data.demo", argv)
+    return generator_cli(generate_demo, "python -m gpo_lit.data.demo.regions", argv, RegionDemo)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def demo_scenes(
-    seed: int = 0,
-    n_train: int = 6000,
-    n_dev: int = 500,
-    n_test: int = 1000,
-    n_regions: int = 36,
-    feat_dim: int = 128,
-    captions_per_image: int = 5,
-) -> dict[str, tuple[list[np.ndarray], list[str]]]:
-    """Per split: the scenes (int ``[n_obj, 4]``: colour, shape, size, position indices into
-    ``COLOURS``, ``SHAPES``, ``SIZES``, ``POSITIONS``) and the captions of :func:`generate_demo`
-    with the same arguments (same random streams), for renderers of the same scenes."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
-    world = _World.draw(np.random.default_rng(world_ss), feat_dim)
-    out: dict[str, tuple[list[np.ndarray], list[str]]] = {}
-    for split, ss in zip(SPLITS, split_ss, strict=True):  # the draws of generate_demo
-        scenes, _, caps = _split(
-            world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
-        )
-        out[split] = (scenes, caps)
-    return out

@@ -18,16 +18,14 @@ with ``scale=255`` and Caffe means for the BUTD detector backbone).
 
 from __future__ import annotations
 
-import json
 import logging
-import operator
 import os
 from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.data.precomp import REPEAT, read_lines
-from gpo_lit.data.reader import CaptionList
+from gpo_lit.data.formats.base import ReaderBase, caption_blocks, load_json, read_lines
+from gpo_lit.data.formats.precomp import REPEAT, is_repeated
 from gpo_lit.errors import GpoLitError, expect, not_a_file, require_file
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ def train_crop_box(
     return x0, y0, x0 + cw, y0 + ch
 
 
-class ImageSplit(CaptionList):
+class ImageSplit(ReaderBase):
     """One split of a raw-image data set: file paths, captions and the caption → image map.
 
     Attributes as the other readers: ``n_images``, ``n_captions``, ``captions``, ``cap2img``,
@@ -117,26 +115,11 @@ class ImageSplit(CaptionList):
         ids = read_lines(ids_path, "id")
         captions = read_lines(caps_path, "caption")
         # old layout: one id per caption, each image repeated in groups of 5
-        if (
-            len(ids) == len(captions)
-            and len(ids) % REPEAT == 0
-            and all(ids[r] == ids[r - r % REPEAT] for r in range(len(ids)))
-        ):
+        if len(ids) == len(captions) and is_repeated(ids):
             ids = ids[::REPEAT]
-        expect(
-            len(captions) % len(ids) == 0,
-            caps_path,
-            f"a multiple of {len(ids)} captions (one block per id in {ids_path.name})",
-            len(captions),
-        )
-        k = len(captions) // len(ids)
+        k = caption_blocks(len(captions), len(ids), caps_path, f"id in {ids_path.name}")
 
-        try:
-            mapping = json.loads(map_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GpoLitError(
-                f"{map_path}: expected a JSON object {{id: file}}, found {e}"
-            ) from None
+        mapping = load_json(map_path, "a JSON object {id: file}")
         expect(
             isinstance(mapping, dict), map_path, "a JSON object {id: file}", type(mapping).__name__
         )
@@ -148,13 +131,10 @@ class ImageSplit(CaptionList):
             f"{len(missing)} ids without one (e.g. {missing[:1]})",
         )
 
-        if max_images is not None:
-            expect(max_images >= 1, "max_images", "a positive number of images", max_images)
-        self.n_images = len(ids) if max_images is None else min(max_images, len(ids))
+        self._check_max_images(max_images)
+        self.n_images = self._kept(len(ids), max_images)
         self.image_ids = ids[: self.n_images]
-        self.captions_per_image = k
-        self.captions: list[str] = captions[: self.n_images * k]
-        self.cap2img = np.arange(len(self.captions), dtype=np.int64) // k
+        self._set_caption_blocks(captions, self.n_images, k)
 
         rel = [str(mapping[i]) for i in self.image_ids]
         base = self._find_base(root / image_dir, rel[0])
@@ -187,9 +167,7 @@ class ImageSplit(CaptionList):
     def _open(self, i: int):
         from PIL import Image, UnidentifiedImageError
 
-        i = operator.index(i)
-        if not 0 <= i < self.n_images:
-            raise IndexError(f"image {i} out of range for {self.n_images} images in {self.path}")
+        i = self._item_index(i)
         path = self.files[i]
         try:
             with Image.open(path) as im:

@@ -1,5 +1,5 @@
 """Embedded synthetic demo *video* data set, generated locally from a seed, in the per-video
-``.npy`` layout read by :class:`gpo_lit.data.video.FrameNpySplit`.
+``.npy`` layout read by :class:`gpo_lit.data.formats.frames.FrameNpySplit`.
 
 Each clip has 8-16 frames (variable) and one or two objects, each a colour (8) and a shape (6)
 plus a script of what happens over time:
@@ -47,13 +47,14 @@ Files: ``root/features/<video_id>.npy`` (float32 ``(T, D)``), ``root/captions.js
 (``{video_id: [captions]}``), ``root/splits/{train,val,test}.txt`` and
 ``root/demo_video_meta.json``. Generation is idempotent (same meta: nothing is rewritten), safe
 when several processes (DDP ranks) run it at once (they write the same bytes, atomically), and
-never clobbers a different existing data set.
+never clobbers a different existing data set (:mod:`gpo_lit.data.demo.protocol`).
 
-    python -m gpo_lit.data.demo_video --root data/demo_video [--seed 0] [--n-train 2000] ...
+    python -m gpo_lit.data.demo.video --root data/demo_video [--seed 0] [--n-train 2000] ...
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpo_lit.data.demo import COLOURS  # the image demo's colour words
+from gpo_lit.data.demo.protocol import DemoFolder, check_counts, existing, generator_cli
+from gpo_lit.data.demo.vocab import COLOURS, FLAT_WORDS, POSITIONS, SHAPES, pick
+from gpo_lit.data.formats.base import lines_bytes
 from gpo_lit.errors import expect
 from gpo_lit.files import write_atomic
 
@@ -70,21 +73,13 @@ META_FILE = "demo_video_meta.json"
 SPLITS = ("train", "val", "test")
 FEATURES_DIR, CAPTIONS_FILE, SPLITS_DIR = "features", "captions.json", "splits"
 
-SHAPES = {
-    "ball": ["ball", "sphere", "orb"],
-    "cube": ["cube", "box", "block"],
-    "cylinder": ["cylinder", "tube", "can"],
-    "cone": ["cone", "funnel"],
-    "ring": ["ring", "hoop", "donut"],
-    "star": ["star"],
-}
-# anchor positions (x, y in [0, 1], y down) and the phrases that place an object there
+VIDEO_SHAPES = [[w for w in words if w not in FLAT_WORDS] for words in SHAPES.values()]
+# where each place is (x, y in [0, 1], y down), and the vocabulary's phrases that place an object
 ANCHORS = {
-    "left": ((0.15, 0.5), ["on the left", "to the left", "at the left side"]),
-    "right": ((0.85, 0.5), ["on the right", "to the right", "at the right side"]),
-    "top": ((0.5, 0.15), ["at the top", "near the top", "up above"]),
-    "bottom": ((0.5, 0.85), ["at the bottom", "near the bottom", "down below"]),
-    "centre": ((0.5, 0.5), ["in the centre", "in the middle", "at the center"]),
+    k: (xy, POSITIONS[k][0])
+    for k, xy in zip(
+        POSITIONS, [(0.15, 0.5), (0.85, 0.5), (0.5, 0.15), (0.5, 0.85), (0.5, 0.5)], strict=True
+    )
 }
 MOVES = {  # (from, to): direction phrases
     ("left", "right"): ["from left to right", "from the left to the right", "to the right",
@@ -226,36 +221,32 @@ def _clip(world: _World, rng: np.random.Generator, t: int) -> tuple[list[_Object
     return objs, x.astype(np.float32)
 
 
-def _pick(rng: np.random.Generator, options: list[str]) -> str:
-    return options[rng.integers(len(options))]
-
-
 def _colour_word(rng: np.random.Generator, c: int) -> str:
-    return _pick(rng, list(COLOURS.values())[c])
+    return pick(rng, list(COLOURS.values())[c])
 
 
 def _sentence(o: _Object, rng: np.random.Generator) -> str:
     """One clause about one object: "a crimson box slides from left to right"."""
-    shape = _pick(rng, list(SHAPES.values())[o.shape])
-    pos = _pick(rng, ANCHORS[o.anchor][1])
+    shape = pick(rng, VIDEO_SHAPES[o.shape])
+    pos = pick(rng, ANCHORS[o.anchor][1])
     if o.event == "turns":
         c1, c2 = o.detail
         if rng.random() < 0.3:
             np_ = f"a {shape} changes from {_colour_word(rng, c1)} to {_colour_word(rng, c2)}"
             return _article(np_)
-        vp = _pick(rng, VERB_PHRASES["turns"]).format(c2=_colour_word(rng, c2))
+        vp = pick(rng, VERB_PHRASES["turns"]).format(c2=_colour_word(rng, c2))
         return _article(f"a {_colour_word(rng, c1)} {shape} {vp}")
     noun = f"{_colour_word(rng, o.colour)} {shape}" if rng.random() < 0.9 else shape
     if o.event == "moves":
-        vp = f"{_pick(rng, MOVE_VERBS)} {_pick(rng, MOVES[o.detail])}"
+        vp = f"{pick(rng, MOVE_VERBS)} {pick(rng, MOVES[o.detail])}"
     else:
-        vp = _pick(rng, VERB_PHRASES[o.event])
+        vp = pick(rng, VERB_PHRASES[o.event])
         if "{pos}" in vp:
             vp = vp.format(pos=pos)
         elif o.event != "static" and rng.random() < 0.4:
             vp = f"{vp} {pos}"
         if o.event in ("appears", "disappears") and rng.random() < 0.3:
-            vp = f"{vp} {_pick(rng, LATER)}"
+            vp = f"{vp} {pick(rng, LATER)}"
     return _article(f"a {noun} {vp}")
 
 
@@ -271,9 +262,9 @@ def _caption(objs: list[_Object], rng: np.random.Generator) -> str:
         mention = [objs[rng.integers(2)]]
     elif len(objs) == 2 and rng.random() < 0.5:
         mention = mention[::-1]
-    body = _pick(rng, JOINERS).join(_sentence(o, rng) for o in mention)
+    body = pick(rng, JOINERS).join(_sentence(o, rng) for o in mention)
     if rng.random() < 0.5:
-        body = f"{_pick(rng, OPENERS)} {body}"
+        body = f"{pick(rng, OPENERS)} {body}"
     return body.replace(" ,", ",")
 
 
@@ -289,8 +280,6 @@ def _split(world: _World, n: int, frames: tuple[int, int], k: int, rng: np.rando
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
@@ -329,14 +318,10 @@ def generate_demo_video(
         "[fewest, most] frames per clip with 3 <= fewest <= most",
         n_frames,
     )
-    for name, v in [
-        *sizes.items(),
-        ("feat_dim", feat_dim),
-        ("captions_per_video", captions_per_video),
-    ]:
-        expect(isinstance(v, int) and v >= 1, f"demo {name}", "a positive integer", v)
+    check_counts("demo", n_train=n_train, n_val=n_val, n_test=n_test, feat_dim=feat_dim,
+                 captions_per_video=captions_per_video)  # fmt: skip
     meta = {
-        "generator": "gpo_lit.data.demo_video",
+        "generator": "gpo_lit.data.demo_video",  # its module until 2026-12 (kept: data)
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "n_train": n_train,
@@ -347,32 +332,21 @@ def generate_demo_video(
         "captions_per_video": captions_per_video,
     }
     feat_dir = root / FEATURES_DIR
-    files = [root / CAPTIONS_FILE, *(root / SPLITS_DIR / f"{s}.txt" for s in SPLITS)]
+    names = [CAPTIONS_FILE, *(f"{SPLITS_DIR}/{s}.txt" for s in SPLITS)]
+    files = [root / n for n in names]
     files += [feat_dir / f"{v}.npy" for s in SPLITS for v in video_ids(s, sizes[s])]
-    meta_path = root / META_FILE
-    old = _read_meta(meta_path)
-    if old is not None and not overwrite:
-        same = isinstance(old, dict) and {k: v for k, v in old.items() if k != "complete"} == meta
-        expect(same, meta_path, f"the demo {meta} (pass overwrite=True to replace)", old)
-        assert isinstance(old, dict)
-        if old.get("complete", True) and all(f.is_file() for f in files):
-            return root
-        # else: interrupted, or another process (a DDP rank) is writing the same bytes right now
-    elif old is None and not overwrite:
-        clash = [str(p.relative_to(root)) for p in files[:4] if p.exists()]
-        if feat_dir.is_dir() and any(feat_dir.iterdir()):
-            clash.append(f"{FEATURES_DIR}/ (not empty)")
-        expect(
-            not clash, root, f"no video demo files without {META_FILE} (or overwrite=True)", clash
-        )
-
-    root.mkdir(parents=True, exist_ok=True)
-    # The meta goes first, marked incomplete: a concurrent call with the same meta then writes
-    # the same bytes instead of taking the files for someone else's; "complete" comes last.
-    write_atomic(meta_path, _meta_bytes({**meta, "complete": False}))
-    if overwrite and feat_dir.is_dir():  # stale clips of an earlier, larger demo
-        for old_file in feat_dir.glob("demo-video-*.npy"):
-            old_file.unlink(missing_ok=True)
+    folder = DemoFolder(
+        root,
+        META_FILE,
+        meta,
+        files,
+        foreign=lambda: existing(root, [*names, f"{FEATURES_DIR}/"]),
+        what="video demo files",
+        mark_complete=True,
+    )
+    # overwrite=True: stale clips of an earlier, larger demo go
+    if not folder.start(overwrite, stale=lambda: feat_dir.glob("demo-video-*.npy")):
+        return root
     feat_dir.mkdir(exist_ok=True)
     (root / SPLITS_DIR).mkdir(exist_ok=True)
     world_ss, *split_ss = np.random.SeedSequence(int(seed)).spawn(1 + len(SPLITS))
@@ -386,31 +360,13 @@ def generate_demo_video(
         for vid, x, c in zip(ids, feats, caps, strict=True):
             write_atomic(feat_dir / f"{vid}.npy", _npy_bytes(x))
             captions[vid] = c
-        write_atomic(root / SPLITS_DIR / f"{split}.txt", ("\n".join(ids) + "\n").encode())
+        write_atomic(root / SPLITS_DIR / f"{split}.txt", lines_bytes(ids))
     write_atomic(root / CAPTIONS_FILE, (json.dumps(captions, indent=0) + "\n").encode())
-    write_atomic(meta_path, _meta_bytes({**meta, "complete": True}))
-    return root
-
-
-def _meta_bytes(meta: dict) -> bytes:
-    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _read_meta(path: Path) -> dict | str | None:
-    """The meta of an existing demo (None if there is none, "unreadable" if it is not JSON)."""
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "unreadable"
-    return old if isinstance(old, dict) else "unreadable"
+    return folder.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpo_lit.data.demo import generator_cli
-
-    return generator_cli(generate_demo_video, "python -m gpo_lit.data.demo_video", argv)
+    return generator_cli(generate_demo_video, "python -m gpo_lit.data.demo.video", argv)
 
 
 if __name__ == "__main__":

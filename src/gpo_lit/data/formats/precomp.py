@@ -13,15 +13,13 @@ detected from the ids file (ids repeated in consecutive groups of 5) or forced w
 Everything cheap is validated on open (the ``.npy`` header, never the data); non-finite features
 are checked per image on access, and for a whole split by :meth:`PrecompSplit.scan_finite`.
 
-Rows are read with positioned reads (``os.preadv`` into a preallocated array, from the header's data
-offset): only the requested bytes come off the disk. A memory map read 25x the bytes of a random row
-on a cold page cache (kernel read-ahead) and counted gigabytes of file pages in every RSS figure.
-The file is opened lazily in each process (a forked worker reopens it) and never pickled.
+Rows are read with positioned reads (:mod:`gpo_lit.data.formats.npy`): only the requested bytes
+come off the disk. The file is opened lazily in each process (a forked worker reopens it) and
+never pickled. :func:`write_precomp_split` writes a split in this layout.
 """
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,103 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from gpo_lit.data.reader import CaptionList
+from gpo_lit.data.formats.base import (
+    ReaderBase,
+    caption_blocks,
+    count_nonfinite,
+    lines_bytes,
+    read_lines,
+)
+from gpo_lit.data.formats.npy import pread_into, read_npy_header
 from gpo_lit.errors import GpoLitError, expect, require_file
+from gpo_lit.files import write_atomic
 
 REPEAT = 5  # old copies store each image this many times, one row per caption
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """Return ``(shape, dtype, fortran_order, data_offset)`` of a ``.npy`` file from its header alone.
-
-    Also checks that the file is long enough to hold the array it announces (a truncated download
-    otherwise fails later inside ``np.load`` with a message that names no file).
-    """
-    path = Path(path)
-    require_file(path, "a .npy file")
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise GpoLitError(
-                    f"{path}: expected a .npy file of format version 1.0 or 2.0, "
-                    f"found version {version[0]}.{version[1]}"
-                )
-        except GpoLitError:
-            raise
-        except Exception as e:  # bad magic, short or unparsable header (ValueError, TokenError...)
-            reason = (str(e).splitlines() or [""])[0] if isinstance(e, ValueError) else ""
-            reason = reason or f"an unparsable header ({type(e).__name__})"
-            raise GpoLitError(f"{path}: expected a .npy array file, found {reason}") from None
-        offset = f.tell()
-    if dtype.hasobject:  # its data is a pickle: never loaded, and its size means nothing
-        raise GpoLitError(
-            f"{path}: expected an array of numbers (read without unpickling), found dtype "
-            f"{dtype} (pickled Python objects)"
-        )
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    have = os.path.getsize(path) - offset
-    expect(
-        have >= n_bytes,
-        path,
-        f"{n_bytes} bytes of data for shape {tuple(shape)} {dtype}",
-        f"{have} (truncated file?)",
-    )
-    return tuple(shape), dtype, fortran, offset
+def is_repeated(ids: Sequence[str]) -> bool:
+    """Do ``ids`` (one per row) repeat each image in consecutive groups of :data:`REPEAT`?"""
+    return len(ids) % REPEAT == 0 and all(ids[r] == ids[r - r % REPEAT] for r in range(len(ids)))
 
 
-def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
-    """Fill the uint8 array ``buf`` from ``fd`` at ``offset`` (positioned reads: no shared file
-    position, so threads and forked workers never disturb one another)."""
-    view, done = memoryview(buf), 0
-    while done < len(view):  # one read returns at most ~2 GiB on Linux; loop on short reads
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[done:]], offset + done)
-        else:  # platforms without preadv (Windows has neither; macOS < 11)
-            data = os.pread(fd, len(view) - done, offset + done)
-            n = len(data)
-            view[done : done + n] = data
-        if n == 0:
-            raise GpoLitError(
-                f"{path}: expected {len(view)} bytes at offset {offset}, found the end of the "
-                "file (truncated while in use?)"
-            )
-        done += n
-
-
-def read_lines(path: str | Path, what: str) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file; an empty line is an error naming its number.
-
-    One final newline is allowed; ``what`` names a line in messages ("caption", "id").
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM) :]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise GpoLitError(
-            f"{path}: expected UTF-8 text, found byte {raw[e.start]:#04x} on line {line}"
-        ) from None
-    # split on "\n" only: str.splitlines() also breaks on \x0b, \x1c, U+2028 ... inside captions
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    expect(len(lines) > 0, path, f"one {what} per line", "an empty file")
-    out = [ln.strip() for ln in lines]
-    for i, ln in enumerate(out):
-        expect(ln != "", path, f"one non-empty {what} per line", f"an empty line {i + 1}")
-    return out
-
-
-class PrecompSplit(CaptionList):
+class PrecompSplit(ReaderBase):
     """One split of a SCAN precomp folder: unique images, their captions and the caption->image map.
 
     Attributes: ``n_images``, ``n_captions``, ``captions`` (list[str]), ``cap2img`` (int64
@@ -171,12 +92,7 @@ class PrecompSplit(CaptionList):
 
         captions = read_lines(caps_path, "caption")
         n_caps = len(captions)
-        expect(
-            n_caps % rows == 0,
-            caps_path,
-            f"a multiple of {rows} captions (one block per image)",
-            n_caps,
-        )
+        caption_blocks(n_caps, rows, caps_path, "image")
         ids: list[str] | None = None
         if ids_path.is_file():
             ids = read_lines(ids_path, "id")
@@ -206,12 +122,9 @@ class PrecompSplit(CaptionList):
         total = rows // self._stride
         k = REPEAT if self.repeated else n_caps // rows
 
-        if max_images is not None:
-            expect(max_images >= 1, "max_images", "a positive number of images", max_images)
-        self.n_images = total if max_images is None else min(max_images, total)
-        self.captions_per_image = k
-        self.captions: list[str] = captions[: self.n_images * k]
-        self.cap2img = np.arange(len(self.captions), dtype=np.int64) // k
+        self._check_max_images(max_images)
+        self.n_images = self._kept(total, max_images)
+        self._set_caption_blocks(captions, self.n_images, k)
         self.image_ids = None if ids is None else ids[:: self._stride][: self.n_images]
 
     def _file(self) -> int:
@@ -244,21 +157,19 @@ class PrecompSplit(CaptionList):
         fd, size = self._file(), self._row_bytes
         flat = out.reshape(-1).view(np.uint8)
         if len(rows) == 1:  # the per-item path: no run splitting
-            _pread_into(fd, flat, self._offset + int(rows[0]) * size, self.path)
+            pread_into(fd, flat, self._offset + int(rows[0]) * size, self.path)
             return out
         # split where the next row is not the following one: each piece is one contiguous read
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)], strict=True):
-            _pread_into(
-                fd, flat[a * size : b * size], self._offset + int(rows[a]) * size, self.path
-            )
+            pread_into(fd, flat[a * size : b * size], self._offset + int(rows[a]) * size, self.path)
         return out
 
     def _looks_repeated(self, ids: list[str] | None, rows: int) -> bool:
         """Rows == captions: are rows repeated in groups of 5? Ids decide; without them compare the
         features of the first and last group (10 rows read, not the file)."""
         if ids is not None:
-            return all(ids[r] == ids[r - r % REPEAT] for r in range(rows))
+            return is_repeated(ids)
         groups = [self.read_rows(range(g, g + REPEAT)) for g in (0, rows - REPEAT)]
         return all(np.array_equal(x[0], x[t]) for x in groups for t in range(1, REPEAT))
 
@@ -268,10 +179,7 @@ class PrecompSplit(CaptionList):
 
         The finiteness check covers the whole row, dropped regions too (as before dropping).
         """
-        i = operator.index(i)
-        if not 0 <= i < self.n_images:
-            raise IndexError(f"image {i} out of range for {self.n_images} images in {self.path}")
-        row = i * self._stride
+        row = self._item_index(i) * self._stride
         x = self.read_rows((row,))
         if self.check_finite:
             self._expect_finite(x, row)
@@ -280,11 +188,8 @@ class PrecompSplit(CaptionList):
     def _expect_finite(self, rows: np.ndarray, first_row: int) -> None:
         """One line naming the first row of ``rows`` (``[n, R, D]``, file rows ``first_row``,
         ``first_row + stride``, …) holding NaN/inf."""
-        flat = rows.reshape(-1)
-        if np.isfinite(np.dot(flat, flat)):  # fast path (BLAS): any NaN/inf makes it non-finite;
-            return  # so can squares over 1e38, which the exact count below then clears
-        bad = (~np.isfinite(rows)).reshape(len(rows), -1).sum(axis=1)
-        if bad.any():
+        bad = count_nonfinite(rows)
+        if bad is not None:
             k = int(np.argmax(bad > 0))
             row = first_row + k * self._stride
             raise GpoLitError(
@@ -333,3 +238,26 @@ class PrecompSplit(CaptionList):
             f"{self.captions_per_image} captions, {self.n_regions}x{self.feat_dim} regions"
             f"{', repeated rows' if self.repeated else ''})"
         )
+
+
+def write_precomp_split(
+    root: str | Path,
+    split: str,
+    ims: np.ndarray,
+    captions: Sequence[str],
+    ids: Sequence[str] | None = None,
+) -> None:
+    """Write split ``split`` under ``root`` in the precomp layout: ``ims`` float32 ``[N, R, D]``
+    (C order), ``captions`` (k per image, in image order) and optionally one id per image; each
+    file atomically (a reader never sees half of one)."""
+    root = Path(root)
+    expect(
+        ims.dtype == np.float32 and ims.ndim == 3,
+        f"{split} features",
+        "float32 [images, regions, dim]",
+        f"{ims.dtype} {ims.shape}",
+    )
+    write_atomic(root / f"{split}_ims.npy", lambda f: np.save(f, ims, allow_pickle=False))
+    write_atomic(root / f"{split}_caps.txt", lines_bytes(captions))
+    if ids is not None:
+        write_atomic(root / f"{split}_ids.txt", lines_bytes(ids))
