@@ -68,6 +68,13 @@ class FakeTrainer:
         self.datamodule = SimpleNamespace(eval_split=lambda stage: split)
 
 
+def feed(model, embed) -> None:
+    """Hand ``[[(idx, emb), ...] images, [...] captions]`` to the model's evaluation metric."""
+    for which, batches in enumerate(embed):
+        for idx, emb in batches:
+            model.eval_embeddings.update(which, idx, emb)
+
+
 def test_a_limited_evaluation_ranks_exactly_the_embedded_images_and_captions() -> None:
     """6 images × 2 captions; images 0-3 and captions 0-4 embedded. Kept: captions 0-4 (caption 4
     is image 2's) and images 0-2 (image 3 has no embedded caption) — compared with the metrics of
@@ -79,16 +86,16 @@ def test_a_limited_evaluation_ranks_exactly_the_embedded_images_and_captions() -
     img = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
     cap = F.normalize(torch.randn(12, 4, generator=g), dim=-1)
     embed = [[(torch.arange(4), img[:4])], [(torch.tensor([3, 0, 1, 2, 4]), cap[[3, 0, 1, 2, 4]])]]
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     expected = evaluate(img[:3], cap[:5], torch.tensor([0, 0, 1, 1, 2]), protocol="full")
     assert model._finish_eval("test") == {"full": {**expected, "n_images": 3, "n_captions": 5}}
     # A fold protocol needs the whole split: the subset is ranked at once (and says its size).
     model.eval_cfg = {**model.eval_cfg, "test_protocols": ["coco_1k"]}
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     assert model._finish_eval("test")["coco_1k"] == {**expected, "n_images": 3, "n_captions": 5}
     # Without a limit a partial evaluation is a bug, not a subset.
     model._trainer.limit_test_batches = 1.0
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     with pytest.raises(RuntimeError, match="4 of 6 images and 5 of 12 captions"):
         model._finish_eval("test")
 

@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
-from gpo_lit.errors import GpoLitError, one_line
+from gpo_lit.errors import GpoLitError, one_line, user_error  # noqa: F401 - re-exported
 
 log = logging.getLogger("gpo_lit")
 
@@ -25,23 +24,6 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 # testing (figures=true, save_ranks=true); make report links the figures.
 FIGURE_FILE = "retrieval.png"
 RANKS_FILE = "ranks.npz"
-
-
-def user_error(err: BaseException) -> GpoLitError | None:
-    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
-    those raised by a config resolver)."""
-    from omegaconf.errors import InterpolationResolutionError
-
-    while err is not None:
-        if isinstance(err, GpoLitError):
-            return err
-        if isinstance(err, InstantiationException):
-            err = err.__cause__
-        elif isinstance(err, InterpolationResolutionError):
-            err = err.__cause__ or err.__context__
-        else:
-            err = None
-    return None
 
 
 def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -149,14 +131,6 @@ def finish_wandb() -> None:
 
         if wandb.run is not None:
             wandb.finish()
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table(s) of retrieval metrics, one row per protocol: ``gpo_lit.metrics.table``
-    (imported here on use, so that entry points without metrics do not load torch for it)."""
-    from gpo_lit.metrics.table import format_table as metrics_table
-
-    return metrics_table(results)
 
 
 def ensure_new(path: Path) -> None:

@@ -239,7 +239,6 @@ def model_config(
             "val_protocol": "full",
             "test_protocols": ["full"],
             "shard_size": 1024,
-            "save_embeddings_to": None,
         },
     }
 
