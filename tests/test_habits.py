@@ -102,10 +102,18 @@ def test_a_limited_evaluation_ranks_exactly_the_embedded_images_and_captions() -
 
 def test_fast_dev_run_trains_and_tests(tmp_path: Path, data_dir: Path) -> None:
     """debug=fdr: one batch of each split. The test batch holds images 0-49 and captions 0-49
-    (the captions of images 0-9): the metrics are those of 10 images and 50 captions."""
-    result = train(tiny_cfg(tmp_path, data_dir, "debug=fdr"))
+    (the captions of images 0-9): the metrics are those of 10 images and 50 captions, and the
+    embeddings gpo-train saves (save_embeddings=true) are those 10 and 50."""
+    result = train(tiny_cfg(tmp_path, data_dir, "debug=fdr", "save_embeddings=true"))
     assert result.test["full"]["n_images"] == 10 and result.test["full"]["n_captions"] == 50
     assert json.loads((tmp_path / "metrics.json").read_text()) == result.test
+    # save_embeddings=true: what was ranked, which re-evaluates to the same numbers
+    from gpo_lit.metrics import load_embeddings
+
+    img, cap, cap2img = load_embeddings(tmp_path / "embeddings.npz")
+    assert img.shape[0] == 10 and cap.shape[0] == 50
+    again = {**evaluate(img, cap, cap2img, protocol="full"), "n_images": 10, "n_captions": 50}
+    assert again == result.test["full"]
     assert not list(tmp_path.glob("checkpoints/best-*.ckpt"))  # fast_dev_run keeps no best
     assert result.best_val_rsum is not None and 0 < result.best_val_rsum <= 600
 
