@@ -72,7 +72,7 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     err = one_line_error(res)
-    assert "member1/embeddings.npz: expected the test split of" in err
+    assert "member1/embeddings.npz: expected the same split as" in err
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
 

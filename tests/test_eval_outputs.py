@@ -27,6 +27,7 @@ from gpo_lit.callbacks import (
 )
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate, recall_metrics, retrieval_ranks
+from gpo_lit.metrics.collect import RankedEmbeddings
 from tests.test_grid_e2e import TINY_GRID_DEMO
 from tests.test_report import POOL, write_job
 from tests.test_train_eval import ENV, one_line_error, run
@@ -91,7 +92,8 @@ def test_figure_shows_pictures_or_says_why_not(pictures: bool, video: bool) -> N
 
 
 def fake_run(img, cap, cap2img, split):
-    module = SimpleNamespace(last_eval=(img, cap, cap2img, "test"), eval_cfg={"shard_size": 5})
+    ranked = RankedEmbeddings(img, cap, torch.as_tensor(cap2img))
+    module = SimpleNamespace(evaluated={"test": ranked}, eval_cfg={"shard_size": 5})
     trainer = SimpleNamespace(
         is_global_zero=True,
         loggers=[],

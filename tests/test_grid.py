@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from gpo_lit.callbacks.backbone import BackboneSchedule
 from gpo_lit.encoders.grid import GridEncoder, grid_size_augment
 from gpo_lit.errors import GpoLitError
-from gpo_lit.schedules import BackboneSchedule
 
 TINY = "test_resnet.r160_in1k"
 

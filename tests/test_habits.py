@@ -68,6 +68,13 @@ class FakeTrainer:
         self.datamodule = SimpleNamespace(eval_split=lambda stage: split)
 
 
+def feed(model, embed) -> None:
+    """Hand ``[[(idx, emb), ...] images, [...] captions]`` to the model's evaluation metric."""
+    for which, batches in enumerate(embed):
+        for idx, emb in batches:
+            model.eval_embeddings.update(which, idx, emb)
+
+
 def test_a_limited_evaluation_ranks_exactly_the_embedded_images_and_captions() -> None:
     """6 images × 2 captions; images 0-3 and captions 0-4 embedded. Kept: captions 0-4 (caption 4
     is image 2's) and images 0-2 (image 3 has no embedded caption) — compared with the metrics of
@@ -79,26 +86,34 @@ def test_a_limited_evaluation_ranks_exactly_the_embedded_images_and_captions() -
     img = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
     cap = F.normalize(torch.randn(12, 4, generator=g), dim=-1)
     embed = [[(torch.arange(4), img[:4])], [(torch.tensor([3, 0, 1, 2, 4]), cap[[3, 0, 1, 2, 4]])]]
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     expected = evaluate(img[:3], cap[:5], torch.tensor([0, 0, 1, 1, 2]), protocol="full")
     assert model._finish_eval("test") == {"full": {**expected, "n_images": 3, "n_captions": 5}}
     # A fold protocol needs the whole split: the subset is ranked at once (and says its size).
     model.eval_cfg = {**model.eval_cfg, "test_protocols": ["coco_1k"]}
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     assert model._finish_eval("test")["coco_1k"] == {**expected, "n_images": 3, "n_captions": 5}
     # Without a limit a partial evaluation is a bug, not a subset.
     model._trainer.limit_test_batches = 1.0
-    model._eval_buffers = [list(b) for b in embed]
+    feed(model, embed)
     with pytest.raises(RuntimeError, match="4 of 6 images and 5 of 12 captions"):
         model._finish_eval("test")
 
 
 def test_fast_dev_run_trains_and_tests(tmp_path: Path, data_dir: Path) -> None:
     """debug=fdr: one batch of each split. The test batch holds images 0-49 and captions 0-49
-    (the captions of images 0-9): the metrics are those of 10 images and 50 captions."""
-    result = train(tiny_cfg(tmp_path, data_dir, "debug=fdr"))
+    (the captions of images 0-9): the metrics are those of 10 images and 50 captions, and the
+    embeddings gpo-train saves (save_embeddings=true) are those 10 and 50."""
+    result = train(tiny_cfg(tmp_path, data_dir, "debug=fdr", "save_embeddings=true"))
     assert result.test["full"]["n_images"] == 10 and result.test["full"]["n_captions"] == 50
     assert json.loads((tmp_path / "metrics.json").read_text()) == result.test
+    # save_embeddings=true: what was ranked, which re-evaluates to the same numbers
+    from gpo_lit.metrics import load_embeddings
+
+    img, cap, cap2img = load_embeddings(tmp_path / "embeddings.npz")
+    assert img.shape[0] == 10 and cap.shape[0] == 50
+    again = {**evaluate(img, cap, cap2img, protocol="full"), "n_images": 10, "n_captions": 50}
+    assert again == result.test["full"]
     assert not list(tmp_path.glob("checkpoints/best-*.ckpt"))  # fast_dev_run keeps no best
     assert result.best_val_rsum is not None and 0 < result.best_val_rsum <= 600
 

@@ -375,6 +375,38 @@ def test_stored_output_paths_are_never_written(trained, case) -> None:
     assert not (out / "embeddings.npz").exists()  # save_embeddings=false
 
 
+def _strings(node: Any) -> list[str]:
+    """Every string (keys too) anywhere in a nested config."""
+    if isinstance(node, dict):
+        return [str(k) for k in node] + [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list | tuple):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_checkpoint_hyper_parameters_hold_no_output_path(trained, case) -> None:
+    """Output files are the entry points' and callbacks' (metrics.json, embeddings.npz), never the
+    model's: a trained checkpoint's hyper-parameters name no path of the run, and a model loaded
+    from an older checkpoint that stored some (``evaluation.results_to``, …) holds none either,
+    so a checkpoint it saves cannot carry them on."""
+    from gpo_lit.model import load_model
+
+    hp = torch.load(trained["best"], map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert "evaluation" in hp
+    found = [s for s in _strings(hp) if str(trained["root"]) in s or s.endswith((".json", ".npz"))]
+    assert not found
+    here = case["dir"]
+
+    def plant(c: dict) -> None:
+        put(c, "hyper_parameters.evaluation.results_to", str(here / "planted.json"))
+        put(c, "hyper_parameters.evaluation.save_embeddings_to", str(here / "planted.npz"))
+
+    model, _ = load_model(craft(trained["best"], here / "old.ckpt", plant))
+    assert not [s for s in _strings(dict(model.hparams)) if "planted" in s]
+    assert not [s for s in _strings(model.eval_cfg) if "planted" in s]
+    assert model.eval_cfg["test_protocols"] == hp["evaluation"]["test_protocols"]
+
+
 # ---- the everyday mistakes: one line naming the file, what was expected, what was found ---------
 def _other_module(c: dict) -> None:
     """A Lightning checkpoint of another LightningModule."""

@@ -67,33 +67,53 @@ def test_per_modality_pooling_override() -> None:
     assert type(model.text_pool).__name__ == "MaxPooling"
 
 
-def test_collect_deduplicates_repeated_indices() -> None:
-    model = tiny_model()
+def test_deduplicate_keeps_one_row_per_index() -> None:
+    from gpo_lit.metrics.collect import deduplicate
 
-    class FakeTrainer:
-        world_size = 1
-
-    model._trainer = FakeTrainer()  # noqa: SLF001 - only world_size is read
     emb = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     # A padded sampler repeats items: index 0 arrives twice, with the same embedding.
-    model._eval_buffers[0] = [
-        (torch.tensor([2, 0, 1]), emb[[2, 0, 1]]),
-        (torch.tensor([3, 0]), emb[[3, 0]]),
-    ]
-    out, seen = model._collect(0, 4)
+    out, seen = deduplicate(torch.tensor([2, 0, 1, 3, 0]), emb[[2, 0, 1, 3, 0]], 4)
     torch.testing.assert_close(out, emb[:4])
     assert seen.all()
-    model._eval_buffers[0] = [(torch.tensor([0, 2]), emb[[0, 2]])]
-    out, seen = model._collect(0, 3)
+    out, seen = deduplicate(torch.tensor([0, 2]), emb[[0, 2]], 3)
     assert seen.tolist() == [True, False, True] and torch.isnan(out[1]).all()
     torch.testing.assert_close(out[[0, 2]], emb[[0, 2]])
+    # Of two rows for one index the first is kept, wherever the second sits.
+    out, _ = deduplicate(torch.tensor([1, 0, 1]), torch.tensor([[1.0], [0.0], [9.0]]), 2)
+    assert out.tolist() == [[0.0], [1.0]]
+
+
+def test_evaluation_metric_ranks_the_deduplicated_split() -> None:
+    """Batches of a padded sampler (repeated items, any order) through the Metric give exactly
+    the metrics of the split's embeddings in order; reset() empties it for the next epoch."""
+    import torch.nn.functional as F
+
+    from gpo_lit.metrics import evaluate
+    from gpo_lit.metrics.collect import CAPTIONS, IMAGES, RankingTask, RetrievalEmbeddings
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 3, generator=g), dim=-1)
+    cap = F.normalize(torch.randn(8, 3, generator=g), dim=-1)
+    cap2img = torch.arange(4).repeat_interleave(2)
+    metric = RetrievalEmbeddings()
+    metric.update(IMAGES, torch.tensor([2, 0]), img[[2, 0]])
+    metric.update(IMAGES, torch.tensor([1, 3, 2]), img[[1, 3, 2]])
+    metric.update(CAPTIONS, torch.arange(7, -1, -1), cap.flip(0))
+    metric.update(CAPTIONS, torch.tensor([5]), cap[[5]])
+    metric.task = RankingTask(4, 8, cap2img, ("full",))
+    assert metric.compute() == {"full": evaluate(img, cap, cap2img, protocol="full")}
+    torch.testing.assert_close(metric.ranked.img, img)
+    torch.testing.assert_close(metric.ranked.cap, cap)
+    assert not metric.ranked.subset
+    metric.reset()
+    assert metric.img_idx == [] and metric.cap_emb == []
 
 
 def test_embedded_subset_keeps_images_and_captions_seen_together() -> None:
     """Hand-worked: 4 images, captions of images [0, 0, 1, 1, 2, 3, 3]; images 0, 1, 3 and
     captions 0, 1, 2, 4, 5 embedded. Caption 4 (image 2, not embedded) goes; image 3 keeps
     caption 5; image 1 keeps caption 2. Kept images 0, 1, 3 are renumbered 0, 1, 2."""
-    from gpo_lit.model import embedded_subset
+    from gpo_lit.metrics.collect import embedded_subset
 
     img = torch.arange(8.0).reshape(4, 2)
     cap = torch.arange(14.0).reshape(7, 2)

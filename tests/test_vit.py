@@ -10,10 +10,10 @@ import pytest
 import timm
 import torch
 
+from gpo_lit.callbacks.backbone import BackboneSchedule
 from gpo_lit.cli import user_error
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError
-from gpo_lit.schedules import BackboneSchedule
 from tests.test_grid import _FakeTrainer
 from tests.test_model import WORDS, compose_cfg
 

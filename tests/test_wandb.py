@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gpo_lit.callbacks import HIT, PoolingWeightsPlot, RetrievalExamples, retrieval_examples
+from gpo_lit.metrics.collect import RankedEmbeddings
 from gpo_lit.pooling import create_pooling
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary, wandb_settings_from_hydra
 
@@ -228,7 +229,7 @@ def test_callbacks_do_nothing_without_wandb_logger() -> None:
     class Module:
         visual_pool = create_pooling(name="gpo", dim=8).eval()
         text_pool = create_pooling(name="max", dim=8)
-        last_eval = (torch.eye(2), torch.eye(2), np.array([0, 1]), "test")
+        evaluated = {"test": RankedEmbeddings(torch.eye(2), torch.eye(2), torch.tensor([0, 1]))}
 
     trainer = SimpleNamespace(
         loggers=[], sanity_checking=False, is_global_zero=True, current_epoch=0, datamodule=None

@@ -10,13 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
-from gpo_lit.errors import GpoLitError, one_line
-from gpo_lit.files import ensure_new  # noqa: F401 - the entry points' and callbacks' import
+from gpo_lit.errors import GpoLitError, one_line, user_error  # noqa: F401 - re-exported
+from gpo_lit.files import ensure_new
 
 log = logging.getLogger("gpo_lit")
 
@@ -26,23 +25,6 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 # testing (figures=true, save_ranks=true); make report links the figures.
 FIGURE_FILE = "retrieval.png"
 RANKS_FILE = "ranks.npz"
-
-
-def user_error(err: BaseException) -> GpoLitError | None:
-    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
-    those raised by a config resolver)."""
-    from omegaconf.errors import InterpolationResolutionError
-
-    while err is not None:
-        if isinstance(err, GpoLitError):
-            return err
-        if isinstance(err, InstantiationException):
-            err = err.__cause__
-        elif isinstance(err, InterpolationResolutionError):
-            err = err.__cause__ or err.__context__
-        else:
-            err = None
-    return None
 
 
 def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -150,14 +132,6 @@ def finish_wandb() -> None:
 
         if wandb.run is not None:
             wandb.finish()
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table(s) of retrieval metrics, one row per protocol: ``gpo_lit.metrics.table``
-    (imported here on use, so that entry points without metrics do not load torch for it)."""
-    from gpo_lit.metrics.table import format_table as metrics_table
-
-    return metrics_table(results)
 
 
 def write_metrics(path: Path, results: dict[str, dict[str, float]]) -> None:

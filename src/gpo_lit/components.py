@@ -40,7 +40,6 @@ COMPONENT_PACKAGES = (
     "gpo_lit.losses",
     "gpo_lit.model",
     "gpo_lit.pooling",
-    "gpo_lit.schedules",
 )
 # Classes of other libraries that configs name and a checkpoint may rebuild: the optimiser and
 # schedule nodes (``conf/optim/``), called only with the model's parameters / the optimiser.

@@ -88,3 +88,21 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def user_error(err: BaseException) -> GpoLitError | None:
+    """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
+    those raised by a config resolver)."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import InterpolationResolutionError
+
+    while err is not None:
+        if isinstance(err, GpoLitError):
+            return err
+        if isinstance(err, InstantiationException):
+            err = err.__cause__
+        elif isinstance(err, InterpolationResolutionError):
+            err = err.__cause__ or err.__context__
+        else:
+            err = None
+    return None

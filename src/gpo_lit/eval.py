@@ -23,11 +23,12 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from gpo_lit.checkpoint_io import read_checkpoint
-from gpo_lit.cli import entry_point, format_table, write_metrics
+from gpo_lit.cli import entry_point, write_metrics
 from gpo_lit.config_check import check_config
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import ensure_new
 from gpo_lit.metrics import check_ties
+from gpo_lit.metrics.table import results_block
 
 if TYPE_CHECKING:
     from gpo_lit.metrics.eccv import CocoIds
@@ -99,13 +100,14 @@ def evaluate_one(
     from hydra.utils import instantiate
 
     from gpo_lit.callbacks import output_callbacks
+    from gpo_lit.callbacks.outputs import EMBEDDINGS_FILE, METRICS_FILE
     from gpo_lit.eval_checks import check_evaluation
     from gpo_lit.model import load_model
 
-    results_path = out_dir / "metrics.json"
+    results_path = out_dir / METRICS_FILE
     ensure_new(results_path)
     if save_embeddings:
-        ensure_new(out_dir / "embeddings.npz")
+        ensure_new(out_dir / EMBEDDINGS_FILE)
     model, run_cfg = load_model(ckpt)
     threads = cfg.get("num_threads") or (run_cfg or {}).get("num_threads")
     if threads:  # as the training run did (the demos: one thread)
@@ -120,11 +122,10 @@ def evaluate_one(
         in_dim_key=f"the model.visual.in_dim of {ckpt}",
         protocols={"test": model.eval_cfg["test_protocols"]},
     )
-    if save_embeddings:
-        model.eval_cfg["save_embeddings_to"] = str(out_dir / "embeddings.npz")
     # Before embedding anything: sizes, COCO ids, files that must be new.
     model.coco_ids = check_evaluation(model.eval_cfg, datamodule)
-    callbacks = output_callbacks(out_dir, bool(cfg.get("figures")), bool(cfg.get("save_ranks")))
+    figures, save_ranks = bool(cfg.get("figures")), bool(cfg.get("save_ranks"))
+    callbacks = output_callbacks(out_dir, figures, save_ranks, save_embeddings)
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
@@ -133,7 +134,6 @@ def evaluate_one(
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    model.eval_cfg["results_to"] = str(results_path)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return json.loads(results_path.read_text()), datamodule.splits["test"], model.coco_ids
 
@@ -146,21 +146,10 @@ def ensemble(
     ties: str = "pessimistic",
 ) -> Results:
     """Metrics of the averaged similarity matrices of saved member embeddings."""
-    import torch
+    from gpo_lit.metrics import evaluate_protocols
+    from gpo_lit.metrics.ensemble import load_members
 
-    from gpo_lit.metrics import evaluate_protocols, load_embeddings
-
-    loaded = [load_embeddings(m) for m in members]
-    img0, cap0, cap2img = loaded[0]
-    for path, (img, cap, c2i) in zip(members[1:], loaded[1:], strict=True):
-        if img.shape[0] != img0.shape[0] or not torch.equal(c2i, cap2img):
-            raise GpoLitError(
-                f"{path}: expected the test split of {members[0]} ({img0.shape[0]} images, "
-                f"{cap0.shape[0]} captions), found {img.shape[0]} images, {cap.shape[0]} captions"
-                " or another caption → image map (an ensemble ranks one split)"
-            )
-    imgs = [img for img, _, _ in loaded]
-    caps = [cap for _, cap, _ in loaded]
+    imgs, caps, cap2img = load_members(members)
     return evaluate_protocols(imgs, caps, cap2img, protocols, shard_size, ties, coco_ids)
 
 
@@ -190,7 +179,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
         read_checkpoint(ckpt, mmap=True)
     if len(ckpts) == 1:
         results, split, _ = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
-        print(f"\nTest metrics of {ckpts[0]} on split '{split}':\n{format_table(results)}\n")
+        print(results_block(f"Test metrics of {ckpts[0]} on split '{split}'", results))
         return results
     ensure_new(out_dir / "metrics.json")
     member_files = []
@@ -198,14 +187,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
         member_dir = out_dir / f"member{i}"
         results, split, ids = evaluate_one(ckpt, cfg, member_dir, save_embeddings=True)
         member_files.append(member_dir / "embeddings.npz")
-        print(f"\nTest metrics of {ckpt} on split '{split}':\n{format_table(results)}\n")
+        print(results_block(f"Test metrics of {ckpt} on split '{split}'", results))
     results = ensemble(member_files, list(results), coco_ids=ids, ties=cfg.ties)
     write_metrics(out_dir / "metrics.json", results)
-    print(
-        f"\nTest metrics of the ensemble of {len(ckpts)} models (similarities averaged):\n"
-        f"{format_table(results)}\n",
-        flush=True,
-    )
+    title = f"Test metrics of the ensemble of {len(ckpts)} models (similarities averaged)"
+    print(results_block(title, results), flush=True)
     return results
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
@@ -18,9 +17,10 @@ from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.divergence import LossWatch
 from gpo_lit.encoders.uncertainty import UncertaintyHead
-from gpo_lit.errors import GpoLitError, expect, first_line
+from gpo_lit.errors import GpoLitError, expect, first_line, user_error
 from gpo_lit.losses import PairEmbeddings, RetrievalLoss, StepInfo, instantiate_loss
-from gpo_lit.metrics import check_ties, evaluate, evaluate_protocols, get_protocol
+from gpo_lit.metrics import check_ties
+from gpo_lit.metrics.collect import RankedEmbeddings, RankingTask, RetrievalEmbeddings
 from gpo_lit.modalities import pooling_for
 from gpo_lit.pooling import create_pooling
 
@@ -40,26 +40,6 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
             mask_token=cfg.get("mask_token"),
         )
     raise GpoLitError(f"model.text.tokenizer.kind: expected 'vocab' or 'hf', found {kind!r}")
-
-
-def embedded_subset(
-    img: Tensor, cap: Tensor, cap2img: Tensor, img_seen: Tensor, cap_seen: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The part of a split that an evaluation on limited batches embedded, renumbered.
-
-    Kept: the embedded captions whose image was embedded, and the embedded images with at least
-    one kept caption (an image without a caption has no ground truth to rank). So image→text
-    queries rank exactly the kept captions and text→image queries exactly the kept images.
-
-    img: ``[n_img, d]``, cap: ``[n_cap, d]``, cap2img: ``[n_cap]`` image of each caption,
-    img_seen / cap_seen: ``[n_img]`` / ``[n_cap]`` bool. Returns ``img[m_img]``, ``cap[m_cap]``
-    and ``cap2img[m_cap]`` indexing the kept images (in their original order).
-    """
-    keep_cap = cap_seen & img_seen[cap2img]
-    keep_img = torch.zeros_like(img_seen)
-    keep_img[cap2img[keep_cap]] = True
-    new_index = torch.cumsum(keep_img.long(), 0) - 1
-    return img[keep_img], cap[keep_cap], new_index[cap2img[keep_cap]]
 
 
 class VSEModel(pl.LightningModule):
@@ -122,7 +102,10 @@ class VSEModel(pl.LightningModule):
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
         self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
-        self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
+        # (index, embedding) of the split being evaluated, from every rank (gpo_lit.metrics)
+        self.eval_embeddings = RetrievalEmbeddings()
+        # What each stage's last evaluation ranked, for the callbacks (gpo_lit.callbacks).
+        self.evaluated: dict[str, RankedEmbeddings] = {}
         self.loss_watch = LossWatch(optim["lr"])
         self.val_rsum_best = float("-inf")  # the best validation rsum so far
         self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
@@ -208,31 +191,13 @@ class VSEModel(pl.LightningModule):
     # -- evaluation ------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         emb = self.retrieval_embeddings(batch, dataloader_idx)
-        self._eval_buffers[dataloader_idx].append((batch["idx"], emb.float()))
+        self.eval_embeddings.update(dataloader_idx, batch["idx"], emb)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step(batch, dataloader_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         self._eval_step(batch, dataloader_idx)
-
-    def _collect(self, which: int, n: int) -> tuple[Tensor, Tensor]:
-        """Embeddings ``[n, d]`` of items 0..n−1 from every rank, de-duplicated by dataset index,
-        and which items were embedded (``[n]`` bool; the rows of the others are NaN).
-
-        ``DistributedSampler`` pads by repeating items, so the same index may arrive twice.
-        """
-        buf = self._eval_buffers[which]
-        idx = torch.cat([i for i, _ in buf]).to(self.device)
-        emb = torch.cat([e for _, e in buf])
-        if self.trainer.world_size > 1:
-            idx = self.all_gather(idx).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-        out = emb.new_full((n, emb.shape[-1]), float("nan"))
-        out[idx] = emb
-        seen = torch.zeros(n, dtype=torch.bool, device=emb.device)
-        seen[idx] = True
-        return out, seen
 
     def _eval_limited(self, stage: str) -> bool:
         """Whether the trainer embeds only part of the split (``limit_{val,test}_batches``,
@@ -244,56 +209,43 @@ class VSEModel(pl.LightningModule):
         return isinstance(limit, int) or (limit is not None and limit < 1.0)
 
     def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        split = self.trainer.datamodule.eval_split(stage)
-        img, img_seen = self._collect(0, split.n_images)
-        cap, cap_seen = self._collect(1, split.n_captions)
-        self._eval_buffers = [[], []]
-        cap2img = torch.as_tensor(split.cap2img, device=img.device)
+        """Rank what this evaluation embedded (every rank's, :mod:`gpo_lit.metrics.collect`)."""
         from gpo_lit.eval_checks import coco_ids_for, stage_protocols
 
-        protocols = stage_protocols(self.eval_cfg, stage)
-        subset = not bool(img_seen.all() and cap_seen.all())
-        if subset:
-            if not self._eval_limited(stage):
-                raise RuntimeError(
-                    f"evaluation embedded {int(img_seen.sum())} of {split.n_images} images and "
-                    f"{int(cap_seen.sum())} of {split.n_captions} captions"
-                )
-            img, cap, cap2img = embedded_subset(img, cap, cap2img, img_seen, cap_seen)
-            # Fold protocols (coco_1k) need the whole split: the subset is ranked at once.
+        split = self.trainer.datamodule.eval_split(stage)
+        root = getattr(self.trainer.datamodule, "root", None)
+        self.eval_embeddings.task = RankingTask(
+            n_images=split.n_images,
+            n_captions=split.n_captions,
+            cap2img=split.cap2img,
+            protocols=tuple(stage_protocols(self.eval_cfg, stage)),
+            shard_size=self.eval_cfg.get("shard_size", 1024),
+            ties=self.eval_cfg.get("ties", "pessimistic"),  # checkpoints before it: default
+            coco_ids=lambda: self.coco_ids or coco_ids_for(self.eval_cfg, root, split),
+            limited=self._eval_limited(stage),
+        )
+        try:
+            results = self.eval_embeddings.compute()
+        finally:
+            self.eval_embeddings.reset()
+            self.eval_embeddings.task = None
+        ranked = self.eval_embeddings.ranked
+        assert ranked is not None
+        self.evaluated[stage] = ranked
+        if ranked.subset:
             level = logging.DEBUG if stage in self._subset_said else logging.WARNING
             self._subset_said.add(stage)  # once per stage, not every validation epoch
             log.log(
                 level,
                 "%s on a subset (limited batches): %d of %d images and %d of %d captions; every "
                 "protocol ranks this subset at once, and metrics.json records its size",
-                stage, img.shape[0], split.n_images, cap.shape[0], split.n_captions,
+                stage, ranked.img.shape[0], split.n_images, ranked.cap.shape[0], split.n_captions,
             )  # fmt: skip
-        shard = self.eval_cfg.get("shard_size", 1024)
-        ties = self.eval_cfg.get("ties", "pessimistic")  # checkpoints written before it: default
-        if subset:
-            # eccv / cxc score the whole COCO testall only: no subset figure for them
-            whole = evaluate(img, cap, cap2img, "full", shard, ties)
-            whole.update(n_images=float(img.shape[0]), n_captions=float(cap.shape[0]))
-            results = {p: dict(whole) for p in protocols if not get_protocol(p).package}
-        else:
-            ids = None
-            if any(get_protocol(p).package for p in protocols):
-                root = getattr(self.trainer.datamodule, "root", None)
-                ids = self.coco_ids or coco_ids_for(self.eval_cfg, root, split)
-            results = evaluate_protocols(img, cap, cap2img, protocols, shard, ties, ids)
-        # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples),
-        # whose rows are the split's items: none for a subset (its rows are renumbered).
-        self.last_eval = None if subset else (img, cap, cap2img, stage)
-        if self.eval_cfg.get("save_embeddings_to") and stage == "test":
-            from gpo_lit.metrics import save_embeddings
-
-            save_embeddings(self.eval_cfg["save_embeddings_to"], img, cap, cap2img)
         return results
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._eval_buffers = [[], []]
+            self.eval_embeddings.reset()
             return
         (metrics,) = self._finish_eval("val").values()
         # Every rank computed the same numbers from the gathered embeddings.
@@ -304,16 +256,10 @@ class VSEModel(pl.LightningModule):
         self.log("val/rsum_best", self.val_rsum_best, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
+        # Written to files by a callback (gpo_lit.callbacks.WriteEvaluation), rank zero.
         self.test_results = self._finish_eval("test")
         for protocol, metrics in self.test_results.items():
             self.log_dict({f"test/{protocol}/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        # Written here, not by the caller: under ddp_spawn the caller's copy of the model never
-        # sees the results. Logged values are float32; the file keeps full precision.
-        path = self.eval_cfg.get("results_to")
-        if path and self.trainer.is_global_zero:
-            from gpo_lit.cli import write_metrics
-
-            write_metrics(Path(path), self.test_results)
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -328,8 +274,9 @@ class VSEModel(pl.LightningModule):
         self.val_rsum_best = float(checkpoint.get("gpo_lit_val_rsum_best", float("-inf")))
 
 
-# Output paths are the caller's: a stored one (a path of the machine that wrote it) is dropped.
-_OUTPUT_KEYS = ("results_to", "save_embeddings_to")
+# The evaluation settings the model reads. Any other stored key (older checkpoints kept output
+# paths there, paths of the machine that wrote them) is dropped on load: outputs are the caller's.
+EVALUATION_KEYS = ("val_protocol", "test_protocols", "shard_size", "ties", "coco_ids")
 
 
 def check_model_hparams(path: str | Path, hp: dict) -> None:
@@ -356,14 +303,15 @@ def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
     Returns the model in eval mode on the CPU and the run config stored with it (or None).
     """
     from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
-    from gpo_lit.cli import user_error
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     check_model_hparams(path, hp)
+    evaluation = hp.get("evaluation")
+    if isinstance(evaluation, dict):
+        hp = {**hp, "evaluation": {k: v for k, v in evaluation.items() if k in EVALUATION_KEYS}}
     try:
         model = VSEModel(**hp)
-        model.eval_cfg = {k: v for k, v in dict(model.eval_cfg).items() if k not in _OUTPUT_KEYS}
     except Exception as err:  # noqa: BLE001 - stored hyper-parameters are user input
         if user_error(err) is not None:
             raise

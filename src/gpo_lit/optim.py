@@ -32,8 +32,8 @@ from typing import Any
 
 from torch import nn
 
+from gpo_lit.callbacks.backbone import under
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.schedules import under
 
 #: Block indices of timm ViTs (``blocks.3.``), HF BERT (``layer.3.``), HF CLIP (``layers.3.``) and
 #: OpenAI CLIP (``resblocks.3.``).

@@ -16,19 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from gpo_lit.callbacks import output_callbacks
+from gpo_lit.callbacks.outputs import METRICS_FILE
 from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
-from gpo_lit.cli import (
-    entry_point,
-    finish_wandb,
-    format_table,
-    instantiate_group,
-)
+from gpo_lit.cli import entry_point, finish_wandb, instantiate_group
 from gpo_lit.config_check import check_config
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
 from gpo_lit.eval_checks import check_evaluation
 from gpo_lit.losses import check_loss_node
+from gpo_lit.metrics.table import results_block
 from gpo_lit.resume import (
     ResumableCSVLogger,
     StopOnSigterm,
@@ -154,8 +151,7 @@ def fit_and_test(
         log.info("best val/rsum: %.4f (the value a sweep optimises)", best_val)
     results: dict[str, dict[str, float]] = {}
     if cfg.test_after_fit:
-        results_path = Path(cfg.paths.output_dir) / "metrics.json"
-        model.eval_cfg = {**model.eval_cfg, "results_to": str(results_path)}
+        results_path = Path(cfg.paths.output_dir) / METRICS_FILE  # callbacks.WriteEvaluation
         best_cb = best_checkpoint_callback(trainer)
         best = best_cb.best_model_path if best_cb is not None else ""
         if not best:  # fast_dev_run, or no val/rsum checkpoint configured
@@ -171,7 +167,7 @@ def fit_and_test(
             results = json.loads(results_path.read_text())
             log_final_summary(trainer, results)
             which = best or "the weights at the end of fit"
-            print(f"\nTest metrics of {which}:\n{format_table(results)}\n", flush=True)
+            print(results_block(f"Test metrics of {which}", results), flush=True)
             log.info("test metrics of %s: %s", which, json.dumps(results, sort_keys=True))
     return TrainResult(results, best_val)
 
@@ -215,7 +211,9 @@ def train(cfg: DictConfig) -> TrainResult:
             logger.resume_at(logged_step(resumed_from) if resumed_from else None)
     callbacks = instantiate_group(cfg.get("callbacks"))
     if cfg.test_after_fit:
-        callbacks += output_callbacks(out_dir, cfg.get("figures"), cfg.get("save_ranks"))
+        callbacks += output_callbacks(
+            out_dir, cfg.get("figures"), cfg.get("save_ranks"), cfg.get("save_embeddings", False)
+        )
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(StopOnSigterm(out_dir / "checkpoints" / "last.ckpt"))

@@ -13,17 +13,16 @@ line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.metrics.embeddings_io import load_embeddings
+from gpo_lit.metrics.ensemble import load_members
 from gpo_lit.metrics.protocols import PROTOCOLS, check_size, evaluate_protocols, get_protocol
 from gpo_lit.metrics.ranks import TIES, check_ties
-from gpo_lit.metrics.table import format_table
+from gpo_lit.metrics.table import results_block
 
 
 def _device(name: str) -> torch.device:
@@ -65,14 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_new(args.json)
         check_ties(args.ties)
         device = _device(args.device)
-        loaded = [load_embeddings(f) for f in args.files]
-        cap2img = loaded[0][2]
-        for f, (_, _, c2i) in zip(args.files[1:], loaded[1:], strict=True):
-            if not torch.equal(c2i, cap2img):
-                raise GpoLitError(
-                    f"{f}: expected the same cap2img as {args.files[0]} (ensemble), found a different one"
-                )
-        n_img = loaded[0][0].shape[0]
+        imgs, caps, cap2img = load_members(args.files)
+        n_img = imgs[0].shape[0]
         for p in protocols:
             check_size(p, n_img, where=str(args.files[0]))
         coco_ids = None
@@ -85,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                     "testall_capids.txt (for eccv / cxc), found none given"
                 )
             coco_ids = read_coco_ids(find_ids_dir(args.coco_ids, None), cap2img.numpy())
-        imgs = [img.to(device) for img, _, _ in loaded]
-        caps = [cap.to(device) for _, cap, _ in loaded]
+        imgs = [img.to(device) for img in imgs]
+        caps = [cap.to(device) for cap in caps]
         results = evaluate_protocols(
             imgs, caps, cap2img, protocols, args.shard_size, args.ties, coco_ids
         )
@@ -94,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = " + ".join(str(f) for f in args.files)
-    print(f"{names}: {imgs[0].shape[0]} images, {caps[0].shape[0]} captions, ties {args.ties}")
-    print(format_table(results))
+    sizes = f"{imgs[0].shape[0]} images, {caps[0].shape[0]} captions, ties {args.ties}"
+    print(results_block(f"Test metrics of {names} ({sizes})", results))
     if args.json is not None:
+        from gpo_lit.cli import write_metrics
+
         try:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            write_metrics(args.json, results)
         except OSError as e:
             print(
                 f"error: {args.json}: expected a writable path, found {e.strerror}", file=sys.stderr

@@ -3,7 +3,8 @@
 The first table has the R@K columns (R@1/5/10, MdR, MnR per direction, RSUM) and one row per
 protocol that has any of them (``–`` where a protocol lacks one: CxC has no MdR, ECCV Caption only
 R@1). Metrics outside those columns (ECCV's mAP@R and R-Precision, or any other) follow in a
-second table, one row per protocol that has them. i2t = image/video → text.
+second table, one row per protocol that has them. i2t = image/video → text. ``gpo-train``,
+``gpo-eval`` and ``python -m gpo_lit.metrics`` all print :func:`results_block`.
 
 :func:`markdown_table`, :func:`title` and :func:`cell` are the pieces every results table of
 gpo_lit is made of (the sweep report's table of configurations too).
@@ -73,3 +74,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     if extra:
         lines += ["", *_table(results, extra)]
     return "\n".join(lines)
+
+
+def results_block(title: str, results: dict[str, dict[str, float]]) -> str:
+    """What the entry points print: a blank line, ``<title>:``, the table(s), a blank line."""
+    return f"\n{title}:\n{format_table(results)}\n"
