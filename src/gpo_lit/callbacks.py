@@ -364,7 +364,7 @@ def _test_embeddings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     if last is None or last[3] != "test":
         return None
     img, cap, cap2img, _ = last
-    return img, cap, cap2img, trainer.datamodule.eval_split("test")
+    return img, cap, cap2img, trainer.datamodule.eval_split("test")  # type: ignore[attr-defined]
 
 
 class RetrievalExamples(pl.Callback):
@@ -408,7 +408,7 @@ class RetrievalExamples(pl.Callback):
             thumb=thumb,
         )
         return {
-            f"retrieval/{key}": wandb.Table(columns=cols, data=rows)
+            f"retrieval/{key}": wandb.Table(columns=cols, data=rows)  # type: ignore[arg-type]
             for key, (cols, rows) in tables.items()
         }
 
@@ -440,7 +440,7 @@ class RetrievalFigure(pl.Callback):
         from gpo_lit.files import write_atomic
 
         ensure_new(self.path)
-        fig = split_figure(*got, n_queries=self.n_queries, top_k=self.top_k)
+        fig = split_figure(*got, n_queries=self.n_queries, top_k=self.top_k)  # type: ignore[misc]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, lambda f: fig.savefig(f, format="png"))
         log.info("wrote %s", self.path)
@@ -480,7 +480,7 @@ class SaveRanks(pl.Callback):
         if ids is not None:
             arrays["item_ids"] = np.asarray([str(i) for i in ids[: img.shape[0]]], dtype=str)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda f: np.savez_compressed(f, **arrays))
+        write_atomic(self.path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
         log.info("wrote %s", self.path)
 
 

@@ -27,7 +27,7 @@ FIGURE_FILE = "retrieval.png"
 RANKS_FILE = "ranks.npz"
 
 
-def user_error(err: BaseException) -> GpoLitError | None:
+def user_error(err: BaseException | None) -> GpoLitError | None:
     """The GpoLitError behind ``err`` (Hydra wraps errors raised while instantiating, OmegaConf
     those raised by a config resolver)."""
     from omegaconf.errors import InterpolationResolutionError

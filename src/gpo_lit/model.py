@@ -31,7 +31,7 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
     kind = cfg.get("kind")
     if kind == "vocab":
         expect(vocab is not None, "model.vocab", "a word list for the BiGRU tokenizer", None)
-        return VocabTokenizer(Vocabulary(vocab))
+        return VocabTokenizer(Vocabulary(vocab))  # type: ignore[arg-type]
     if kind == "hf":
         return HFTokenizer(
             cfg["name_or_path"],
@@ -119,7 +119,9 @@ class VSEModel(pl.LightningModule):
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
-        self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
+        self.coco_ids: Any = (
+            None  # CocoIds | None: COCO ids of the test split (eccv / cxc), set by the entry points
+        )
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         self._eval_buffers: list[list[tuple[Tensor, Tensor]]] = [[], []]
         self.loss_watch = LossWatch(optim["lr"])
@@ -179,7 +181,7 @@ class VSEModel(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # read back where the loggers sync anyway (see gpo_lit.divergence)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # type: ignore[attr-defined]
             self.loss_watch.check()
 
     def on_train_epoch_end(self) -> None:
@@ -199,7 +201,7 @@ class VSEModel(pl.LightningModule):
             global_step=self.global_step,
         )
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any]:  # type: ignore[override]
         from gpo_lit.optim import configure_optimization
 
         return configure_optimization(list(self.named_parameters()), self.optim_cfg)
@@ -225,8 +227,8 @@ class VSEModel(pl.LightningModule):
         idx = torch.cat([i for i, _ in buf]).to(self.device)
         emb = torch.cat([e for _, e in buf])
         if self.trainer.world_size > 1:
-            idx = self.all_gather(idx).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
+            idx = self.all_gather(idx).reshape(-1)  # type: ignore[union-attr]
+            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])  # type: ignore[union-attr]
         out = emb.new_full((n, emb.shape[-1]), float("nan"))
         out[idx] = emb
         seen = torch.zeros(n, dtype=torch.bool, device=emb.device)
@@ -243,7 +245,7 @@ class VSEModel(pl.LightningModule):
         return isinstance(limit, int) or (limit is not None and limit < 1.0)
 
     def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        split = self.trainer.datamodule.eval_split(stage)
+        split = self.trainer.datamodule.eval_split(stage)  # type: ignore[attr-defined]
         img, img_seen = self._collect(0, split.n_images)
         cap, cap_seen = self._collect(1, split.n_captions)
         self._eval_buffers = [[], []]
@@ -278,7 +280,7 @@ class VSEModel(pl.LightningModule):
         else:
             ids = None
             if any(get_protocol(p).package for p in protocols):
-                root = getattr(self.trainer.datamodule, "root", None)
+                root = getattr(self.trainer.datamodule, "root", None)  # type: ignore[attr-defined]
                 ids = self.coco_ids or coco_ids_for(self.eval_cfg, root, split)
             results = evaluate_protocols(img, cap, cap2img, protocols, shard, ties, ids)
         # The last evaluation's embeddings, for callbacks (gpo_lit.callbacks.RetrievalExamples),

@@ -121,7 +121,7 @@ def _select(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         try:
-            value = node._get_node(leaf)._value()  # noqa: SLF001 - the raw ``${...}`` text
+            value = node._get_node(leaf)._value()  # type: ignore[union-attr]  # noqa: SLF001 - the raw ``${...}`` text
         except Exception:  # noqa: BLE001
             return default
     if isinstance(value, DictConfig) or OmegaConf.is_config(value):
@@ -237,8 +237,8 @@ class Configuration:
     visual: str
     text: str
     other: str
-    pooling: tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]  # visual, text nodes
-    set_sizes: tuple[int, int]  # visual, text: K at or above is N
+    pooling: tuple[tuple[tuple[str, Any], ...], ...]  # visual, text nodes
+    set_sizes: tuple[int, ...]  # visual, text: K at or above is N
 
     @property
     def label(self) -> str:
@@ -308,7 +308,7 @@ def describe(
             nodes.append(tuple(sorted(node.items(), key=lambda kv: kv[0])))
             labels.append(_pooling_label(node, shown.get(str(node.get("name")), []), n))
             sizes.append(n)
-        other = [
+        other: Any = [  # list[str] here, str below
             o
             for o in job.overrides  # in the order given
             if o in key
@@ -354,10 +354,10 @@ def optuna_note(sweep_dir: Path) -> str | None:
         return None
     try:
         found = OmegaConf.to_container(OmegaConf.load(path))
-        value, params = float(found["best_value"]), found["best_params"]
+        value, params = float(found["best_value"]), found["best_params"]  # type: ignore[call-overload, index]
     except Exception as err:  # noqa: BLE001 - a note, not a reason to stop the report
         return f"{path.name}: unreadable ({type(err).__name__})"
-    shown = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in params.items())
+    shown = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in params.items())  # type: ignore[union-attr]
     return (
         f"Optuna search ({path.name}): best validation rsum {value:.2f} (the objective; the table "
         f"shows test metrics) with {shown}"
@@ -655,7 +655,7 @@ class KGrid:
     mean: np.ndarray
     std: np.ndarray
     n: np.ndarray
-    set_sizes: tuple[int, int]
+    set_sizes: tuple[int, ...]
     gpo_rsum: float | None = None  # GPO on both sides in the same experiment, for comparison
 
     def k_labels(self, modality: str) -> list[str]:
@@ -680,7 +680,7 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
             both_kmax = vis.get("name") == "kmax" == txt.get("name")
             has_rsum = not math.isnan(_rsum(r))  # eccv / cxc have none: no grid
             if r.n and has_rsum and both_kmax and all(isinstance(k, int) for k in ks):
-                by_other.setdefault(r.config.other, {})[ks] = r
+                by_other.setdefault(r.config.other, {})[ks] = r  # type: ignore[index]
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
             tks = sorted({t for _, t in cells})
@@ -786,7 +786,7 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
             )
             pool.eval()
             with torch.no_grad():
-                theta = pool.weights_for_length(int(sizes[modality])).float()
+                theta = pool.weights_for_length(int(sizes[modality])).float()  # type: ignore[operator]
             out[modality] = (theta.mean(-1) if theta.dim() > 1 else theta).numpy().copy()
         return out
     except Exception as err:  # noqa: BLE001 - one line naming the file
@@ -936,7 +936,7 @@ def build_report(
     common = common_overrides(jobs)
     retrieval = [j.path / RETRIEVAL_FIGURE for j in rows[0].jobs] if rows and rows[0].n else []
     retrieval = [p for p in retrieval if p.is_file()]
-    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures, retrieval)
+    return Report(sweep_dir, protocol, jobs, rows, common, grids, curves, notes, figures, retrieval)  # type: ignore[arg-type]
 
 
 def write_report(report: Report, out_dir: str | Path | None = None, overwrite: bool = False):

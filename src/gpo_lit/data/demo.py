@@ -118,7 +118,7 @@ class _World:
     def draw(cls, rng: np.random.Generator, feat_dim: int) -> _World:
         scales = (1.0, 1.0, 0.7, 0.7)  # colour and shape dominate appearance
         emb = tuple(
-            rng.normal(0, s / np.sqrt(LATENT), (len(a), LATENT))
+            rng.normal(0, s / np.sqrt(LATENT), (len(a), LATENT))  # type: ignore[arg-type]
             for a, s in zip(ATTRS, scales, strict=True)
         )
         w1 = rng.normal(0, 1.5 / np.sqrt(LATENT), (LATENT, HIDDEN))
@@ -218,7 +218,7 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     """Scenes (int ``[n_obj, 4]`` each), features float32 ``[n, R, D]`` and ``n * k`` captions of
     one split, all from ``rng`` in one fixed order."""
     ims = np.empty((n, n_regions, world.w2.shape[1]), np.float32)
-    scenes, caps = [], []
+    scenes, caps = [], []  # type: ignore[var-annotated]
     for i in tqdm(range(n), desc="demo data: scenes", unit="scene", mininterval=1.0):
         objs = _scene(rng)
         ims[i] = _image(world, objs, n_regions, rng)
@@ -314,12 +314,14 @@ def generate_demo(
             world, sizes[split], n_regions, captions_per_image, np.random.default_rng(ss)
         )
         ids = [f"demo-{split}-{i:05d}" for i in range(sizes[split])]
-        write_atomic(root / f"{split}_ims.npy", lambda f, a=ims: np.save(f, a, allow_pickle=False))
+        write_atomic(root / f"{split}_ims.npy", lambda f, a=ims: np.save(f, a, allow_pickle=False))  # type: ignore[misc]
         write_atomic(
-            root / f"{split}_caps.txt", lambda f, c=caps: f.write(("\n".join(c) + "\n").encode())
+            root / f"{split}_caps.txt",
+            lambda f, c=caps: f.write(("\n".join(c) + "\n").encode()),  # type: ignore[misc]
         )
         write_atomic(
-            root / f"{split}_ids.txt", lambda f, c=ids: f.write(("\n".join(c) + "\n").encode())
+            root / f"{split}_ids.txt",
+            lambda f, c=ids: f.write(("\n".join(c) + "\n").encode()),  # type: ignore[misc]
         )
     write_atomic(
         meta_path, lambda f: f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())

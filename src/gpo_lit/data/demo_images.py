@@ -97,7 +97,7 @@ def render_scene(objs: np.ndarray, size: int, rng: np.random.Generator):
         cx, cy = (np.array(CENTRES[pos]) + rng.normal(0, 0.03, 2)) * size
         r = RADIUS[big] * size * rng.uniform(0.9, 1.1)
         fill = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in RGB[names[colour]])
-        _shape(draw, shape, cx, cy, r, fill)
+        _shape(draw, shape, cx, cy, r, fill)  # type: ignore[arg-type]
     x = np.asarray(im, dtype=np.float32) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "RGB")
 
@@ -160,16 +160,17 @@ def generate_demo_images(
             im = render_scene(objs, image_size, rng)
             name = f"{image_id}.jpg"
             write_atomic(
-                root / "images" / name, lambda f, im=im: im.save(f, "JPEG", quality=quality)
+                root / "images" / name,
+                lambda f, im=im: im.save(f, "JPEG", quality=quality),  # type: ignore[misc]
             )
             mapping[image_id] = name
         write_atomic(
             root / "precomp" / f"{split}_caps.txt",
-            lambda f, c=caps: f.write(("\n".join(c) + "\n").encode()),
+            lambda f, c=caps: f.write(("\n".join(c) + "\n").encode()),  # type: ignore[misc]
         )
         write_atomic(
             root / "precomp" / f"{split}_ids.txt",
-            lambda f, c=ids: f.write(("\n".join(c) + "\n").encode()),
+            lambda f, c=ids: f.write(("\n".join(c) + "\n").encode()),  # type: ignore[misc]
         )
     write_atomic(
         root / "id_mapping.json",

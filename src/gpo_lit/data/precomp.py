@@ -82,7 +82,7 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, bool, 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     """Fill the uint8 array ``buf`` from ``fd`` at ``offset`` (positioned reads: no shared file
     position, so threads and forked workers never disturb one another)."""
-    view, done = memoryview(buf), 0
+    view, done = memoryview(buf), 0  # type: ignore[arg-type]
     while done < len(view):  # one read returns at most ~2 GiB on Linux; loop on short reads
         if hasattr(os, "preadv"):
             n = os.preadv(fd, [view[done:]], offset + done)

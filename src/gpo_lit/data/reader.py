@@ -23,10 +23,14 @@ class SplitReader(Protocol):
 
     path: Path  # the main feature file (named in errors)
     n_images: int
-    n_captions: int
     cap2img: np.ndarray  # int64 [n_captions]: caption → item index
     feat_dim: int
     captions: list[str]
+
+    @property
+    def n_captions(self) -> int:
+        """Number of captions (read-only: :class:`CaptionList` derives it from ``captions``)."""
+        ...
 
     def image(self, i: int) -> np.ndarray:
         """Features of item ``i``: float32 ``[n, D]`` (regions, grid cells or frames)."""

@@ -185,7 +185,7 @@ class ShardSplit(ImageSplit):
         self.captions = captions
         self.cap2img = np.asarray(cap2img, dtype=np.int64)
         self._where = np.asarray(where, dtype=np.int64).reshape(-1, 3)
-        self.captions_per_image = len(captions) / len(keys)
+        self.captions_per_image = len(captions) / len(keys)  # type: ignore[assignment]
         self.image_dir = glob_path.parent
         self.files = [f"{self.shards[s]}:{k}" for (s, _, _), k in zip(where, keys, strict=True)]
         self._handles: dict[int, int] = {}  # shard number → descriptor, per process
@@ -231,10 +231,10 @@ class ShardSplit(ImageSplit):
                         self.skipped.add("no_image", here)
                     continue
                 small = {}
-                for e, m in text.items():
+                for e, m in text.items():  # type: ignore[misc]
                     f.seek(m.offset_data)
-                    small[e] = f.read(m.size)
-                caps = _captions_of(small, here, self.skipped)
+                    small[e] = f.read(m.size)  # type: ignore[misc]
+                caps = _captions_of(small, here, self.skipped)  # type: ignore[arg-type]
                 if caps is None:
                     continue
                 if check_headers and not self._header_ok(f, image):
@@ -354,7 +354,7 @@ def write_shards(
                               (f"{key}.json", text)):  # fmt: skip
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(payload), mtime, 0o644
-            tar.addfile(info, io.BytesIO(payload))
+            tar.addfile(info, io.BytesIO(payload))  # type: ignore[union-attr]
     if tar is not None:
         finish()
     return written
