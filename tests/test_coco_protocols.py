@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, tiny_model
 
 import gpo_lit
 from gpo_lit.errors import GpoLitError
@@ -283,8 +284,6 @@ def test_cli_eccv_needs_the_ids(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_make_eval_with_eccv_and_cxc_on_a_coco_shaped_split(coco5k, tmp_path: Path) -> None:
     """``make eval CKPT=… protocols=[coco_1k,coco_5k,eccv,cxc]`` on a COCO-shaped precomp split
     (the package's ids; the CxC files beside precomp/ as in the authors' layout), a tiny model."""
-    from tests.test_model import tiny_model
-    from tests.test_train_eval import ENV
 
     d = coco5k
     root = tmp_path / "coco"

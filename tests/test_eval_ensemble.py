@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import naive_metrics, one_line_error, run, save_native, spread_model, tiny_model
 
 from gpo_lit.data.demo import generate_demo
 from gpo_lit.metrics import load_embeddings
-from tests.test_convert import save_native
-from tests.test_metrics import naive_metrics
-from tests.test_model import tiny_model
-from tests.test_train_eval import one_line_error, run
-
-
-def spread_model(seed: int):
-    """A tiny untrained model with N(0, 1) weights: at its small default init every embedding
-    points the same way and float32 round-off decides near-ties."""
-    torch.manual_seed(seed)
-    model = tiny_model().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    return model
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, POOL, TINY_GRID_DEMO, one_line_error, run, write_job
 from PIL import Image
 
 from gpo_lit import report as rp
@@ -27,9 +28,6 @@ from gpo_lit.callbacks import (
 )
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate, recall_metrics, retrieval_ranks
-from tests.test_grid_e2e import TINY_GRID_DEMO
-from tests.test_report import POOL, write_job
-from tests.test_train_eval import ENV, one_line_error, run
 
 
 def toy(n_img: int = 12, per: int = 2, d: int = 8, seed: int = 0):
