@@ -107,27 +107,6 @@ def one_line_error(res: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def untrained_rsum(tmp_path: Path, *overrides: str) -> float:
-    """Test rsum of the same-seed model left at its initialisation (one batch at lr 1e-12: weights
-    move by ~1e-12 at most; lr 0 is refused), on the same tiny demo: the floor a trained model
-    must clear."""
-    run_dir = tmp_path / "untrained_run"
-    res = run(
-        "gpo_lit.train",
-        "experiment=demo",
-        *TINY_DEMO,
-        *overrides,
-        "optim.lr=1e-12",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=1",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"]
-
-
 # --- in-process runs of the entry points' tasks ---------------------------------------------------
 def task_error(
     task: Callable[[Any], Any], cfg: Any, capsys: pytest.CaptureFixture, alone: bool = True
@@ -158,10 +137,19 @@ def train_here(run_dir: Path, *overrides: str) -> dict[str, dict[str, float]]:
     return train(cfg).test
 
 
-def untrained_rsum_here(run_dir: Path, *overrides: str) -> float:
+def eval_here(out_dir: Path, *overrides: str) -> dict[str, dict[str, float]]:
+    """``gpo_lit.eval`` of ``overrides`` in this process, into ``out_dir``; its metrics (also in
+    ``out_dir/metrics.json``)."""
+    from gpo_lit.eval import evaluate_checkpoint
+
+    cfg = compose_cfg("eval", "print_config=false", *overrides, f"paths.output_dir={out_dir}")
+    return evaluate_checkpoint(cfg)
+
+
+def untrained_rsum(run_dir: Path, *overrides: str) -> float:
     """Test rsum of the model ``overrides`` train, left at its same-seed initialisation (one batch
     at lr 1e-12: weights move by ~1e-12 at most; lr 0 is refused): the floor a trained model must
-    clear. In this process (the subprocess twin is ``untrained_rsum``)."""
+    clear. In this process (the trained run may be a subprocess: the same seed, the same start)."""
     results = train_here(
         run_dir,
         *overrides,

@@ -17,7 +17,7 @@ from helpers import (
     run,
     task_error,
     train_here,
-    untrained_rsum_here,
+    untrained_rsum,
 )
 from hydra.utils import instantiate
 
@@ -139,7 +139,7 @@ def test_make_features_then_train_on_them(tmp_path: Path) -> None:
         *[o for o in TINY_GRID_DEMO if not o.startswith("++data.demo")],
     )
     trained = train_here(tmp_path / "run", *on_features, "trainer.max_epochs=1")
-    assert trained["full"]["rsum"] > untrained_rsum_here(tmp_path / "untrained", *on_features)
+    assert trained["full"]["rsum"] > untrained_rsum(tmp_path / "untrained", *on_features)
 
 
 def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> None:

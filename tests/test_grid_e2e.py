@@ -13,7 +13,7 @@ from helpers import (
     make_image_tree,
     run,
     task_error,
-    untrained_rsum_here,
+    untrained_rsum,
 )
 
 from gpo_lit.train import train
@@ -34,7 +34,7 @@ def test_demo_grid_trains_frozen_then_unfrozen(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| full |" in res.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())["full"]
-    assert metrics["rsum"] > untrained_rsum_here(tmp_path / "untrained", *common)
+    assert metrics["rsum"] > untrained_rsum(tmp_path / "untrained", *common)
     assert (tmp_path / "data" / "demo_images" / "demo_images_meta.json").is_file()
 
 
