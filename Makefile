@@ -60,9 +60,10 @@ test:  ## the whole test suite (slow end-to-end tests included)
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
-lint:
+lint:  ## ruff (lint + format check) and mypy (types of src/, settings in pyproject.toml)
 	$(PY) -m ruff check src tests bench
 	$(PY) -m ruff format --check src tests bench
+	$(PY) -m mypy src
 
 format:
 	$(PY) -m ruff format src tests bench

@@ -1,16 +1,38 @@
 """Test-wide settings: offline, one BLAS/torch thread per process (the CI machine has 2 cores
-and several tests start subprocesses), non-interactive plotting."""
+and several tests start subprocesses), non-interactive plotting; and the fixtures several test
+modules share (what they share as plain functions is in ``helpers.py``)."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no network, ever (set before any test module imports)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the end-to-end subprocesses
 
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import TINY_BACKBONE, make_image_tree  # noqa: E402
+
+from gpo_lit.data.formats.images import ImageSplit  # noqa: E402
+from gpo_lit.encoders.grid import GridEncoder  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def tree_split(tmp_path: Path) -> ImageSplit:
+    """The test split of a tiny F30K-shaped image tree: 9 images, 32 px."""
+    make_image_tree(tmp_path / "f30k", n=9)
+    return ImageSplit(tmp_path / "f30k", "test", image_size=32)
+
+
+@pytest.fixture()
+def encoder() -> GridEncoder:
+    """A tiny untrained timm backbone with its grid head, seeded, in eval mode."""
+    torch.manual_seed(0)
+    return GridEncoder(TINY_BACKBONE, embed_dim=8, pretrained=False).eval()

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.test_train_eval import ENV
+from helpers import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # trains five tiny models in a subprocess
 def test_gpu_train_step_smoke() -> None:
     res = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_train_step.py"), "--smoke"],

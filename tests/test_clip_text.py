@@ -3,12 +3,12 @@ tokenizer written offline, read back the way ``openai/clip-vit-base-patch32`` is
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_GRID_DEMO, VIT_DEMO, OneCaptionSplit, compose_cfg, run
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -16,10 +16,6 @@ from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import HFTokenizer
 from gpo_lit.encoders import HFTextEncoder
 from gpo_lit.errors import GpoLitError
-from tests.test_model import compose_cfg
-from tests.test_text import _OneCaptionSplit
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 MERGES = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
@@ -132,7 +128,7 @@ def test_word_level_augmentation_and_per_token_option(clip_dir: Path) -> None:
     tok = HFTokenizer(str(clip_dir), max_length=None, mask_token="M")
     caption = "a dog's cat"  # words: a, dog, 's (two pieces), cat
     ids, word_ids = tok.encode(caption)
-    split = _OneCaptionSplit(caption)
+    split = OneCaptionSplit(caption)
     masked = Augment(region_keep_prob=None, word_prob=1.0, word_mask_prob=1.0, word_random_prob=0)
     item = PairDataset(split, tok, masked)[(0, 0)]
     assert item["cap"] == [ids[0], *[tok.mask_id] * (len(ids) - 2), ids[-1]]  # start / end kept
@@ -170,24 +166,21 @@ def test_vit_and_clip_text_train_end_to_end(clip_dir: Path, tmp_path: Path) -> N
     trained with the loss warm-up) and the tiny CLIP text tower, PCME++'s per-token masking."""
     import json
 
-    from tests.test_grid_e2e import TINY_GRID_DEMO
-    from tests.test_train_eval import run
-    from tests.test_vit import VIT_DEMO
-
     run_dir = tmp_path / "run"
-    res = run(
-        "gpo_lit.train",
+    common = (
         "experiment=demo_grid",
         *TINY_GRID_DEMO,
         *VIT_DEMO,
         "model/text=clip",
         f"model.text.encoder.name_or_path={clip_dir}",
         "data.augment.per_token=true",
-        "trainer.max_epochs=2",
         f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
+    )
+    res = run(
+        "gpo_lit.train", *common, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())["full"]
+    # Not yet "beats the same-seed untrained model": measured 41.5 trained vs 65.0 untrained
+    # (2 epochs, 40 test images) — an open question for the recipe, reported, not asserted away.
     assert metrics["rsum"] > 0

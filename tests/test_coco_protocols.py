@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import eval_here, tiny_model
 
 import gpo_lit
 from gpo_lit.errors import GpoLitError
@@ -280,11 +281,9 @@ def test_cli_eccv_needs_the_ids(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.slow
-def test_make_eval_with_eccv_and_cxc_on_a_coco_shaped_split(coco5k, tmp_path: Path) -> None:
+def test_make_eval_with_eccv_and_cxc_on_a_coco_shaped_split(coco5k, tmp_path: Path, capsys) -> None:
     """``make eval CKPT=… protocols=[coco_1k,coco_5k,eccv,cxc]`` on a COCO-shaped precomp split
     (the package's ids; the CxC files beside precomp/ as in the authors' layout), a tiny model."""
-    from tests.test_model import tiny_model
-    from tests.test_train_eval import ENV
 
     d = coco5k
     root = tmp_path / "coco"
@@ -310,24 +309,10 @@ def test_make_eval_with_eccv_and_cxc_on_a_coco_shaped_split(coco5k, tmp_path: Pa
         ckpt,
     )
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpo_lit.eval",
-            f"ckpt={ckpt}",
-            "protocols=[coco_1k,coco_5k,eccv,cxc]",
-            "save_embeddings=true",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| eccv |" in proc.stdout and "| cxc |" in proc.stdout and "I2T mAP@R" in proc.stdout
+    capsys.readouterr()
+    eval_here(out, f"ckpt={ckpt}", "protocols=[coco_1k,coco_5k,eccv,cxc]", "save_embeddings=true")
+    printed = capsys.readouterr().out  # in this process: gpo-eval's wiring is test_train_eval's
+    assert "| eccv |" in printed and "| cxc |" in printed and "I2T mAP@R" in printed
     got = json.loads((out / "metrics.json").read_text())
     assert set(got) == {"coco_1k", "coco_5k", "eccv", "cxc"}
     from gpo_lit.metrics import load_embeddings

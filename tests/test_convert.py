@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import WORDS, compose_cfg, make_image_tree, run, save_native, scan_file, tiny_model
 from omegaconf import OmegaConf
 
 from gpo_lit.convert import convert, read_authors_checkpoint
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
+from gpo_lit.eval import evaluate_checkpoint
 from gpo_lit.model import load_model
-from tests.test_model import WORDS, compose_cfg, tiny_model
-from tests.test_text import scan_file
-from tests.test_train_eval import run
-
-
-def save_native(model, path: Path, data_root: Path) -> Path:
-    """A gpo_lit checkpoint of ``model`` (as Lightning writes it) whose test split is
-    ``data_root``'s ``test``."""
-    torch.save(
-        {
-            "hyper_parameters": dict(model.hparams) | {"vocab": WORDS},
-            "state_dict": model.state_dict(),
-            "gpo_lit_config": {
-                "data": {"root": str(data_root), "test_split": "test", "val_max_images": None}
-            },
-        },
-        path,
-    )
-    return path
 
 
 def authors_layout(model, module_prefix: bool = False) -> dict:
@@ -151,11 +133,10 @@ def test_converted_and_native_checkpoints_evaluate_identically(tmp_path: Path) -
         str(data),
         vocab=str(tmp_path / "vocab.json"),
     )
-    results = []
-    for name, ckpt in (("native", native), ("converted", conv)):
-        res = run("gpo_lit.eval", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-        assert res.returncode == 0, res.stderr[-3000:]
-        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    results = [  # in this process: gpo-eval's wiring is tested in test_train_eval
+        evaluate_checkpoint(compose_cfg("eval", f"ckpt={ckpt}", f"paths.output_dir={tmp_path / n}"))
+        for n, ckpt in (("native", native), ("converted", conv))
+    ]
     assert results[0] == results[1]
 
 
@@ -283,9 +264,8 @@ def test_grid_twins_must_match_and_shapes_name_the_backbone(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_converted_and_native_grid_checkpoints_evaluate_identically(tmp_path: Path) -> None:
     from gpo_lit.convert import image_reader
-    from tests.test_images import make_tree
 
-    root = make_tree(tmp_path / "f30k", n=6)
+    root = make_image_tree(tmp_path / "f30k", n=6)
     model = tiny_grid_model()
     data = {"root": str(root), "test_split": "test", "val_max_images": None}
     data["reader"] = image_reader(detector=False, image_size=64)
@@ -325,11 +305,10 @@ def test_converted_and_native_grid_checkpoints_evaluate_identically(tmp_path: Pa
         image_size=64,
     )
     results = []
-    for name in ("native", "converted"):
+    for name in ("native", "converted"):  # in this process (gpo-eval's wiring: test_train_eval)
         ckpt = tmp_path / f"{name}.ckpt"
-        res = run("gpo_lit.eval", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-        assert res.returncode == 0, res.stderr[-3000:]
-        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+        cfg = compose_cfg("eval", f"ckpt={ckpt}", f"paths.output_dir={tmp_path / name}")
+        results.append(evaluate_checkpoint(cfg))
     assert results[0] == results[1] and results[0]["full"]["rsum"] > 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import compose_cfg
 from hydra import compose, initialize_config_dir
 
 from gpo_lit.cli import CONF_DIR
@@ -25,7 +26,6 @@ from gpo_lit.data.demo.regions import (
 )
 from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
-from tests.test_model import compose_cfg
 
 TINY = {"n_train": 12, "n_dev": 4, "n_test": 6, "n_regions": 20, "feat_dim": 16}
 

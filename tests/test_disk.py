@@ -14,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL, TESTS_ENV, one_line_error, run
 
 import gpo_lit.extract
 from gpo_lit.checkpoint_io import AtomicCheckpointIO, tensor_bytes
 from gpo_lit.errors import GpoLitError
 from gpo_lit.extract import extract_split
 from gpo_lit.files import reserve
-from tests import test_extract
-from tests.test_resume import ROOT, SMALL
-from tests.test_train_eval import ENV, one_line_error, run
 
-tree_split = test_extract.tree_split  # the extraction tests' fixtures: 9 images, a tiny backbone
-encoder = test_extract.encoder
 KW = {"settings": {"backbone": "tiny"}, "batch_size": 2, "flush_every": 1, "progress": False}
 
 
@@ -206,7 +202,6 @@ def test_checkpoints_are_not_staged_in_tmpdir(tmp_path: Path, monkeypatch) -> No
 
 @pytest.mark.slow
 def test_training_stops_in_one_line_when_the_disk_fills_up(tmp_path: Path) -> None:
-    ENV["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # tests.killer
     run_dir = tmp_path / "run"
     res = run(
         "gpo_lit.train",
@@ -216,6 +211,7 @@ def test_training_stops_in_one_line_when_the_disk_fills_up(tmp_path: Path) -> No
         "+callbacks.full.step=5",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
+        env=TESTS_ENV,
     )
     msg = one_line_error(res)
     assert msg.startswith(f"error: {run_dir / 'checkpoints' / 'last.ckpt'}: expected ")

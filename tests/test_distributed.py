@@ -4,24 +4,18 @@ InfoNCE, PCME++)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import TINY_DEMO, eval_here, free_port, run
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gpo_lit.losses import InfoNCELoss, PairEmbeddings, PCMEppLoss, StepInfo, TripletLoss
 
 B, D_IN, D = 8, 6, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TwoTower(nn.Module):
@@ -73,6 +67,7 @@ def worker(rank: int, world: int, port: int, hardest: bool, out: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 @pytest.mark.parametrize("hardest", [True, False])
 def test_gathered_loss_matches_single_process_gradients(hardest: bool) -> None:
     """Each rank holds half the batch; with loss.gather the DDP-averaged gradients equal the
@@ -99,8 +94,6 @@ def test_ddp_training_and_sharded_evaluation_equal_single_process(tmp_path) -> N
     captions make DistributedSampler pad both loaders."""
     import json
 
-    from tests.test_train_eval import TINY_DEMO, run
-
     overrides = [o for o in TINY_DEMO if "n_test" not in o] + ["++data.demo.n_test=79"]
     run_dir = tmp_path / "run"
     res = run(
@@ -118,9 +111,8 @@ def test_ddp_training_and_sharded_evaluation_equal_single_process(tmp_path) -> N
     )
     assert res.returncode == 0, res.stderr[-3000:]
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
-    res = run("gpo_lit.eval", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
     distributed = json.loads((run_dir / "metrics.json").read_text())
+    eval_here(tmp_path / "eval", f"ckpt={best}")  # one process, this one
     assert distributed == json.loads((tmp_path / "eval" / "metrics.json").read_text())
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import compose_cfg, make_image_tree, one_line_error, run, task_error
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gpo_lit.cli import report_errors
 from gpo_lit.data.datasets import ImageDataset
 from gpo_lit.data.demo.regions import generate_demo
 from gpo_lit.data.formats.images import ImageSplit
@@ -33,9 +33,6 @@ from gpo_lit.errors import GpoLitError
 from gpo_lit.eval import evaluate_checkpoint
 from gpo_lit.extract import extract
 from gpo_lit.train import build_vocab, train
-from tests.test_images import make_tree
-from tests.test_model import compose_cfg
-from tests.test_train_eval import one_line_error, run
 
 DIM = 16  # feature width of the tiny data set
 
@@ -99,19 +96,11 @@ def no_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pl.Trainer, "test", refuse)
 
 
-def one_line(task, cfg, capsys: pytest.CaptureFixture) -> str:
-    """Run ``task(cfg)`` as the entry point does; exit 2 and exactly one stderr line ``error: …``."""
-    with pytest.raises(SystemExit) as info:
-        report_errors(task)(cfg)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err.strip()
-
-
 def train_error(data: Path, run_dir: Path, capsys, *overrides: str) -> str:
     before = snapshot(run_dir)
-    msg = one_line(train, compose_cfg("train", *train_overrides(data, run_dir), *overrides), capsys)
+    msg = task_error(
+        train, compose_cfg("train", *train_overrides(data, run_dir), *overrides), capsys
+    )
     assert snapshot(run_dir) == before  # nothing written, nothing changed
     return msg
 
@@ -160,6 +149,7 @@ def test_bad_value_on_the_command_line_leaves_the_run_folder_alone(
     assert snapshot(run_dir) == before and not (run_dir / ".hydra").exists()
 
 
+@pytest.mark.slow  # a subprocess: the interpolations resolve inside the Hydra job only
 def test_unresolvable_interpolation_is_one_line(tmp_path: Path) -> None:
     res = run(
         "gpo_lit.train",
@@ -183,11 +173,11 @@ def test_batch_larger_than_the_training_split_is_refused(data, run_dir, capsys, 
 def test_eval_and_extract_values_are_checked_first(tmp_path: Path, capsys) -> None:
     cfg = compose_cfg("eval", f"ckpt={tmp_path / 'a.ckpt'}", "protocols=[nosuch]",
                       f"paths.output_dir={tmp_path / 'e'}")  # fmt: skip
-    msg = one_line(evaluate_checkpoint, cfg, capsys)
+    msg = task_error(evaluate_checkpoint, cfg, capsys)
     assert msg.startswith("error: protocols: expected null or a list of protocol names")
     cfg = compose_cfg("extract", "experiment=demo_grid", "extract.batch_size=0",
                       f"paths.data_dir={tmp_path / 'd'}")  # fmt: skip
-    assert one_line(extract, cfg, capsys) == (
+    assert task_error(extract, cfg, capsys) == (
         "error: extract.batch_size: expected a positive integer, found 0"
     )
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
@@ -287,7 +277,7 @@ def test_eval_checks_its_split_before_embedding(
     np.save(data / "dev_ims.npy", np.zeros((60, 20, 8), np.float32))
     out = tmp_path / "eval"
     cfg = compose_cfg("eval", f"ckpt={ckpt}", override, f"paths.output_dir={out}")
-    msg = one_line(evaluate_checkpoint, cfg, capsys)
+    msg = task_error(evaluate_checkpoint, cfg, capsys)
     assert expected in msg and str(data) in msg
     assert not out.exists()
 
@@ -329,7 +319,7 @@ def bomb_png(path: Path, side: int = 20_000) -> None:
 
 
 def test_decompression_bomb_is_a_bad_image(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "d")
+    root = make_image_tree(tmp_path / "d")
     strict = ImageSplit(root, "train", image_size=16)
     bomb_png(Path(strict.files[1]))  # the name says .jpg; PIL goes by the content
     with pytest.raises(Image.DecompressionBombError):
@@ -356,7 +346,7 @@ def test_decompression_bomb_is_a_bad_image(tmp_path: Path) -> None:
     ],
 )
 def test_bad_image_in_a_worker_is_one_line(tmp_path: Path, capsys, breaks, found: str) -> None:
-    root = make_tree(tmp_path / "d", n=6)
+    root = make_image_tree(tmp_path / "d", n=6)
     split = ImageSplit(root, "train", image_size=16)
     breaks(Path(split.files[4]))
 
@@ -364,7 +354,7 @@ def test_bad_image_in_a_worker_is_one_line(tmp_path: Path, capsys, breaks, found
         for _ in DataLoader(ImageDataset(split), batch_size=2, num_workers=2):
             pass
 
-    msg = one_line(embed_all, None, capsys)
+    msg = task_error(embed_all, None, capsys)
     assert msg.startswith(
         f"error: {split.files[4]}: expected a readable image (id {split.image_ids[4]}), found "
         f"{found}"
@@ -384,7 +374,7 @@ def test_nan_row_read_in_a_training_worker_is_one_line(data, run_dir, capsys) ->
     nan_row(data / "train_ims.npy", row)
     over = ["data.num_workers=2", "data.scan_finite_bytes=0", "logger=none"]
     before = snapshot(run_dir)
-    msg = one_line(train, compose_cfg("train", *train_overrides(data, run_dir), *over), capsys)
+    msg = task_error(train, compose_cfg("train", *train_overrides(data, run_dir), *over), capsys)
     assert msg == (
         f"error: {data / 'train_ims.npy'}: expected finite features in row {row}, found 1 NaN/inf "
         "values"
@@ -418,7 +408,7 @@ def test_diverging_lr_says_so_and_keeps_the_last_good_checkpoint(data, tmp_path,
     run_dir = tmp_path / "fresh_run"
     over = ["optim.lr=1e6", "callbacks.last_checkpoint.every_n_train_steps=1", "logger=none"]
     cfg = compose_cfg("train", *train_overrides(data, run_dir), *over)
-    msg = one_line(train, cfg, capsys)
+    msg = task_error(train, cfg, capsys)
     head = (
         "error: optim.lr: expected a learning rate at which the training loss stays finite (try "
         "a lower optim.lr), found 1000000.0: "

@@ -7,34 +7,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    compose_cfg,
+    eval_here,
+    naive_metrics,
+    save_native,
+    spread_model,
+    task_error,
+    tiny_model,
+)
 
 from gpo_lit.data.demo.regions import generate_demo
+from gpo_lit.eval import evaluate_checkpoint
 from gpo_lit.metrics import load_embeddings
-from tests.test_convert import save_native
-from tests.test_metrics import naive_metrics
-from tests.test_model import tiny_model
-from tests.test_train_eval import one_line_error, run
-
-
-def spread_model(seed: int):
-    """A tiny untrained model with N(0, 1) weights: at its small default init every embedding
-    points the same way and float32 round-off decides near-ties."""
-    torch.manual_seed(seed)
-    model = tiny_model().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    return model
 
 
 @pytest.mark.slow
-def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
+def test_two_model_ensemble_averages_similarities(tmp_path: Path, capsys) -> None:
+    """In this process (gpo-eval's wiring is tested in test_train_eval)."""
     data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=60, feat_dim=6)
     ckpts = [save_native(spread_model(seed), tmp_path / f"m{seed}.ckpt", data) for seed in (1, 2)]
     out = tmp_path / "ens"
-    res = run("gpo_lit.eval", f"ckpt=[{ckpts[0]},{ckpts[1]}]", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "ensemble of 2 models" in res.stdout
+    capsys.readouterr()
+    eval_here(out, f"ckpt=[{ckpts[0]},{ckpts[1]}]")
+    assert "ensemble of 2 models" in capsys.readouterr().out
 
     members = [load_embeddings(out / f"member{i}" / "embeddings.npz") for i in (0, 1)]
     cap2img = members[0][2].numpy()
@@ -49,8 +45,7 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
         assert abs(got[k] - want[k]) <= 1.0, (k, got[k], want[k])
     # each member alone is what a single evaluation gives, and differs from the ensemble
     single = tmp_path / "single"
-    res = run("gpo_lit.eval", f"ckpt={ckpts[0]}", f"hydra.run.dir={single}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_here(single, f"ckpt={ckpts[0]}")
     alone = json.loads((single / "metrics.json").read_text())
     assert json.loads((out / "member0" / "metrics.json").read_text()) == alone
     ref = naive_metrics(members[0][0].double().numpy() @ members[0][1].double().numpy().T, cap2img)
@@ -65,13 +60,8 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path) -> None:
     # members evaluated on different test splits cannot form an ensemble
     other = generate_demo(tmp_path / "demo2", n_train=40, n_dev=20, n_test=30, feat_dim=6)
     odd = save_native(spread_model(3), tmp_path / "odd.ckpt", other)
-    res = run(
-        "gpo_lit.eval",
-        f"ckpt=[{ckpts[0]},{odd}]",
-        f"hydra.run.dir={tmp_path / 'bad'}",
-        cwd=tmp_path,
-    )
-    err = one_line_error(res)
+    cfg = compose_cfg("eval", f"ckpt=[{ckpts[0]},{odd}]", f"paths.output_dir={tmp_path / 'bad'}")
+    err = task_error(evaluate_checkpoint, cfg, capsys, alone=False)
     assert "member1/embeddings.npz: expected the same split as" in err
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
@@ -87,28 +77,23 @@ def collapsed_model():
 
 
 @pytest.mark.slow
-def test_eval_ties_option_single_and_ensemble(tmp_path: Path) -> None:
+def test_eval_ties_option_single_and_ensemble(tmp_path: Path, capsys) -> None:
     # 20 test images × 5 captions, all similarities tied: pessimistic (the default) every query
     # ranks behind every other candidate (rsum 0, i2t rank 95, t2i rank 19); ties=optimistic gives
     # the strict count (every rank 0, rsum 600), for the ensemble and its members alike.
     data = generate_demo(tmp_path / "demo", n_train=40, n_dev=20, n_test=20, feat_dim=6)
     ckpt = save_native(collapsed_model(), tmp_path / "flat.ckpt", data)
-    res = run("gpo_lit.eval", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_here(tmp_path / "p", f"ckpt={ckpt}")
     got = json.loads((tmp_path / "p" / "metrics.json").read_text())["full"]
     assert got["rsum"] == 0.0 and got["i2t_medr"] == 96.0 and got["t2i_medr"] == 20.0
 
     out = tmp_path / "o"
-    res = run(
-        "gpo_lit.eval", f"ckpt=[{ckpt},{ckpt}]", "ties=optimistic", f"hydra.run.dir={out}",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_here(out, f"ckpt=[{ckpt},{ckpt}]", "ties=optimistic")
     for path in (out / "metrics.json", out / "member0" / "metrics.json"):
         got = json.loads(path.read_text())["full"]
         assert got["rsum"] == 600.0 and got["i2t_medr"] == 1.0, path
 
-    res = run("gpo_lit.eval", f"ckpt={ckpt}", "ties=worst", f"hydra.run.dir={tmp_path / 'x'}",
-              cwd=tmp_path)  # fmt: skip
-    assert one_line_error(res) == "error: ties: expected pessimistic or optimistic, found 'worst'"
+    cfg = compose_cfg("eval", f"ckpt={ckpt}", "ties=worst", f"paths.output_dir={tmp_path / 'x'}")
+    msg = task_error(evaluate_checkpoint, cfg, capsys, alone=False)
+    assert msg == "error: ties: expected pessimistic or optimistic, found 'worst'"
     assert not (tmp_path / "x" / "metrics.json").exists()

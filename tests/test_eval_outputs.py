@@ -14,6 +14,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ENV,
+    POOL,
+    TINY_GRID_DEMO,
+    compose_cfg,
+    eval_here,
+    one_line_error,
+    run,
+    task_error,
+    train_here,
+    write_job,
+)
 from PIL import Image
 
 from gpo_lit import report as rp
@@ -28,9 +40,7 @@ from gpo_lit.callbacks import (
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate, recall_metrics, retrieval_ranks
 from gpo_lit.metrics.collect import RankedEmbeddings
-from tests.test_grid_e2e import TINY_GRID_DEMO
-from tests.test_report import POOL, write_job
-from tests.test_train_eval import ENV, one_line_error, run
+from gpo_lit.train import train
 
 
 def toy(n_img: int = 12, per: int = 2, d: int = 8, seed: int = 0):
@@ -174,19 +184,12 @@ def test_report_shows_eccv_columns_and_the_best_runs_figures(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path) -> None:
+def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path, capsys) -> None:
+    """The two refusals of a used or too small run go through the command line (subprocesses),
+    the training and the evaluation that writes run in this process."""
     train_dir = tmp_path / "train"
-    res = run(
-        "gpo_lit.train",
-        "experiment=demo_grid",
-        *TINY_GRID_DEMO,
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={train_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    demo_grid = ("experiment=demo_grid", *TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}")
+    train_here(train_dir, *demo_grid, "trainer.max_epochs=1", "trainer.limit_train_batches=2")
     (ckpt,) = (train_dir / "checkpoints").glob("best-*.ckpt")
 
     # make eval CKPT=… protocols=[coco_5k] on a 40-image split: one line, before the model is
@@ -207,29 +210,14 @@ def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path) -> None:
     assert not (tmp_path / "logs").exists(), "run folder left"
 
     # gpo-train checks its test protocols before training, too
-    res = run(
-        "gpo_lit.train",
-        "experiment=demo_grid",
-        *TINY_GRID_DEMO,
-        "evaluation.test_protocols=[eccv]",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'train2'}",
-        cwd=tmp_path,
-    )
-    assert "protocol eccv: expected 5000 images" in one_line_error(res)
+    over = ("evaluation.test_protocols=[eccv]", f"paths.output_dir={tmp_path / 'train2'}")
+    msg = task_error(train, compose_cfg("train", *demo_grid, *over), capsys, alone=False)
+    assert "protocol eccv: expected 5000 images" in msg
     assert not (tmp_path / "train2" / "checkpoints").exists()
 
     # make eval CKPT=… figures=true save_ranks=true: the PNG of real (demo) pictures and ranks
     eval_dir = tmp_path / "eval"
-    res = run(
-        "gpo_lit.eval",
-        f"ckpt={ckpt}",
-        "figures=true",
-        "save_ranks=true",
-        f"hydra.run.dir={eval_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_here(eval_dir, f"ckpt={ckpt}", "figures=true", "save_ranks=true")
     png = Image.open(eval_dir / "retrieval.png")
     assert png.format == "PNG" and png.size[0] > 800
     metrics = json.loads((eval_dir / "metrics.json").read_text())["full"]

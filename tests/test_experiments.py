@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import compose_cfg
 
 from gpo_lit.cli import CONF_DIR
-from tests.test_model import compose_cfg
 
 CONF = Path(CONF_DIR)
 

@@ -9,97 +9,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    TINY_BACKBONE,
+    TINY_GRID_DEMO,
+    check_round_trip,
+    compose_cfg,
+    run,
+    task_error,
+    train_here,
+    untrained_rsum,
+)
 from hydra.utils import instantiate
 
 from gpo_lit.data.formats.images import ImageSplit
-from gpo_lit.data.formats.precomp import PrecompSplit
-from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
+from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError
-from gpo_lit.extract import extract_split
+from gpo_lit.extract import extract, extract_split
 from gpo_lit.train import build_vocab
-from tests.test_grid_e2e import TINY_GRID_DEMO
-from tests.test_images import make_tree
-from tests.test_model import compose_cfg
-from tests.test_train_eval import one_line_error, run
 
-TINY = "test_resnet.r160_in1k"
-
-
-def embed_test_images(model, datamodule) -> torch.Tensor:
-    loader = datamodule.test_dataloader()[0]
-    with torch.no_grad():
-        return torch.cat([model.embed_images(b["img"], b["img_len"]) for b in loader])
+TINY = TINY_BACKBONE
 
 
 def test_round_trip_precomputed_cells_give_the_on_the_fly_embeddings(tmp_path: Path) -> None:
     check_round_trip(tmp_path, (), (), cells=16, dim=192)  # 4×4 cells at 64 px
-
-
-def check_round_trip(
-    tmp_path: Path,
-    end_to_end: tuple[str, ...],
-    precomputed: tuple[str, ...],
-    cells: int,
-    dim: int,
-    head: type = GridEncoder,
-) -> None:
-    """Features of demo_grid (+ ``end_to_end`` overrides) extracted, then embedded by
-    demo_grid_features (+ ``precomputed``) with the same head: the same embeddings."""
-    common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "data.eval_batch_size=16")
-    cfg = compose_cfg("extract", "experiment=demo_grid", *common, *end_to_end)
-    dm_grid = instantiate(cfg.data)
-    dm_grid.prepare_data()
-    vocab = build_vocab(cfg, dm_grid)
-    torch.manual_seed(0)
-    grid_model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
-    dm_grid.set_tokenizer(grid_model.tokenizer)
-
-    out = tmp_path / "feats"
-    extract_split(
-        grid_model.visual_encoder,
-        dm_grid.split("test"),
-        out,
-        settings={},
-        batch_size=7,  # not a divisor of 40: a short last batch
-        progress=False,
-    )
-    back = PrecompSplit(out, "test")
-    assert (back.n_images, back.n_regions, back.feat_dim) == (40, cells, dim)
-    assert back.captions == dm_grid.split("test").captions
-    assert back.image_ids == dm_grid.split("test").image_ids
-
-    pre_cfg = compose_cfg(
-        "train", "experiment=demo_grid_features", *common, f"data.root={out}", *precomputed
-    )
-    dm_pre = instantiate(pre_cfg.data)
-    pre_model = instantiate(pre_cfg.model, _recursive_=False, _convert_="all", vocab=vocab).eval()
-    assert type(pre_model.visual_encoder) is GridCellEncoder
-    assert isinstance(grid_model.visual_encoder, head)
-    # the head (fc) and the pooling of the grid model; the backbone lives in the features
-    missing, unexpected = pre_model.visual_encoder.load_state_dict(
-        grid_model.visual_encoder.state_dict(), strict=False
-    )
-    assert not missing and all(k.startswith("backbone.") for k in unexpected)
-    pre_model.visual_pool.load_state_dict(grid_model.visual_pool.state_dict())
-    dm_pre.set_tokenizer(pre_model.tokenizer)
-
-    on_the_fly = embed_test_images(grid_model, dm_grid)
-    from_files = embed_test_images(pre_model, dm_pre)
-    assert on_the_fly.shape == (40, 256)
-    assert on_the_fly.std(0).mean() > 1e-3  # images embed differently: a row shift would show
-    torch.testing.assert_close(from_files, on_the_fly, atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture()
-def tree_split(tmp_path: Path) -> ImageSplit:
-    make_tree(tmp_path / "f30k", n=9)
-    return ImageSplit(tmp_path / "f30k", "test", image_size=32)
-
-
-@pytest.fixture()
-def encoder() -> GridEncoder:
-    torch.manual_seed(0)
-    return GridEncoder(TINY, embed_dim=8, pretrained=False).eval()
 
 
 def test_interrupted_extraction_resumes_where_it_stopped(
@@ -175,17 +107,16 @@ def test_pool_grid_averages_blocks_of_cells(
     np.testing.assert_allclose(pooled, blocks, rtol=1e-5, atol=1e-6)
 
 
-def test_extracting_a_region_experiment_is_a_one_line_error(tmp_path: Path) -> None:
-    res = run(
-        "gpo_lit.extract",
+def test_extracting_a_region_experiment_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    cfg = compose_cfg(
+        "extract",
         "experiment=demo",
         f"paths.data_dir={tmp_path / 'data'}",
         "++data.demo.n_train=20",
         "++data.demo.n_dev=10",
         "++data.demo.n_test=10",
-        cwd=tmp_path,
     )
-    err = one_line_error(res)
+    err = task_error(extract, cfg, capsys, alone=False)
     assert "model.visual: expected a grid or ViT visual encoder" in err and "RegionEncoder" in err
 
 
@@ -202,18 +133,13 @@ def test_make_features_then_train_on_them(tmp_path: Path) -> None:
     }
     assert "model/visual=grid_precomp model.visual.in_dim=192" in res.stdout
 
-    run_dir = tmp_path / "run"
-    res = run(
-        "gpo_lit.train",
+    on_features = (
         "experiment=demo_grid_features",
         f"paths.data_dir={tmp_path / 'data'}",
         *[o for o in TINY_GRID_DEMO if not o.startswith("++data.demo")],
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"] > 0
+    trained = train_here(tmp_path / "run", *on_features, "trainer.max_epochs=1")
+    assert trained["full"]["rsum"] > untrained_rsum(tmp_path / "untrained", *on_features)
 
 
 def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from gpo_lit.cli import CONF_DIR
@@ -34,12 +33,6 @@ class FakeSplit:
 
     def image(self, i: int) -> np.ndarray:
         return self.images[i]
-
-
-@pytest.fixture()
-def encoder() -> GridEncoder:
-    torch.manual_seed(0)
-    return GridEncoder(TINY, embed_dim=8, pretrained=False).eval()
 
 
 @pytest.mark.parametrize(("n", "bs", "world"), [(9, 2, 2), (9, 2, 3), (40, 7, 4), (3, 4, 2)])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY_BACKBONE, FakeTrainer
 from torch import nn
 
 from gpo_lit.callbacks.backbone import BackboneSchedule
 from gpo_lit.encoders.grid import GridEncoder, grid_size_augment
 from gpo_lit.errors import GpoLitError
 
-TINY = "test_resnet.r160_in1k"
+TINY = TINY_BACKBONE
 
 
 @pytest.fixture(scope="module")
@@ -114,29 +115,24 @@ class _Tiny(nn.Module):
         self.loss_scale = 1.0
 
 
-class _FakeTrainer:
-    def __init__(self, epoch: int, n: int, step: int) -> None:
-        self.current_epoch, self.num_training_batches, self.global_step = epoch, n, step
-
-
 def test_backbone_schedule_freezes_then_unfreezes_with_warmup() -> None:
     m = _Tiny()
     sched = BackboneSchedule(freeze_epochs=1)
     bb = m.visual_encoder.backbone
-    sched.on_train_epoch_start(_FakeTrainer(0, 10, 0), m)
+    sched.on_train_epoch_start(FakeTrainer(0, 10, 0), m)
     assert not any(p.requires_grad for p in bb.parameters())
     assert all(p.requires_grad for p in m.visual_encoder.fc.parameters())
-    sched.on_train_batch_start(_FakeTrainer(0, 10, 3), m, None, 3)
+    sched.on_train_batch_start(FakeTrainer(0, 10, 3), m, None, 3)
     assert m.loss_scale == 1.0
-    sched.on_train_epoch_start(_FakeTrainer(1, 10, 10), m)
+    sched.on_train_epoch_start(FakeTrainer(1, 10, 10), m)
     assert all(p.requires_grad for p in bb.parameters())
     scales = []
     for i in range(10):
-        sched.on_train_batch_start(_FakeTrainer(1, 10, 10 + i), m, None, i)
+        sched.on_train_batch_start(FakeTrainer(1, 10, 10 + i), m, None, i)
         scales.append(m.loss_scale)
     assert scales == pytest.approx([i / 10 for i in range(10)])
-    sched.on_train_epoch_start(_FakeTrainer(2, 10, 20), m)
-    sched.on_train_batch_start(_FakeTrainer(2, 10, 20), m, None, 0)
+    sched.on_train_epoch_start(FakeTrainer(2, 10, 20), m)
+    sched.on_train_batch_start(FakeTrainer(2, 10, 20), m, None, 0)
     assert m.loss_scale == 1.0
 
 

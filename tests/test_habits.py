@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ENV, POOL, WORDS, compose_cfg, tiny_model, write_job
 from omegaconf import OmegaConf
 
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate
 from gpo_lit.train import train
-from tests.test_model import WORDS, compose_cfg, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny demo of tests/test_train_eval.py: 240 / 60 / 80 scenes × 5 captions, evaluation
@@ -38,7 +37,6 @@ TINY = [
     "trainer.limit_train_batches=3",
     "print_config=false",
 ]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +277,6 @@ def test_run_tags_lead_the_wandb_tags() -> None:
 
 def test_report_lists_the_tags(tmp_path: Path) -> None:
     from gpo_lit import report as rp
-    from tests.test_report import POOL, write_job
 
     for num, tags in enumerate((["a", "b"], ["b", "c"])):
         job = write_job(tmp_path, num, ["experiment=demo"], num, POOL["max"], base=30.0)

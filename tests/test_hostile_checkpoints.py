@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import POOL, compose_cfg, one_line_error, run, write_job
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
@@ -39,9 +40,6 @@ from gpo_lit.components import (
     check_stored_configs,
 )
 from gpo_lit.errors import GpoLitError, UnsafeCheckpointError, first_line
-from tests.test_model import compose_cfg
-from tests.test_report import POOL, write_job
-from tests.test_train_eval import one_line_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

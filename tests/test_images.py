@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_image_tree
 from PIL import Image
 
 from gpo_lit.data.demo.images import META_FILE, generate_demo_images
@@ -16,27 +17,8 @@ from gpo_lit.data.formats.images import IMAGENET_MEAN, IMAGENET_STD, ImageSplit,
 from gpo_lit.errors import GpoLitError, MissingFileError
 
 
-def make_tree(root: Path, n: int = 4, k: int = 5, sub: str = "flickr30k-images") -> Path:
-    """A tiny F30K-shaped tree: numeric ids, non-square JPEGs one folder below images/."""
-    (root / "precomp").mkdir(parents=True)
-    (root / "images" / sub).mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    mapping = {}
-    for split in ("train", "dev", "test"):
-        ids = [str(1000 + 10 * i + len(split)) for i in range(n)]
-        (root / "precomp" / f"{split}_ids.txt").write_text("\n".join(ids) + "\n")
-        caps = [f"a {split} photo number {i} caption {j}" for i in range(n) for j in range(k)]
-        (root / "precomp" / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
-        for i in ids:
-            px = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
-            Image.fromarray(px).save(root / "images" / sub / f"{i}.jpg")
-            mapping[i] = f"{i}.jpg"
-    (root / "id_mapping.json").write_text(json.dumps(mapping))
-    return root
-
-
 def test_reader_layout_and_views(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "f30k")
+    root = make_image_tree(tmp_path / "f30k")
     s = ImageSplit(root, "train", image_size=32)
     assert isinstance(s, SplitReader)
     assert (s.n_images, s.n_captions, s.feat_dim) == (4, 20, 3)
@@ -67,7 +49,7 @@ def test_train_crop_box_statistics() -> None:
 
 
 def test_validation_errors_name_the_file(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "d")
+    root = make_image_tree(tmp_path / "d")
     with pytest.raises(MissingFileError, match="testall_ids.txt"):
         ImageSplit(root, "testall")
     (root / "precomp" / "dev_caps.txt").write_text("one\ntwo\nthree\n")
@@ -82,7 +64,7 @@ def test_validation_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_and_corrupt_images(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "d")
+    root = make_image_tree(tmp_path / "d")
     s = ImageSplit(root, "train", image_size=16)
     Path(s.files[2]).write_bytes(b"not a jpeg")
     with pytest.raises(GpoLitError, match=r"\.jpg: expected a readable image") as e:
@@ -99,7 +81,7 @@ def test_missing_and_corrupt_images(tmp_path: Path) -> None:
 
 
 def test_old_layout_with_one_id_per_caption(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "d")
+    root = make_image_tree(tmp_path / "d")
     ids = (root / "precomp" / "dev_ids.txt").read_text().split()
     (root / "precomp" / "dev_ids.txt").write_text("\n".join(i for i in ids for _ in range(5)))
     s = ImageSplit(root, "dev", image_size=16)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_DEMO, TINY_GRID_DEMO, WORDS, compose_cfg, run, tiny_model
 from torch import Tensor, nn
 
 from gpo_lit.errors import GpoLitError
@@ -22,8 +23,6 @@ from gpo_lit.losses import (
     TripletLoss,
     instantiate_loss,
 )
-from tests.test_model import WORDS, compose_cfg, tiny_model
-from tests.test_train_eval import TINY_DEMO, run
 
 # training_step outside a Trainer: Lightning warns that self.log has nowhere to go
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to .self.log")
@@ -87,7 +86,7 @@ class ToyLoss(RetrievalLoss):
         return 2 * mean
 
 
-def test_a_loss_from_a_test_config_trains_through_train(tmp_path: Path) -> None:
+def test_a_loss_from_a_test_config_trains_through_train(tmp_path: Path, monkeypatch) -> None:
     from gpo_lit.train import train
 
     conf = tmp_path / "conf" / "loss"
@@ -106,8 +105,8 @@ def test_a_loss_from_a_test_config_trains_through_train(tmp_path: Path) -> None:
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.output_dir={tmp_path / 'run'}",
     )
-    ToyLoss.calls.clear()
-    ToyLoss.vectors.update(img=0, cap=0)
+    monkeypatch.setattr(ToyLoss, "calls", [])  # fresh records, restored afterwards
+    monkeypatch.setattr(ToyLoss, "vectors", {"img": 0, "cap": 0})
     results = train(cfg).test
     assert 0 < results["full"]["rsum"] <= 600
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == results
@@ -282,7 +281,6 @@ def test_pcmepp_with_mixing_on_raw_images(tmp_path: Path, monkeypatch) -> None:
     """The mixing runs on the demo's raw images before the grid encoder (README command)."""
     from gpo_lit.data.mixing import MixedSampleAugment
     from gpo_lit.train import train
-    from tests.test_grid_e2e import TINY_GRID_DEMO
 
     seen: list[tuple[tuple[int, ...], float]] = []
     original = MixedSampleAugment.forward

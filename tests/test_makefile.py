@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ENV, one_line_error, save_native, spread_model
 
 from gpo_lit.data.demo.regions import generate_demo
-from tests.test_convert import save_native
-from tests.test_eval_ensemble import spread_model
-from tests.test_train_eval import ENV, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

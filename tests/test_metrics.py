@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import naive_metrics, naive_ranks, tiny_model
 
 import gpo_lit
 import gpo_lit.metrics.ranks as ranks_mod
@@ -50,40 +51,6 @@ def argsort_ranks(sims: np.ndarray, cap2img: np.ndarray) -> tuple[np.ndarray, np
         order = np.argsort(sims[:, j])[::-1]
         t2i[j] = np.where(order == cap2img[j])[0][0]
     return i2t, t2i
-
-
-def naive_ranks(
-    sims: np.ndarray, cap2img: np.ndarray, ties: str = "pessimistic"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force, one query at a time, from the full matrix sims [n_img, n_cap]: i2t = captions
-    of other images scoring ≥ (pessimistic) / > (optimistic) the image's best GT caption; t2i =
-    other images scoring ≥ / > the caption's image."""
-    against = np.greater_equal if ties == "pessimistic" else np.greater
-    n_img, n_cap = sims.shape
-    i2t = np.empty(n_img, dtype=np.int64)
-    for i in range(n_img):
-        best = sims[i, cap2img == i].max()
-        i2t[i] = np.count_nonzero(against(sims[i, cap2img != i], best))
-    t2i = np.empty(n_cap, dtype=np.int64)
-    for j in range(n_cap):
-        others = np.arange(n_img) != cap2img[j]
-        t2i[j] = np.count_nonzero(against(sims[others, j], sims[cap2img[j], j]))
-    return i2t, t2i
-
-
-def naive_metrics(
-    sims: np.ndarray, cap2img: np.ndarray, ties: str = "pessimistic"
-) -> dict[str, float]:
-    """R@1/5/10, medr, meanr, rsum of ``naive_ranks``, written out independently of
-    ``recall_metrics``."""
-    out: dict[str, float] = {}
-    for name, r in zip(("i2t", "t2i"), naive_ranks(sims, cap2img, ties), strict=True):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * np.count_nonzero(r < k) / len(r)
-        out[f"{name}_medr"] = np.floor(np.median(r)) + 1
-        out[f"{name}_meanr"] = r.mean() + 1
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
 
 
 def random_data(n_img: int, d: int = 16, seed: int = 0, dtype=np.float64):
@@ -519,7 +486,6 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_model_takes_ties_from_the_evaluation_config() -> None:
     from gpo_lit.cli import user_error
-    from tests.test_model import tiny_model
 
     assert tiny_model().eval_cfg["ties"] == "pessimistic"
     assert tiny_model("evaluation.ties=optimistic").eval_cfg["ties"] == "optimistic"

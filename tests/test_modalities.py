@@ -22,7 +22,7 @@ def test_a_modality_override_wins_over_the_shared_pooling() -> None:
 
 
 def test_the_model_builds_the_pooling_the_rule_names() -> None:
-    from tests.test_model import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model("model/pooling=max", "+model/pooling@model.visual_pooling=kmax")
     kinds = {m: type(getattr(model, pool_attr(m))).__name__ for m in MODALITIES}

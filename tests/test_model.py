@@ -4,33 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from helpers import tiny_model
 
-from gpo_lit.cli import CONF_DIR
 from gpo_lit.errors import GpoLitError
-from gpo_lit.model import VSEModel, load_model
-
-WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
-
-
-def compose_cfg(name: str, *overrides: str):
-    """``conf/<name>.yaml`` composed with ``overrides``, as the command line would."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose(name, list(overrides))
-
-
-def tiny_model(*overrides: str) -> VSEModel:
-    cfg = compose_cfg(
-        "train",
-        "experiment=demo",
-        "paths.output_dir=unused",
-        "model.embed_dim=8",
-        "data.demo.feat_dim=6",
-        "model.visual.mlp_hidden=4",
-        *overrides,
-    )
-    return instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=WORDS)
+from gpo_lit.model import load_model
 
 
 def test_lr_multipliers_make_parameter_groups() -> None:

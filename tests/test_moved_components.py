@@ -8,11 +8,11 @@ import copy
 import importlib
 
 import pytest
+from helpers import compose_cfg
 from omegaconf import OmegaConf
 
 from gpo_lit.components import DEMO_GENERATORS, MOVED, allowed_targets, check_stored_configs
 from gpo_lit.errors import UnsafeCheckpointError
-from tests.test_model import compose_cfg
 
 # the names the configs of the previous layout used (conf/data/*.yaml before 2026-12)
 OLD_NAMES = {

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.test_distributed import free_port
-from tests.test_train_eval import ENV, TINY_DEMO, run
+from helpers import ENV, TINY_DEMO, free_port, run
 
 # No BatchNorm and no model-side random cell dropping: with those, 2 ranks of batch B/2 differ
 # from one process of batch B by design (per-replica statistics, per-process RNG). Data order and

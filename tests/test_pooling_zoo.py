@@ -12,13 +12,13 @@ import pkgutil
 
 import pytest
 import torch
+from helpers import POOLING_CONF, B, D, N, make_batch, pe_ref
 from omegaconf import OmegaConf
 
 import gpo_lit.pooling
 from gpo_lit.errors import GpoLitError
 from gpo_lit.pooling import Pooling, available_poolings, create_pooling, valid_mask
 from gpo_lit.pooling.gpo import GPO
-from tests.test_pooling import CONF, B, D, N, make_batch, pe_ref
 
 # Register every operator module of the package (the zoo, and any other), whatever __init__ imports.
 for _mod in pkgutil.iter_modules(gpo_lit.pooling.__path__):
@@ -169,7 +169,7 @@ def test_registry_lists_every_zoo_name():
     assert set(NAMES) <= set(available_poolings())
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(POOLING_CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_pooling_yaml_builds(path):
     cfg = OmegaConf.to_container(OmegaConf.load(path))
     assert cfg["name"] == path.stem and "_target_" not in cfg

@@ -7,33 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_precomp_tree
 
 from gpo_lit.data.formats.npy import read_npy_header
 from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.errors import GpoLitError
-
-
-def make_tree(
-    root: Path,
-    n: int = 4,
-    k: int = 5,
-    regions: int = 3,
-    dim: int = 2,
-    split: str = "train",
-    ids: bool = True,
-    repeated: bool = False,
-) -> np.ndarray:
-    """Write a tiny precomp split under ``root``; return the unique-image features ``[n, R, D]``."""
-    root.mkdir(parents=True, exist_ok=True)
-    ims = np.arange(n * regions * dim, dtype=np.float32).reshape(n, regions, dim)
-    rows = np.repeat(ims, 5, axis=0) if repeated else ims
-    np.save(root / f"{split}_ims.npy", rows)
-    caps = [f"caption {j} of image {j // k}" for j in range(n * k)]
-    (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n", encoding="utf-8")
-    if ids:
-        row_ids = [f"img{r // 5 if repeated else r}" for r in range(len(rows))]
-        (root / f"{split}_ids.txt").write_text("\n".join(row_ids) + "\n", encoding="utf-8")
-    return ims
 
 
 def bad(fn, *names: str) -> str:
@@ -48,7 +26,7 @@ def bad(fn, *names: str) -> str:
 
 
 def test_good_tree(tmp_path: Path) -> None:
-    ims = make_tree(tmp_path, n=4, k=5)
+    ims = make_precomp_tree(tmp_path, n=4, k=5)
     s = PrecompSplit(tmp_path, "train")
     assert (s.n_images, s.n_captions, s.captions_per_image) == (4, 20, 5)
     assert (s.n_regions, s.feat_dim) == (3, 2)
@@ -71,7 +49,7 @@ def test_good_tree(tmp_path: Path) -> None:
 
 
 def test_no_ids_and_other_k(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=3, k=2, ids=False)
+    make_precomp_tree(tmp_path, n=3, k=2, ids=False)
     s = PrecompSplit(tmp_path, "train")
     assert s.image_ids is None and s.captions_per_image == 2
     np.testing.assert_array_equal(s.cap2img, [0, 0, 1, 1, 2, 2])
@@ -88,7 +66,7 @@ def test_crlf_bom_and_npy_v2(tmp_path: Path) -> None:
 
 
 def test_repeated_rows_detected_from_ids(tmp_path: Path) -> None:
-    ims = make_tree(tmp_path, n=4, k=5, repeated=True)
+    ims = make_precomp_tree(tmp_path, n=4, k=5, repeated=True)
     s = PrecompSplit(tmp_path, "train")
     assert s.repeated and (s.n_images, s.n_captions) == (4, 20)
     np.testing.assert_array_equal(s.cap2img, np.arange(20) // 5)
@@ -98,7 +76,7 @@ def test_repeated_rows_detected_from_ids(tmp_path: Path) -> None:
 
 
 def test_repeated_rows_detected_from_features_or_forced(tmp_path: Path) -> None:
-    ims = make_tree(tmp_path, n=4, k=5, repeated=True, ids=False)
+    ims = make_precomp_tree(tmp_path, n=4, k=5, repeated=True, ids=False)
     s = PrecompSplit(tmp_path, "train")
     assert s.repeated and s.n_images == 4
     np.testing.assert_array_equal(s.image(3), ims[3])
@@ -108,18 +86,18 @@ def test_repeated_rows_detected_from_features_or_forced(tmp_path: Path) -> None:
 
 
 def test_one_caption_per_image_is_not_repeated(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=10, k=1)  # rows == captions, distinct ids
+    make_precomp_tree(tmp_path, n=10, k=1)  # rows == captions, distinct ids
     s = PrecompSplit(tmp_path, "train")
     assert not s.repeated and s.n_images == 10
 
 
 def test_forced_repeated_needs_one_caption_per_row(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=4, k=5)
+    make_precomp_tree(tmp_path, n=4, k=5)
     bad(lambda: PrecompSplit(tmp_path, "train", repeated_images=True), "train_caps.txt")
 
 
 def test_max_images(tmp_path: Path) -> None:
-    ims = make_tree(tmp_path, n=6, k=5)
+    ims = make_precomp_tree(tmp_path, n=6, k=5)
     s = PrecompSplit(tmp_path, "train", max_images=2)
     assert (s.n_images, s.n_captions) == (2, 10)
     assert s.captions[-1] == "caption 9 of image 1" and s.image_ids == ["img0", "img1"]
@@ -128,7 +106,7 @@ def test_max_images(tmp_path: Path) -> None:
         s.image(2)
     assert PrecompSplit(tmp_path, "train", max_images=100).n_images == 6
     bad(lambda: PrecompSplit(tmp_path, "train", max_images=0), "max_images")
-    make_tree(tmp_path / "rep", n=4, repeated=True)
+    make_precomp_tree(tmp_path / "rep", n=4, repeated=True)
     r = PrecompSplit(tmp_path / "rep", "train", max_images=3)
     assert (r.n_images, r.n_captions, len(r.image_ids)) == (3, 15, 3)
 
@@ -153,7 +131,7 @@ def test_pickle_drops_the_memmap(tmp_path: Path) -> None:
 def test_missing_files(tmp_path: Path) -> None:
     msg = bad(lambda: PrecompSplit(tmp_path / "nowhere", "train"), "train_ims.npy")
     assert "train_caps.txt" in msg  # says what the folder must hold
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     (tmp_path / "train_caps.txt").unlink()
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_caps.txt")
     bad(lambda: PrecompSplit(tmp_path, "dev"), "dev_ims.npy")
@@ -164,27 +142,27 @@ def test_missing_files(tmp_path: Path) -> None:
     [b"not a numpy file at all", b"", b"\x93NUMPY\x01\x00\x10\x00{'descr': garbage"],
 )
 def test_not_npy(tmp_path: Path, content: bytes) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     (tmp_path / "train_ims.npy").write_bytes(content)
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "expected")
 
 
 def test_truncated_npy(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     p = tmp_path / "train_ims.npy"
     p.write_bytes(p.read_bytes()[:-8])
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "truncated")
 
 
 def test_wrong_dtype(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     np.save(tmp_path / "train_ims.npy", np.zeros((4, 3, 2), np.float64))
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "float32", "float64")
 
 
 @pytest.mark.parametrize("items", [[{"a": 1}] * 4, [None] * 1000])  # the pickle > or < n × 8 bytes
 def test_object_array_is_refused_without_unpickling(tmp_path: Path, items: list) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     np.save(tmp_path / "train_ims.npy", np.array(items, dtype=object), allow_pickle=True)
     msg = bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "dtype object", "pickled")
     assert "truncated" not in msg
@@ -192,19 +170,19 @@ def test_object_array_is_refused_without_unpickling(tmp_path: Path, items: list)
 
 @pytest.mark.parametrize("shape", [(4, 6), (4, 3, 2, 1)])
 def test_wrong_ndim(tmp_path: Path, shape: tuple[int, ...]) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     np.save(tmp_path / "train_ims.npy", np.zeros(shape, np.float32))
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy", "3-d", str(shape))
 
 
 def test_zero_rows(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     np.save(tmp_path / "train_ims.npy", np.zeros((0, 3, 2), np.float32))
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_ims.npy")
 
 
 def test_captions_not_utf8(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     p = tmp_path / "train_caps.txt"
     p.write_bytes(p.read_bytes().replace(b"caption 3", b"capt\xe9on 3"))
     msg = bad(lambda: PrecompSplit(tmp_path, "train"), "train_caps.txt", "UTF-8")
@@ -212,7 +190,7 @@ def test_captions_not_utf8(tmp_path: Path) -> None:
 
 
 def test_empty_caption_line(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     p = tmp_path / "train_caps.txt"
     lines = p.read_text().splitlines()
     lines[6] = "   "
@@ -222,13 +200,13 @@ def test_empty_caption_line(tmp_path: Path) -> None:
 
 
 def test_empty_caption_file(tmp_path: Path) -> None:
-    make_tree(tmp_path)
+    make_precomp_tree(tmp_path)
     (tmp_path / "train_caps.txt").write_bytes(b"")
     bad(lambda: PrecompSplit(tmp_path, "train"), "train_caps.txt", "empty")
 
 
 def test_caption_count_not_a_multiple(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=4, k=5)
+    make_precomp_tree(tmp_path, n=4, k=5)
     with open(tmp_path / "train_caps.txt", "a") as f:
         f.write("one caption too many\n")
     msg = bad(lambda: PrecompSplit(tmp_path, "train"), "train_caps.txt")
@@ -236,7 +214,7 @@ def test_caption_count_not_a_multiple(tmp_path: Path) -> None:
 
 
 def test_ids_count(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=4)
+    make_precomp_tree(tmp_path, n=4)
     (tmp_path / "train_ids.txt").write_text("a\nb\nc\n")
     msg = bad(lambda: PrecompSplit(tmp_path, "train"), "train_ids.txt")
     assert "expected 4 ids" in msg and msg.endswith("found 3")
@@ -244,7 +222,7 @@ def test_ids_count(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_features(tmp_path: Path, value: float) -> None:
-    make_tree(tmp_path, n=4)
+    make_precomp_tree(tmp_path, n=4)
     ims = np.ones((4, 3, 2), np.float32)
     ims[2, 1, 0] = value
     np.save(tmp_path / "train_ims.npy", ims)
@@ -256,7 +234,7 @@ def test_non_finite_features(tmp_path: Path, value: float) -> None:
 
 
 def test_non_finite_row_of_repeated_layout(tmp_path: Path) -> None:
-    make_tree(tmp_path, n=4, repeated=True)
+    make_precomp_tree(tmp_path, n=4, repeated=True)
     rows = np.load(tmp_path / "train_ims.npy")
     rows[15:20] = np.nan  # image 3
     np.save(tmp_path / "train_ims.npy", rows)

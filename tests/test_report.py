@@ -12,67 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import POOL, metrics_for, tiny_model, write_job
 from omegaconf import OmegaConf
 
 from gpo_lit import report as rp
 from gpo_lit.errors import GpoLitError
-from tests.test_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-POOL = {
-    "gpo": {"name": "gpo", "d_pe": 32, "d_hidden": 32, "temperature": 0.1},
-    "max": {"name": "max"},
-    "mean": {"name": "mean"},
-}
-
-
-def metrics_for(base: float) -> dict[str, float]:
-    """Distinct per-metric numbers: i2t_r1 = base, i2t_r5 = base + 1, ...; rsum their sum."""
-    m = {k: base + i for i, k in enumerate(METRICS)}
-    m["rsum"] = sum(m.values())
-    m.update(i2t_medr=1.0, i2t_meanr=2.0, t2i_medr=1.0, t2i_meanr=3.0)
-    return m
-
-
-def write_job(
-    sweep: Path,
-    num: int,
-    overrides: list[str],
-    seed: int,
-    pooling: dict,
-    visual_pooling: dict | None = None,
-    text_pooling: dict | None = None,
-    base: float | None = None,
-    ckpt: dict | None = None,
-) -> Path:
-    job = sweep / str(num)
-    (job / ".hydra").mkdir(parents=True)
-    config = {
-        "seed": seed,
-        "name": "demo",
-        "paths": {"data_dir": "data", "output_dir": "${hydra:runtime.output_dir}"},
-        "data": {"root": "${paths.data_dir}/demo", "demo": {"n_regions": 36, "feat_dim": 6}},
-        "model": {
-            "_target_": "gpo_lit.model.VSEModel",
-            "pooling": pooling,
-            "visual_pooling": visual_pooling,
-            "text_pooling": text_pooling,
-            "visual": {"_target_": "gpo_lit.encoders.RegionEncoder"},
-            "text": {"encoder": {"_target_": "gpo_lit.encoders.BiGRUTextEncoder"}},
-        },
-    }
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
-    (job / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
-    if base is not None:
-        results = {"full": metrics_for(base), "other": metrics_for(base - 10)}
-        (job / "metrics.json").write_text(json.dumps(results))
-    if ckpt is not None:
-        (job / "checkpoints").mkdir()
-        torch.save(ckpt, job / "checkpoints" / "best-epoch003.ckpt")
-    return job
 
 
 @functools.cache

@@ -4,7 +4,6 @@ metrics and an identical CSV history, its original run records untouched."""
 from __future__ import annotations
 
 import csv
-import os
 import shlex
 import subprocess
 import sys
@@ -12,21 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.test_train_eval import ENV, one_line_error, run
+from helpers import SMALL, TESTS_ENV, one_line_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "experiment=demo",
-    "++data.demo.n_train=120",
-    "++data.demo.n_dev=40",
-    "++data.demo.n_test=60",
-    "data.batch_size=32",
-    "data.eval_batch_size=60",
-    "trainer.max_epochs=2",
-    "trainer.log_every_n_steps=1",  # a CSV row every step: a lost or repeated step shows
-    "callbacks.last_checkpoint.every_n_train_steps=4",
-]
 # 600 pairs / 32 = 18 batches per epoch. Step 26 is epoch 1, batch 8, two steps after the last
 # step checkpoint (24); step 19 is epoch 1, batch 1, after epoch 0's validation and its best
 # checkpoint, three steps after the last step checkpoint (16): the resumed run validates again.
@@ -46,10 +33,9 @@ def records(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> tuple[Path, str]:
     """An uninterrupted run, and the data folder every run shares."""
-    ENV["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # tests.killer
     tmp = tmp_path_factory.mktemp("straight")
     data = f"paths.data_dir={tmp / 'data'}"
-    res = run("gpo_lit.train", *SMALL, data, f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    res = run("gpo_lit.train", *SMALL, data, f"hydra.run.dir={tmp / 'run'}", cwd=tmp, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "run", data
 
@@ -71,7 +57,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, straight) -> No
         "+callbacks.kill._target_=tests.killer.KillAtStep",
         f"+callbacks.kill.step={KILL_AT}",
     ]
-    res = run("gpo_lit.train", *args, f"hydra.run.dir={killed}", cwd=tmp_path)
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={killed}", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == -9 and not (killed / "metrics.json").exists()
     assert (killed / "checkpoints" / "last.ckpt").is_file()
     # Rows past the checkpoint (global step 16 = logging step 15) were written before the kill:
@@ -79,7 +65,14 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, straight) -> No
     assert max(int(r["step"]) for r in rows(killed)) > 15
     original = records(killed)
 
-    res = run("gpo_lit.train", *args, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=tmp_path)
+    res = run(
+        "gpo_lit.train",
+        *args,
+        f"hydra.run.dir={killed}",
+        "ckpt_path=last",
+        cwd=tmp_path,
+        env=TESTS_ENV,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(killed, ref)
     # epoch 0's best checkpoint, saved again by the resumed run, replaced (not best-…-v1.ckpt)
@@ -98,7 +91,7 @@ def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
     ref, data = straight
     wb = tmp_path / "wandb_home"
     env = {
-        **ENV,
+        **TESTS_ENV,
         "WANDB_MODE": "offline",
         "WANDB_CACHE_DIR": str(wb / "cache"),
         "WANDB_DATA_DIR": str(wb / "data"),
@@ -167,12 +160,19 @@ def test_sigterm_while_evaluating_stops_at_a_resumable_point(
         f"+callbacks.kill.step={step}",
         f"+callbacks.kill.stage={stage}",
     ]
-    res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", cwd=tmp_path)
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 143, res.stderr[-3000:]
     assert "resume with: make train EXP=demo" in res.stderr
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == saved and not (folder / "metrics.json").exists()
-    res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", "ckpt_path=last", cwd=tmp_path)
+    res = run(
+        "gpo_lit.train",
+        *args,
+        f"hydra.run.dir={folder}",
+        "ckpt_path=last",
+        cwd=tmp_path,
+        env=TESTS_ENV,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(folder, ref)
 
@@ -186,14 +186,16 @@ def test_continuing_from_a_checkpoint_file_checks_its_stored_config(
     before = {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()}
     changed = tmp_path / "changed"
     args = [*SMALL, data, f"ckpt_path={last}"]
-    res = run("gpo_lit.train", *args, "seed=5", f"hydra.run.dir={changed}", cwd=tmp_path)
+    res = run(
+        "gpo_lit.train", *args, "seed=5", f"hydra.run.dir={changed}", cwd=tmp_path, env=TESTS_ENV
+    )
     msg = one_line_error(res)
     assert msg.startswith(f"error: ckpt_path={last}: expected the configuration it was saved with")
     assert "seed (0 → 5)" in msg and "output_dir" not in msg and "dirpath" not in msg
     assert not (changed / "metrics.json").exists()
     # The same configuration in a new folder: training is over, the test reproduces the run's.
     same = tmp_path / "same"
-    res = run("gpo_lit.train", *args, f"hydra.run.dir={same}", cwd=tmp_path)
+    res = run("gpo_lit.train", *args, f"hydra.run.dir={same}", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (same / "metrics.json").read_bytes() == (ref / "metrics.json").read_bytes()
     assert {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import one_line_error, run
 
 from gpo_lit.errors import GpoLitError
 from gpo_lit.run_dir import claim_new, hydra_quote, prepare
-from tests.test_train_eval import one_line_error, run
 
 # A run that Hydra sets up completely and that then stops at once (its data does not exist).
 FAILING = ["experiment=f30k_butd_bigru", "seed=3"]

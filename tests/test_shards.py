@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import one_line_error, run
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -22,7 +23,6 @@ from gpo_lit.data.formats.shards import ShardSplit, sample_key, write_shards
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
 from gpo_lit.errors import GpoLitError, MissingFileError, one_line
-from tests.test_train_eval import one_line_error, run
 
 wds = pytest.importorskip("webdataset")
 

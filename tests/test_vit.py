@@ -9,15 +9,23 @@ import math
 import pytest
 import timm
 import torch
+from helpers import (
+    TINY_GRID_DEMO,
+    TINY_VIT,
+    VIT_DEMO,
+    WORDS,
+    FakeTrainer,
+    check_round_trip,
+    compose_cfg,
+    make_image_tree,
+)
 
 from gpo_lit.callbacks.backbone import BackboneSchedule
 from gpo_lit.cli import user_error
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError
-from tests.test_grid import _FakeTrainer
-from tests.test_model import WORDS, compose_cfg
 
-TINY = "test_vit.r160_in1k"  # patch 16, width 64, 6 blocks, one CLS token
+TINY = TINY_VIT
 KW = {"img_size": 64}  # 4 × 4 = 16 patches
 
 
@@ -195,9 +203,8 @@ def test_reader_resizes_with_the_configured_filter(tmp_path) -> None:
     from PIL import Image
 
     from gpo_lit.data.formats.images import ImageSplit
-    from tests.test_images import make_tree
 
-    root = make_tree(tmp_path / "f30k", n=2)
+    root = make_image_tree(tmp_path / "f30k", n=2)
     views = {}
     for name in ("bilinear", "bicubic"):
         s = ImageSplit(
@@ -237,11 +244,11 @@ def test_block_stages_unfreeze_whole_blocks_by_name() -> None:
     def training() -> set[str]:
         return {".".join(n.split(".")[:2]) for n, p in bb.named_parameters() if p.requires_grad}
 
-    sched.on_train_epoch_start(_FakeTrainer(1, 10, 10), m)
+    sched.on_train_epoch_start(FakeTrainer(1, 10, 10), m)
     assert training() == set()
-    sched.on_train_epoch_start(_FakeTrainer(2, 10, 20), m)
+    sched.on_train_epoch_start(FakeTrainer(2, 10, 20), m)
     assert training() == {"blocks.11"}
-    sched.on_train_batch_start(_FakeTrainer(2, 10, 25), m, None, 5)
+    sched.on_train_batch_start(FakeTrainer(2, 10, 25), m, None, 5)
     assert m.loss_scale == pytest.approx(0.5)  # PCME++: loss ramped over the first trained epoch
     sched.apply(m, 3)
     assert training() == {"blocks.11", "blocks.1"}  # not blocks.10 … blocks.19-style neighbours
@@ -276,19 +283,7 @@ def test_lr_multipliers_match_whole_module_names() -> None:
 
 # -- make features ----------------------------------------------------------------------------
 #: demo_grid with a tiny random-init ViT in place of its CNN, at the backbone's own image settings
-VIT_DEMO = (
-    "model/visual=vit",
-    f"model.visual.backbone={TINY}",
-    "model.visual.pretrained=false",
-    "model.visual.backbone_kwargs={img_size: 64}",
-    "model.visual.out_index=-1",
-    "~model.visual.freeze_bn",
-    "data/transforms=backbone",  # mean/std 0.5, bicubic; the demo's 64 px stay
-)
-
-
 def test_extracted_tokens_give_the_on_the_fly_embeddings(tmp_path) -> None:
-    from tests.test_extract import check_round_trip
 
     precomputed = ("model/visual=vit_precomp", "model.visual.in_dim=64")
     check_round_trip(tmp_path, VIT_DEMO, precomputed, cells=17, dim=64, head=ViTEncoder)
@@ -300,7 +295,6 @@ def test_make_features_records_the_token_choice_and_names_the_head(tmp_path, cap
     import numpy as np
 
     from gpo_lit.extract import extract
-    from tests.test_grid_e2e import TINY_GRID_DEMO
 
     common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "extract.splits=[test]")
     common = (*common, "extract.progress=false", f"extract.out_dir={tmp_path / 'f'}", *VIT_DEMO)

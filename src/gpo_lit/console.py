@@ -31,6 +31,7 @@ def config_tree(cfg: DictConfig, order: Sequence[str] = TREE_ORDER, resolve: boo
     for key in keys:
         branch = tree.add(str(key), style="bold", guide_style="dim")
         node = cfg._get_node(key)  # noqa: SLF001 - the raw node, so a bad interpolation stays text
+        assert node is not None  # key is one of cfg's
         if OmegaConf.is_config(node):
             try:
                 text = OmegaConf.to_yaml(node, resolve=resolve)

@@ -307,6 +307,7 @@ def convert(
             "the vocabulary JSON the checkpoint was trained with",
             None,
         )
+        assert vocab is not None  # expect() raised otherwise
         words = Vocabulary.load(vocab).idx2word
         n = state["text_encoder.embed.weight"].shape[0]
         expect(len(words) == n, vocab, f"{n} words (the checkpoint's embedding rows)", len(words))

@@ -31,7 +31,7 @@ class LossWatch:
 
     def update(self, loss: Tensor, step: int, epoch: int) -> None:
         """Remember ``step`` if ``loss`` is the first non-finite one (no host sync)."""
-        if self._step is None or self._step.device != loss.device:
+        if self._step is None or self._epoch is None or self._step.device != loss.device:
             self._step = torch.full((), -1, dtype=torch.long, device=loss.device)
             self._epoch = torch.full((), -1, dtype=torch.long, device=loss.device)
         first = ~torch.isfinite(loss.detach()) & (self._step < 0)
@@ -46,7 +46,7 @@ class LossWatch:
 
     def check(self) -> None:
         """Raise a one-line error if a loss so far was NaN/inf (one host sync)."""
-        if self._step is None:
+        if self._step is None or self._epoch is None:
             return
         step = int(self._step)
         if step >= 0:

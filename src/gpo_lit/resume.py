@@ -18,12 +18,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from gpo_lit.checkpoint_io import load_torch_file
+from gpo_lit.config_dict import config_dict
 from gpo_lit.files import write_atomic
 from gpo_lit.run_dir import config_changes, refuse_changes
 
@@ -142,7 +143,7 @@ def check_checkpoint_config(cfg: DictConfig, ckpt_path: str | Path) -> None:
     stored = ckpt.get("gpo_lit_config")
     if not isinstance(stored, dict):
         return
-    new = OmegaConf.to_container(cfg, resolve=True)
+    new = config_dict(cfg)
     old_out = str((stored.get("paths") or {}).get("output_dir") or "\0")
     new_out = str(new["paths"]["output_dir"])
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpo_lit.config_dict import config_dict
 from gpo_lit.errors import GpoLitError, expect
 
 IGNORED_CHANGES = ("ckpt_path", "resume_changes")  # what a resume may always set anew
@@ -138,9 +139,9 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     if not stored_path.is_file():
         expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
         return
-    new = OmegaConf.to_container(cfg, resolve=False)
+    new = config_dict(cfg, resolve=False)
     new.pop("hydra")
-    stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=False)
+    stored = config_dict(OmegaConf.load(stored_path), resolve=False)
     changes = config_changes(stored, new)  # interpolations compared as written
     refuse_changes(stored_path, "the configuration of the run being resumed", changes, allow)
 
@@ -176,7 +177,7 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
         parsed = OverridesParser.create().parse_overrides(overrides)
         if any(o.is_sweep_override() for o in parsed) and not multirun:
             return argv  # Hydra reports it
-        base = [o.input_line for o in parsed if not o.is_sweep_override()]
+        base = [str(o.input_line) for o in parsed if not o.is_sweep_override()]
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=base, return_hydra_config=True)
         hc = cfg.hydra

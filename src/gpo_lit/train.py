@@ -20,6 +20,7 @@ from gpo_lit.callbacks.outputs import METRICS_FILE
 from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
 from gpo_lit.cli import entry_point, finish_wandb, instantiate_group
 from gpo_lit.config_check import check_config
+from gpo_lit.config_dict import config_dict
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.errors import GpoLitError
@@ -145,8 +146,8 @@ def fit_and_test(
 ) -> TrainResult:
     """Fit (from ``resume`` if given), then test the best checkpoint into metrics.json."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    best_val = trainer.callback_metrics.get("val/rsum_best")
-    best_val = None if best_val is None else float(best_val)
+    best_tensor = trainer.callback_metrics.get("val/rsum_best")
+    best_val = None if best_tensor is None else float(best_tensor)
     if best_val is not None:
         log.info("best val/rsum: %.4f (the value a sweep optimises)", best_val)
     results: dict[str, dict[str, float]] = {}
@@ -185,13 +186,13 @@ def train(cfg: DictConfig) -> TrainResult:
         torch.set_num_threads(cfg.num_threads)
     if cfg.get("tags"):
         log.info("tags: %s", ", ".join(str(t) for t in cfg.tags))
-    check_loss_node(OmegaConf.to_container(cfg.model.loss, resolve=True))  # before data work
+    check_loss_node(config_dict(cfg.model.loss))  # before data work
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data(cfg, datamodule)
     vocab = build_vocab(cfg, datamodule)
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = config_dict(cfg)
     if stored is not None:
         expected = "the weights of the model this run's config builds"
         check_state_dict(resume, expected, model.state_dict(), stored["state_dict"])

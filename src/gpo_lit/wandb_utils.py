@@ -16,11 +16,12 @@ import secrets
 import string
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from gpo_lit.config_dict import config_dict
 from gpo_lit.files import write_atomic
 
 MAX_TAG = 64  # W&B rejects longer tags
@@ -32,13 +33,13 @@ def _hydra_config() -> DictConfig | None:
     """The running job's ``hydra`` node, or None outside a Hydra job (compose API, tests)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get() if HydraConfig.initialized() else None
+    return cast(DictConfig, HydraConfig.get()) if HydraConfig.initialized() else None
 
 
 def _tags(hc: DictConfig) -> list[str]:
     """``group=option`` per Hydra choice (Hydra's own left out) then each job override not
     already there; longer than W&B allows are dropped (they are in the config anyway)."""
-    choices = OmegaConf.to_container(hc.runtime.choices)
+    choices = config_dict(hc.runtime.choices, resolve=False)
     tags = [
         f"{k}={v}"
         for k, v in choices.items()
@@ -72,15 +73,15 @@ def wandb_settings_from_hydra(cfg: DictConfig) -> dict[str, Any]:
 
     hc = _hydra_config()
     name = str(cfg.get("name") or "run")
-    multirun = hc is not None and hc.mode == RunMode.MULTIRUN
+    sweep = hc if hc is not None and hc.mode == RunMode.MULTIRUN else None
     if hc is not None:
         name = str(hc.runtime.choices.get("experiment") or name)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return {
-        "group": Path(str(hc.sweep.dir)).name if multirun else str(cfg.get("name") or name),
+        "group": Path(str(sweep.sweep.dir)).name if sweep else str(cfg.get("name") or name),
         "tags": _run_tags(cfg, hc),
-        "name": f"{name}-{hc.job.num}" if multirun else f"{name}-{stamp}",
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "name": f"{name}-{sweep.job.num}" if sweep else f"{name}-{stamp}",
+        "config": config_dict(cfg),
     }
 
 
@@ -108,7 +109,7 @@ def run_id(run_dir: Path) -> str:
         return path.read_text().strip()
     # W&B's own ids: 8 characters of [a-z0-9] (its generator is not public API)
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if rank_zero_only.rank == 0:
+    if getattr(rank_zero_only, "rank", 0) == 0:  # set by Lightning at import
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, f"{new}\n".encode())
     return new
@@ -134,7 +135,7 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
             loggers.append(instantiate(node))
             continue
         os.environ.setdefault("WANDB_MODE", "offline")
-        kwargs = OmegaConf.to_container(node, resolve=True)
+        kwargs = config_dict(node)
         settings = wandb_settings_from_hydra(cfg)
         kwargs.update({k: settings[k] for k in SETTINGS if kwargs.get(k) is None})
         if kwargs.get("id") is None and kwargs.get("save_dir"):
@@ -164,8 +165,8 @@ def log_final_summary(trainer: Any, results: dict[str, dict[str, float]]) -> Non
         for protocol, metrics in results.items()
         for metric, value in metrics.items()
     }
-    ckpt = getattr(trainer, "checkpoint_callback", None)
-    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-        summary["test/checkpoint"] = str(ckpt.best_model_path)
+    best = getattr(getattr(trainer, "checkpoint_callback", None), "best_model_path", None)
+    if best:
+        summary["test/checkpoint"] = str(best)
     for logger in wandb_loggers(trainer):
         logger.experiment.summary.update(summary)

@@ -15,6 +15,7 @@ without gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from torch import nn
@@ -41,6 +42,11 @@ def _children(names: Sequence[str], prefix: str) -> str:
             shown = ordered if len(ordered) <= 8 else [*ordered[:3], "…", *ordered[-3:]]
             return f"{parent or 'it'} has {', '.join(shown)}"
     return "it has no parameters"
+
+
+def _set_loss_scale(pl_module: Any, scale: float) -> None:
+    """Set the factor the model multiplies its loss by (``VSEModel.loss_scale``)."""
+    pl_module.loss_scale = scale
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -129,19 +135,19 @@ class BackboneSchedule(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         self.apply(pl_module, epoch)
-        pl_module.loss_scale = 1.0
+        _set_loss_scale(pl_module, 1.0)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
     ) -> None:
         epoch = trainer.current_epoch
         if not self.warmup or epoch != self.warmup_epoch():
-            pl_module.loss_scale = 1.0
+            _set_loss_scale(pl_module, 1.0)
             return
         n = trainer.num_training_batches
         # batches done this epoch (right after a mid-epoch resume too), one step per batch
         i = max(batch_idx, trainer.global_step - epoch * n) if n not in (0, float("inf")) else 0
-        pl_module.loss_scale = float(min(max(i, 0), n) / n) if n else 1.0
+        _set_loss_scale(pl_module, float(min(max(i, 0), n) / n) if n else 1.0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.loss_scale = 1.0
+        _set_loss_scale(pl_module, 1.0)

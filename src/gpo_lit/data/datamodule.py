@@ -178,7 +178,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                 check_size(name, split.n_images, where=f"the {stage} split {split.path}")
         for split in {id(s): s for s in opened.values()}.values():
             scan = getattr(split, "scan_finite", None)
-            if scan is not None and split.feature_bytes() <= self.scan_finite_bytes:
+            if scan is not None and split.feature_bytes() <= self.scan_finite_bytes:  # type: ignore[attr-defined]
                 scan()
 
     @cached_property
@@ -239,6 +239,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                 f"data.batch_size: expected a multiple of the {world} processes (it is the "
                 f"global batch), found {self.batch_size}"
             )
+        assert self.tokenizer is not None, "set_tokenizer() first"  # for the type checker
         dataset = PairDataset(
             split, self.tokenizer, self.augment, self.seed, caption_map=self.train_caption_map
         )
@@ -258,13 +259,13 @@ class RetrievalDataModule(pl.LightningDataModule):
     def _batches_done_this_epoch(self, loader_batches: int) -> int:
         """Training batches of the current epoch already done (one optimiser step per batch)."""
         trainer = self.trainer
-        limit = trainer.limit_train_batches
+        limit = trainer.limit_train_batches  # type: ignore[union-attr]
         per_epoch = loader_batches
         if isinstance(limit, int):
             per_epoch = min(per_epoch, limit)
         elif limit is not None and limit < 1.0:
             per_epoch = int(per_epoch * limit)
-        return trainer.global_step - trainer.current_epoch * per_epoch
+        return trainer.global_step - trainer.current_epoch * per_epoch  # type: ignore[union-attr]
 
     def eval_loaders(self, split: SplitReader) -> list[DataLoader]:
         """[images once, captions once] for ``split``; order is kept, indices travel along."""
@@ -273,7 +274,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             "collate_fn": self._collate(),
             **self._loader_kwargs(),
         }
-        datasets = [ImageDataset(split), CaptionDataset(split, self.tokenizer)]
+        datasets = [ImageDataset(split), CaptionDataset(split, self.tokenizer)]  # type: ignore[arg-type]
         if self._world_size() == 1:
             return [DataLoader(ds, shuffle=False, **kwargs) for ds in datasets]
         # Each rank embeds a shard; the sampler pads by repeating items, and the model

@@ -76,12 +76,12 @@ class PairDataset(Dataset):
         drop = aug.region_keep_prob is not None and aug.region_keep_prob < 1
         if drop and train_image is None and isinstance(self.split, PrecompSplit):
             # the same draws as drop_regions, but only the kept regions are copied out
-            keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)
+            keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)  # type: ignore[arg-type]
             feats = self.split.image(image, keep=keep)
         else:
             feats = train_image(image, rng) if train_image is not None else self.split.image(image)
             if drop:
-                feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)
+                feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)  # type: ignore[arg-type]
         shown = index if self.caption_map is None else int(self.caption_map[index])
         ids, word_ids = self.tokenizer.encode(self.split.caption(shown))
         if aug.per_token:  # every non-special token a "word" of its own

@@ -97,4 +97,4 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, EpochShuffleSampler):
             return
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)
+        self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)  # type: ignore[operator]

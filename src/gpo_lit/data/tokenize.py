@@ -139,7 +139,7 @@ class HFTokenizer:
         self.tokenizer = tok
         self.max_length = int(max_length)
         self.pad_id: int = tok.pad_token_id
-        self.mask_id: int = int(mask_id)
+        self.mask_id: int = int(mask_id)  # type: ignore[arg-type]
         self.vocab_size: int = tok.vocab_size
 
     def encode(self, caption: str) -> tuple[list[int], list[int | None]]:

@@ -36,7 +36,7 @@ _COMMA = re.compile(r",(?!\d)")
 @functools.cache
 def _nltk_words() -> Callable[[str], list[str]]:
     """nltk's word tokenizer on one line of text (import ~1 s: only BiGRU runs pay it)."""
-    from nltk.tokenize import word_tokenize  # type: ignore[import-untyped]
+    from nltk.tokenize import word_tokenize
 
     return functools.partial(word_tokenize, preserve_line=True)
 

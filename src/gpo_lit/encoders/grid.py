@@ -15,6 +15,8 @@ torchvision-style state dict).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -71,10 +73,10 @@ def stride_in_1x1(model: nn.Module) -> int:
     """
     changed = 0
     for block in model.modules():
-        convs = [getattr(block, f"conv{i}", None) for i in (1, 2, 3)]
-        if not all(isinstance(c, nn.Conv2d) for c in convs):
+        conv1, conv2, conv3 = (getattr(block, f"conv{i}", None) for i in (1, 2, 3))
+        if not all(isinstance(c, nn.Conv2d) for c in (conv1, conv2, conv3)):
             continue  # stems and basic blocks
-        conv1, conv2, _ = convs
+        assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)  # for the checker
         if conv1.kernel_size == (1, 1) and conv2.stride != (1, 1):
             conv1.stride, conv2.stride = conv2.stride, (1, 1)
             changed += 1
@@ -189,7 +191,7 @@ class GridEncoder(GridCellEncoder):
         caffe_stride: bool = False,
         weights_hint: str = "",
     ) -> None:
-        net = create_backbone(
+        net: Any = create_backbone(  # a timm model: feature_info, set_grad_checkpointing
             backbone, pretrained, checkpoint_path, out_index, backbone_kwargs, weights_hint
         )
         if caffe_stride and stride_in_1x1(net) == 0:

@@ -50,7 +50,7 @@ class MLP(nn.Module):
         return h.reshape(b, n, self.out_dim)
 
     @staticmethod
-    def _bn(bn: nn.BatchNorm1d, h: Tensor, flat_mask: Tensor | None) -> Tensor:
+    def _bn(bn: nn.Module, h: Tensor, flat_mask: Tensor | None) -> Tensor:
         if flat_mask is None:
             return bn(h)
         out = torch.zeros_like(h)

@@ -61,6 +61,7 @@ def cached_timm_weights(backbone: str) -> Path:
 def load_state_file(path: Path) -> dict[str, Tensor]:
     """A state dict from a ``.safetensors`` or torch file (``weights_only=True``), unwrapped from
     ``{"state_dict": …}`` / ``{"model": …}`` containers."""
+    sd: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -144,7 +144,7 @@ def evaluate_protocols(
             "testall_capids.txt), found none given"
         )
     scored: dict[str, dict[str, float]] = {}
-    if package:
+    if package and coco_ids is not None:
         from gpo_lit.metrics.eccv import package_metrics
 
         scored = package_metrics(prep, coco_ids, package, shard_size)
@@ -157,6 +157,7 @@ def evaluate_protocols(
             whole = whole or recall_metrics(*ranks_from_prepared(prep, shard_size, ties))
             out[proto.name] = dict(whole)
         else:
+            assert proto.fold_size is not None  # folds() sets both
             per_fold = []
             for f in range(proto.n_folds):
                 fold = prep.fold(f * proto.fold_size, (f + 1) * proto.fold_size)

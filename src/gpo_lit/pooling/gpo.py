@@ -284,7 +284,7 @@ class GPO(Pooling):
         return self._theta_table(n).to(device)[lengths - 1], n
 
     # ---- pooling --------------------------------------------------------------------------------
-    def forward(
+    def forward(  # type: ignore[override]
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with

@@ -109,7 +109,7 @@ class GPOPerDim(GPO):
         pad = ~valid_mask(sizes, width).unsqueeze(-1)
         return torch.softmax((scores / self.temperature).masked_fill(pad, float("-inf")), dim=1)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with

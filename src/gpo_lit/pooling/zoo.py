@@ -86,7 +86,7 @@ class GeMPooling(Pooling):
         """The current exponent (a 0-d tensor)."""
         if self.learnable:
             return 1 + (self.p_max - 1) * torch.sigmoid(self.raw_p)
-        return self.fixed_p
+        return self.fixed_p  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return (
@@ -172,7 +172,7 @@ class AttentionPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, value_proj={self.value is not None}"
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, x: Tensor, lengths: Tensor, return_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Pooled ``[B, D]`` and, with ``return_weights``, the attention ``[B, N]`` (fp32)."""

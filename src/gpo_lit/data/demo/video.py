@@ -268,7 +268,7 @@ def _caption(objs: list[_Object], rng: np.random.Generator) -> str:
     return body.replace(" ,", ",")
 
 
-def _split(world: _World, n: int, frames: tuple[int, int], k: int, rng: np.random.Generator):
+def _split(world: _World, n: int, frames: tuple[int, ...], k: int, rng: np.random.Generator):
     """Per-clip features ``[T_i, D]`` and ``k`` captions per clip."""
     feats, caps = [], []
     for _ in range(n):
