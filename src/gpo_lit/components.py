@@ -38,6 +38,7 @@ COMPONENT_PACKAGES = (
     "gpo_lit.model",
     "gpo_lit.pooling",
     "gpo_lit.schedules",
+    "gpo_lit.swa",
 )
 # Classes of other libraries that configs name and a checkpoint may rebuild: the optimiser and
 # schedule nodes (``conf/optim/``), called only with the model's parameters / the optimiser.
