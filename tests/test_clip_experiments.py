@@ -246,6 +246,7 @@ def test_missing_clip_weights_name_the_hub_repo(tmp_path: Path) -> None:
         "gpo_lit.train",
         "experiment=coco_clip_b32_pcmepp",
         "evaluation.test_protocols=[full]",
+        "data.batch_size=6",
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
@@ -285,3 +286,18 @@ def test_coco_clip_pcmepp_trains_on_a_tiny_coco_tree(clip_dir: Path, tmp_path: P
     res = run("gpo_lit.eval", f"ckpt={swa}", f"hydra.run.dir={eval_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 0 < json.loads((eval_dir / "metrics.json").read_text())["full"]["rsum"] <= 600
+
+
+def test_uncertainty_bias_init_shifts_log_variance() -> None:
+    """GPO's weights sum to 1, so the Linear's bias b moves every pooled log σ² by exactly b."""
+    from gpo_lit.encoders.uncertainty import UncertaintyHead
+
+    torch.manual_seed(0)
+    zero = UncertaintyHead(8, {"name": "gpo"})
+    torch.manual_seed(0)
+    shifted = UncertaintyHead(8, {"name": "gpo"}, bias_init=-6.0)
+    x, lengths = torch.randn(3, 5, 8), torch.tensor([5, 2, 4])
+    assert torch.allclose(shifted(x, lengths), zero(x, lengths) - 6.0, atol=1e-5)
+    cfg = compose("demo_clip", "loss=pcmepp")
+    assert cfg.model.uncertainty_bias_init == -6.0
+    assert compose("coco_clip_b32_pcmepp").model.uncertainty_bias_init == 0.0  # as released
