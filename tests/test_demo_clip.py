@@ -91,7 +91,9 @@ def test_make_sweep_losses_runs_and_is_reported(tmp_path: Path) -> None:
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         seen.add((cfg.loss._target_.split(".")[-1], cfg.model.visual_pooling.name))
         assert cfg.model.text_pooling.name == "mean"
-    assert seen == {(loss, pool) for loss in ("InfoNCELoss", "PCMEppLoss") for pool in ("gpo", "max")}
+    assert seen == {
+        (loss, pool) for loss in ("InfoNCELoss", "PCMEppLoss") for pool in ("gpo", "max")
+    }
     report = subprocess.run(
         [*make, "report", f"SWEEP_DIR={sweep}"],
         env=ENV,
@@ -108,11 +110,14 @@ def test_make_sweep_losses_runs_and_is_reported(tmp_path: Path) -> None:
 
 
 def short_demo(tmp_path: Path, name: str, *overrides: str) -> float:
+    """Test rsum of a demo_clip run on the whole demo data (2,000 training scenes; 500 test images
+    / 2,500 captions) with the given overrides."""
     run_dir = tmp_path / name
     res = run(
         "gpo_lit.train",
         "experiment=demo_clip",
-        *TINY_CLIP_DEMO,
+        "print_config=false",
+        "trainer.max_epochs=1",
         *overrides,
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.run.dir={run_dir}",
@@ -125,20 +130,11 @@ def short_demo(tmp_path: Path, name: str, *overrides: str) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["infonce", "pcmepp"])
 def test_demo_clip_learns_far_beyond_its_untrained_model(tmp_path: Path, loss: str) -> None:
-    """A short demo_clip (240 scenes, 4 epochs) against the same seed's untouched model (one
-    batch at lr 1e-12) on the same 60 test images / 300 captions."""
+    """A very short demo_clip (40 steps of 128 pairs) against the same seed's untouched model
+    (one step at lr 1e-12) on the same 500 test images / 2,500 captions."""
     untrained = short_demo(
-        tmp_path,
-        "untrained",
-        f"loss={loss}",
-        "optim.lr=1e-12",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=1",
+        tmp_path, "untrained", f"loss={loss}", "optim.lr=1e-12", "trainer.limit_train_batches=1"
     )
-    trained = short_demo(
-        tmp_path, "trained", f"loss={loss}", "trainer.max_epochs=4", "optim.decay_epochs=[3]"
-    )
-    assert trained > untrained + MARGIN, (trained, untrained)
-
-
-MARGIN = 60.0
+    trained = short_demo(tmp_path, "trained", f"loss={loss}", "trainer.limit_train_batches=40")
+    print(f"demo_clip loss={loss}: trained rsum {trained:.2f}, untrained {untrained:.2f}")
+    assert trained > 3 * untrained and trained > untrained + 30, (trained, untrained)
