@@ -483,3 +483,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- a tiny CLIP checkpoint (tests/conftest.py: clip_dir) ----------------------------------------
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+MERGES = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte symbols of byte-level BPE, in GPT-2 / CLIP order (printable bytes first)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
+
+
+def clip_vocab() -> dict[str, int]:
+    """CLIP's vocabulary layout: bytes, bytes + ``</w>``, merges, then start / end."""
+    symbols = byte_symbols()
+    words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES), SOT, EOT]
+    return {w: i for i, w in enumerate(words)}
+
+
+# -- a module with a grid encoder, for backbone schedules ------------------------------------------
+class TinyGridModule(torch.nn.Module):
+    """What a backbone schedule touches: ``visual_encoder`` (a tiny grid) and ``loss_scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from gpo_lit.encoders.grid import GridEncoder
+
+        self.visual_encoder = GridEncoder(TINY_BACKBONE, embed_dim=8, pretrained=False)
+        self.loss_scale = 1.0
+
+
+def compose_train(*overrides: str):
+    """``conf/train.yaml`` with ``overrides`` and the hydra node (launcher, sweeper) composed."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)

@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_GRID_DEMO, VIT_DEMO, OneCaptionSplit, compose_cfg, run
+from helpers import (
+    EOT,
+    SOT,
+    TINY_GRID_DEMO,
+    VIT_DEMO,
+    OneCaptionSplit,
+    clip_vocab,
+    compose_cfg,
+    run,
+)
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -16,52 +25,6 @@ from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import HFTokenizer
 from gpo_lit.encoders import HFTextEncoder
 from gpo_lit.errors import GpoLitError
-
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-MERGES = [("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")]
-
-
-def byte_symbols() -> list[str]:
-    """The 256 byte symbols of byte-level BPE, in GPT-2 / CLIP order (printable bytes first)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    rest = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
-
-
-def clip_vocab() -> dict[str, int]:
-    """CLIP's vocabulary layout: bytes, bytes + ``</w>``, merges, then start / end."""
-    symbols = byte_symbols()
-    words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES), SOT, EOT]
-    return {w: i for i, w in enumerate(words)}
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny CLIP checkpoint (text + vision) and its tokenizer in one folder, as on the Hub."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("clip")
-    vocab = clip_vocab()
-    CLIPTokenizer(vocab=vocab, merges=MERGES, model_max_length=12).save_pretrained(root)
-    text = {
-        "vocab_size": len(vocab),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 12,
-        "projection_dim": 24,
-        "bos_token_id": vocab[SOT],
-        "eos_token_id": vocab[EOT],
-        "pad_token_id": vocab[EOT],
-    }
-    vision = {"hidden_size": 16, "intermediate_size": 20, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
-    ).save_pretrained(root)
-    return root
 
 
 def test_tokenizer_limits_word_ids_and_mask_token(clip_dir: Path) -> None:

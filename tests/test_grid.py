@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_BACKBONE, FakeTrainer
+from helpers import TINY_BACKBONE, FakeTrainer, TinyGridModule
 from torch import nn
 
 from gpo_lit.callbacks.backbone import BackboneSchedule
@@ -108,15 +108,8 @@ def test_checkpoint_path_loads_prefixed_state_dicts(tmp_path) -> None:
 
 
 # -- schedule -------------------------------------------------------------------------------
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.visual_encoder = GridEncoder(TINY, embed_dim=8, pretrained=False)
-        self.loss_scale = 1.0
-
-
 def test_backbone_schedule_freezes_then_unfreezes_with_warmup() -> None:
-    m = _Tiny()
+    m = TinyGridModule()
     sched = BackboneSchedule(freeze_epochs=1)
     bb = m.visual_encoder.backbone
     sched.on_train_epoch_start(FakeTrainer(0, 10, 0), m)
@@ -137,7 +130,7 @@ def test_backbone_schedule_freezes_then_unfreezes_with_warmup() -> None:
 
 
 def test_staged_unfreezing() -> None:
-    m = _Tiny()
+    m = TinyGridModule()
     sched = BackboneSchedule(freeze_epochs=1, stages=[["layer4"], ["layer3"]], warmup=False)
     names = lambda: {n.split(".")[0] for n, p in m.visual_encoder.backbone.named_parameters()  # noqa: E731
                      if p.requires_grad}  # fmt: skip
@@ -155,7 +148,7 @@ def test_staged_unfreezing() -> None:
 
 def test_frozen_params_stay_in_the_optimizer_and_train_later() -> None:
     """AdamW skips parameters without gradients; once unfrozen they update."""
-    m = _Tiny()
+    m = TinyGridModule()
     sched = BackboneSchedule(freeze_epochs=1)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=1e-2)
     w = m.visual_encoder.backbone.layer4[0].conv1.weight

@@ -6,15 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_train
 from omegaconf import OmegaConf
-
-from gpo_lit.cli import CONF_DIR
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 def test_slurm_job_matches_lightning_devices() -> None:

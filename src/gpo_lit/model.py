@@ -60,6 +60,7 @@ class VSEModel(pl.LightningModule):
         uncertainty_pooling: pooling of the log σ² heads, built only when the loss uses them
             (``loss.uses_uncertainty``; None = GPO's defaults).
             ``coco_ids`` (folder of the CxC id files for eccv / cxc; None: found beside the data root).
+        uncertainty_bias_init: log σ² of those heads at initialisation (their Linear's bias).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
     """
 
@@ -76,6 +77,7 @@ class VSEModel(pl.LightningModule):
         text_pooling: dict | None = None,
         uncertainty_pooling: dict | None = None,
         vocab: list[str] | None = None,
+        uncertainty_bias_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run config is logged whole instead
@@ -93,8 +95,9 @@ class VSEModel(pl.LightningModule):
         self.text_uncertainty: UncertaintyHead | None = None
         if self.loss_fn.uses_uncertainty:
             head_pool = uncertainty_pooling or {"name": "gpo"}
-            self.visual_uncertainty = UncertaintyHead(embed_dim, head_pool)
-            self.text_uncertainty = UncertaintyHead(embed_dim, head_pool)
+            bias = uncertainty_bias_init
+            self.visual_uncertainty = UncertaintyHead(embed_dim, head_pool, bias)
+            self.text_uncertainty = UncertaintyHead(embed_dim, head_pool, bias)
         self.optim_cfg = optim
         check_ties(evaluation.get("ties", "pessimistic"))  # not after the first epoch
         self.eval_cfg = evaluation

@@ -13,6 +13,7 @@ from gpo_lit.callbacks.outputs import (
     WriteEvaluation,
     output_callbacks,
 )
+from gpo_lit.callbacks.swa import WeightAveraging
 from gpo_lit.callbacks.wandb_media import PoolingWeightsPlot, RetrievalExamples
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RetrievalExamples",
     "RetrievalFigure",
     "SaveRanks",
+    "WeightAveraging",
     "WriteEvaluation",
     "output_callbacks",
     "query_examples",

@@ -74,7 +74,10 @@ class BackboneSchedule(pl.Callback):
             ``[[layer4], [layer3], [layer2]]`` for a CNN, ``[[blocks.11], [blocks.10]]`` for a
             ViT); after the last stage the set stays as it is, unless
             ``stages_then_all`` makes the whole backbone train.
-        warmup: scale the loss by ``i / iters_per_epoch`` during the first epoch the backbone trains.
+        warmup: scale the loss by ``(i + warmup_offset) / iters_per_epoch`` at batch ``i`` of the
+            first epoch the backbone trains.
+        warmup_offset: 0 = VSE∞'s ramp (``i / n``: the first step has no loss); 1 = PCME++'s
+            ``(i + 1) / n`` (the last step at full loss).
         module: dotted path of the backbone inside the LightningModule.
         stages_then_all: see ``stages``.
     """
@@ -86,12 +89,19 @@ class BackboneSchedule(pl.Callback):
         warmup: bool = True,
         module: str = "visual_encoder.backbone",
         stages_then_all: bool = False,
+        warmup_offset: int = 0,
     ) -> None:
         self.freeze_epochs = int(freeze_epochs)
         self.stages = [list(s) if not isinstance(s, str) else [s] for s in (stages or [])]
         self.warmup = warmup
         self.module = module
         self.stages_then_all = stages_then_all
+        if warmup_offset not in (0, 1):
+            raise GpoLitError(
+                f"callbacks.backbone_schedule.warmup_offset: expected 0 (i / n, VSE∞) or 1 "
+                f"((i + 1) / n, PCME++), found {warmup_offset!r}"
+            )
+        self.warmup_offset = int(warmup_offset)
 
     # -- what trains when ------------------------------------------------------------------
     def trainable_prefixes(self, epoch: int) -> list[str] | None:
@@ -147,7 +157,7 @@ class BackboneSchedule(pl.Callback):
         n = trainer.num_training_batches
         # batches done this epoch (right after a mid-epoch resume too), one step per batch
         i = max(batch_idx, trainer.global_step - epoch * n) if n not in (0, float("inf")) else 0
-        _set_loss_scale(pl_module, float(min(max(i, 0), n) / n) if n else 1.0)
+        _set_loss_scale(pl_module, float(min(max(i, 0) + self.warmup_offset, n) / n) if n else 1.0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _set_loss_scale(pl_module, 1.0)

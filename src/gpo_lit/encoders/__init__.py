@@ -4,6 +4,7 @@ from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
 from gpo_lit.encoders.region import RegionEncoder
 from gpo_lit.encoders.text_gru import BiGRUTextEncoder
 from gpo_lit.encoders.text_hf import HFTextEncoder
+from gpo_lit.encoders.text_transformer import TransformerTextEncoder
 from gpo_lit.encoders.vit import ViTEncoder
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "GridEncoder",
     "HFTextEncoder",
     "RegionEncoder",
+    "TransformerTextEncoder",
     "ViTEncoder",
 ]

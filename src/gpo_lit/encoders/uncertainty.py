@@ -24,14 +24,16 @@ class UncertaintyHead(nn.Module):
     Args:
         dim: the set's width d (the joint embedding width).
         pooling: ``{"name": ..., **options}`` of its own pooling operator.
+        bias_init: initial bias of the Linear, i.e. log σ² at initialisation (PCME++'s
+            ``bias_init``, 0 in its released configs; negative values start with small σ²).
     """
 
-    def __init__(self, dim: int, pooling: dict) -> None:
+    def __init__(self, dim: int, pooling: dict, bias_init: float = 0.0) -> None:
         super().__init__()
         self.fc = nn.Linear(dim, dim)
         r = math.sqrt(6.0) / math.sqrt(2 * dim)
         nn.init.uniform_(self.fc.weight, -r, r)
-        nn.init.zeros_(self.fc.bias)
+        nn.init.constant_(self.fc.bias, float(bias_init))
         self.pool = create_pooling(dim=dim, **pooling)
 
     def forward(self, feats: Tensor, lengths: Tensor) -> Tensor:

@@ -1,0 +1,140 @@
+"""The CLIP-era demo (``make train EXP=demo_clip``: tiny random-init ViT + tiny transformer text
+tower on the demo images) learns with InfoNCE and PCME++, and the loss sweep runs and is
+reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ENV, compose_train, run
+from omegaconf import OmegaConf
+
+from gpo_lit.encoders import TransformerTextEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP_DEMO = [
+    "++data.demo.n_train=240",
+    "++data.demo.n_dev=30",
+    "++data.demo.n_test=60",
+    "data.batch_size=32",
+    "data.eval_batch_size=60",
+    "print_config=false",
+]
+
+
+def test_text_tower_masks_padding_and_attends_causally() -> None:
+    torch.manual_seed(0)
+    enc = TransformerTextEncoder(vocab_size=20, embed_dim=8, width=16, layers=2, heads=4).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    lengths = torch.tensor([6, 3])
+    out, lens = enc(ids, lengths)
+    assert out.shape == (2, 6, 8) and lens.tolist() == [6, 3]
+    # padding never changes the valid positions: the short caption alone gives the same tokens
+    alone, _ = enc(ids[1:, :3], lengths[1:])
+    assert torch.allclose(out[1, :3], alone[0], atol=1e-5)
+    # causal: changing the last token leaves every earlier position as it was
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 20
+    out2, _ = enc(changed, lengths)
+    assert torch.allclose(out2[0, :5], out[0, :5], atol=1e-5)
+    assert not torch.allclose(out2[0, 5], out[0, 5])
+    bidir = TransformerTextEncoder(20, 8, width=16, layers=2, heads=4, causal=False).eval()
+    bidir.load_state_dict(enc.state_dict())
+    assert not torch.allclose(bidir(changed, lengths)[0][0, 0], bidir(ids, lengths)[0][0, 0])
+
+
+def test_loss_sweep_is_loss_by_visual_by_text_pooling() -> None:
+    cfg = compose_train("experiment=demo_clip", "+sweep=losses")
+    params = cfg.hydra.sweeper.params
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert str(params["loss"]).split(",") == ["triplet_clip", "infonce", "pcmepp"]
+    for modality in ("visual", "text"):
+        key = f"model/pooling@model.{modality}_pooling"
+        assert str(params[key]).split(",") == ["gpo", "max", "mean"]
+
+
+@pytest.mark.slow
+def test_make_sweep_losses_runs_and_is_reported(tmp_path: Path) -> None:
+    """A 2 losses × 2 visual poolings × 1 text pooling slice of the sweep, debug-sized, then
+    `make report`: one row per configuration, the loss shown beside the poolings."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "loss=infonce,pcmepp",
+        "model/pooling@model.visual_pooling=gpo,max",
+        "model/pooling@model.text_pooling=mean",
+        *TINY_CLIP_DEMO,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    make = ["make", "--no-print-directory", "-C", str(ROOT), f"PY={sys.executable}"]
+    res = subprocess.run(
+        [*make, "sweep", "SWEEP=losses", "EXP=demo_clip", *args],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        seen.add((cfg.loss._target_.split(".")[-1], cfg.model.visual_pooling.name))
+        assert cfg.model.text_pooling.name == "mean"
+    assert seen == {
+        (loss, pool) for loss in ("InfoNCELoss", "PCMEppLoss") for pool in ("gpo", "max")
+    }
+    report = subprocess.run(
+        [*make, "report", f"SWEEP_DIR={sweep}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (sweep / "report" / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| demo_clip")]
+    assert len(rows) == 4
+    for loss in ("infonce", "pcmepp"):
+        assert sum(f"loss={loss}" in r for r in rows) == 2
+
+
+def short_demo(tmp_path: Path, name: str, *overrides: str) -> float:
+    """Test rsum of a demo_clip run on the whole demo data (2,000 training scenes; 500 test images
+    / 2,500 captions) with the given overrides."""
+    run_dir = tmp_path / name
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo_clip",
+        "print_config=false",
+        "trainer.max_epochs=1",
+        *overrides,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["infonce"])  # PCME++: see README (needs 3 epochs)
+def test_demo_clip_learns_far_beyond_its_untrained_model(tmp_path: Path, loss: str) -> None:
+    """A very short demo_clip (its first epoch: 78 steps of 128 pairs) against the same seed's
+    untouched model (one step at lr 1e-12) on the same 500 test images / 2,500 captions.
+    Measured (InfoNCE): 40.28 against 7.32; chance is about 6.4."""
+    untrained = short_demo(
+        tmp_path, "untrained", f"loss={loss}", "optim.lr=1e-12", "trainer.limit_train_batches=1"
+    )
+    trained = short_demo(tmp_path, "trained", f"loss={loss}")
+    print(f"demo_clip loss={loss}: trained rsum {trained:.2f}, untrained {untrained:.2f}")
+    assert trained > 4 * untrained and trained > untrained + 25, (trained, untrained)
