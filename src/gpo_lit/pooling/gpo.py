@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gpo_lit.encoders.gru_cpu import bigru_padded, supports_padded
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
 
@@ -226,7 +227,10 @@ class GPO(Pooling):
         """
         hid = self.d_hidden
         inp, col = self._gru_inputs(sizes, width) if inputs is None else inputs
-        out = self.gru(inp)[0]  # [U+1, width, 2·hid]
+        if supports_padded(self.gru, inp):  # CPU: the same GRU with far fewer autograd ops
+            out = bigru_padded(self.gru, inp, torch.full((inp.shape[0],), width))
+        else:
+            out = self.gru(inp)[0]  # [U+1, width, 2·hid]
         fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
         bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
         return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged
