@@ -86,7 +86,8 @@ class Timed:
     """Their loader, cut after `steps` batches; the time each batch is asked for is kept."""
 
     def __init__(self, loader):
-        self.loader, self.dataset, self.batch_size, self.times = loader, loader.dataset, loader.batch_size, []
+        self.loader, self.dataset, self.batch_size = loader, loader.dataset, loader.batch_size
+        self.times, self.cpu = [], []
 
     def __len__(self):
         return steps
@@ -94,6 +95,7 @@ class Timed:
     def __iter__(self):
         for i, batch in enumerate(self.loader):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             if i == steps:
                 return
             yield batch
@@ -102,35 +104,53 @@ class Timed:
 model = VSEModel(opt)
 timed = Timed(loader)
 train.train(opt, timed, model, 0, None)  # epoch 0: all negatives (vse_mean_warmup_epochs=1)
-t = timed.times
-json.dump({"steps_per_s": (len(t) - 1 - warmup) / (t[-1] - t[warmup])}, open(out, "w"))
+t, c = timed.times, timed.cpu
+n = len(t) - 1 - warmup
+json.dump({"wall": n / (t[-1] - t[warmup]), "cpu": n / (c[-1] - c[warmup])}, open(out, "w"))
 '''
+
+
+def show(who: str, rates: dict[str, float]) -> None:
+    print(
+        f"{who:8s}{rates['wall']:.3f} steps/s, {rates['cpu']:.3f} steps per CPU second "
+        f"({uptime()})",
+        flush=True,
+    )
 
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_authors(src: Path) -> None:
+    """One line and exit status 2 unless ``src`` holds the files of their BiGRU branch that the
+    run uses, each with the text the patches replace."""
+    for need in ("train.py", "arguments.py", "lib/vse.py", "lib/vocab.py"):
+        if not (src / need).is_file():
+            fail(
+                f"--authors {src}: expected a checkout of the BiGRU branch of "
+                f"woodfrog/vse_infty, found no {need}"
+            )
+    for rel, old, _, count in AUTHOR_PATCHES:
+        found = (src / rel).read_text().count(old) if (src / rel).is_file() else 0
+        if found != count:
+            fail(f"--authors {src}: expected {count} x {old!r} in {rel} (bigru), found {found}")
+
+
 def prepare_authors(src: Path, tmp: Path, demo: Path) -> Path:
     """Copy their code into ``tmp/code``, patch it, and lay out the demo files as their loader
     expects (``data_path/precomp/{split}_{ims.npy,caps.txt}``, ``vocab/f30k_precomp_vocab.json``)."""
-    for need in ("train.py", "arguments.py", "lib/vse.py", "lib/vocab.py"):
-        if not (src / need).is_file():
-            sys.exit(
-                f"error: --authors {src}: expected a checkout of the BiGRU branch of "
-                f"woodfrog/vse_infty, found no {need}"
-            )
+    check_authors(src)
     code = tmp / "code"
     shutil.copytree(src, code, ignore=shutil.ignore_patterns(".git", "data", "docs"))
-    for rel, old, new, count in AUTHOR_PATCHES:
+    for rel, old, new, _count in AUTHOR_PATCHES:
         path = code / rel
-        text = path.read_text()
-        if text.count(old) != count:
-            sys.exit(
-                f"error: --authors {src}: expected {count} x {old!r} in {rel} (the BiGRU branch), "
-                f"found {text.count(old)}"
-            )
-        path.write_text(text.replace(old, new))
+        path.write_text(path.read_text().replace(old, new))
     (code / "tensorboard_logger.py").write_text(STUB_TB)
     (code / "driver.py").write_text(AUTHOR_DRIVER)
     data = tmp / "data"
@@ -154,7 +174,7 @@ def build_vocab_json(demo: Path, dest: Path) -> None:
     Vocabulary.build(caps, min_count=4).save(dest)
 
 
-def run_authors(code: Path, tmp: Path, steps: int, warmup: int) -> float:
+def run_authors(code: Path, tmp: Path, steps: int, warmup: int) -> dict[str, float]:
     out = tmp / "authors.json"
     args = [
         *("--data_path", str(tmp / "data"), "--data_name", "f30k_precomp"),
@@ -172,11 +192,13 @@ def run_authors(code: Path, tmp: Path, steps: int, warmup: int) -> float:
         text=True,
     )
     if res.returncode != 0:
-        sys.exit(f"error: the authors' loop failed:\n{res.stderr[-3000:]}")
-    return json.loads(out.read_text())["steps_per_s"]
+        fail(f"the authors' loop failed:\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
-def run_ours(tmp: Path, data_dir: Path, steps: int, warmup: int, extra: list[str]) -> float:
+def run_ours(
+    tmp: Path, data_dir: Path, steps: int, warmup: int, extra: list[str]
+) -> dict[str, float]:
     out = tmp / "ours.json"
     run_dir = Path(tempfile.mkdtemp(prefix="ours_", dir=tmp))
     cmd = [
@@ -195,27 +217,29 @@ def run_ours(tmp: Path, data_dir: Path, steps: int, warmup: int, extra: list[str
     env |= {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        sys.exit(f"error: gpo_lit's training failed:\n{res.stderr[-3000:]}")
-    return json.loads(out.read_text())["steps_per_s"]
+        fail(f"gpo_lit's training failed:\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
 try:  # the timing callback, importable in the training subprocess (bench/ is on its path)
     import pytorch_lightning as pl
 
     class StepTimer(pl.Callback):
-        """Records the time at the end of every training step; writes steps/s after ``warmup``."""
+        """Records wall and CPU time at the end of every step; writes the rates after ``warmup``."""
 
         def __init__(self, out: str, warmup: int) -> None:
-            self.out, self.warmup, self.times = out, warmup, [time.perf_counter()]
+            self.out, self.warmup = out, warmup
+            self.times, self.cpu = [time.perf_counter()], [time.process_time()]
 
         def on_train_batch_end(self, *_args) -> None:
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def on_train_end(self, *_args) -> None:
-            t, w = self.times, self.warmup
-            Path(self.out).write_text(
-                json.dumps({"steps_per_s": (len(t) - 1 - w) / (t[-1] - t[w])})
-            )
+            t, c, w = self.times, self.cpu, self.warmup
+            n = len(t) - 1 - w
+            rates = {"wall": n / (t[-1] - t[w]), "cpu": n / (c[-1] - c[w])}
+            Path(self.out).write_text(json.dumps(rates))
 
 except ImportError:  # pragma: no cover
     pass
@@ -237,6 +261,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.warmup, args.repeats = 3, 1, 1
+    if args.authors is not None:
+        check_authors(args.authors.resolve())
+    total = args.steps + args.warmup
     tmp = Path(tempfile.mkdtemp(prefix="train_throughput_"))
     try:
         from gpo_lit.data.demo import generate_demo
@@ -250,28 +277,30 @@ def main() -> None:
             code = prepare_authors(args.authors.resolve(), tmp, demo)
             build_vocab_json(demo, tmp / "vocab" / "f30k_precomp_vocab.json")
         print(f"load before: {uptime()}")
-        ours, theirs = [], []
+        runs: dict[str, list[dict[str, float]]] = {"ours": [], "authors": []}
         for _ in range(args.repeats):
-            ours.append(
-                run_ours(tmp, data_dir, args.steps + args.warmup, args.warmup, args.overrides)
-            )
-            print(f"OURS    {ours[-1]:.3f} steps/s  ({uptime()})", flush=True)
+            runs["ours"].append(run_ours(tmp, data_dir, total, args.warmup, args.overrides))
+            show("OURS", runs["ours"][-1])
             if code is not None:
-                theirs.append(run_authors(code, tmp, args.steps + args.warmup, args.warmup))
-                print(f"AUTHORS {theirs[-1]:.3f} steps/s  ({uptime()})", flush=True)
-        o = statistics.median(ours)
-        print(
-            f"\nours: {o:.3f} steps/s, demo epoch ({DEMO_STEPS_PER_EPOCH} steps) "
-            f"{DEMO_STEPS_PER_EPOCH / o:.0f} s"
-        )
-        if theirs:
-            a = statistics.median(theirs)
+                runs["authors"].append(run_authors(code, tmp, total, args.warmup))
+                show("AUTHORS", runs["authors"][-1])
+        print()
+        med = {who: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu")}
+               for who, rs in runs.items() if rs}  # fmt: skip
+        for who, m in med.items():
             print(
-                f"authors: {a:.3f} steps/s, demo epoch {DEMO_STEPS_PER_EPOCH / a:.0f} s\n"
-                f"ours / authors: {o / a:.2f}x (target >= 1.5x; per round: "
-                + ", ".join(f"{x / y:.2f}x" for x, y in zip(ours, theirs, strict=True))
-                + ")"
+                f"{who}: {m['wall']:.3f} steps/s, {m['cpu']:.3f} steps per CPU second; demo epoch "
+                f"({DEMO_STEPS_PER_EPOCH} steps) {DEMO_STEPS_PER_EPOCH / m['wall']:.0f} s wall, "
+                f"{DEMO_STEPS_PER_EPOCH / m['cpu']:.0f} s CPU"
             )
+        if "authors" in med:
+            for k, what in (("wall", "steps/s"), ("cpu", "steps per CPU second")):
+                rounds = ", ".join(
+                    f"{o[k] / a[k]:.2f}x"
+                    for o, a in zip(runs["ours"], runs["authors"], strict=True)
+                )
+                ratio = med["ours"][k] / med["authors"][k]
+                print(f"ours / authors, {what}: {ratio:.2f}x (target >= 1.5x; rounds: {rounds})")
         print(f"load after: {uptime()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
