@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -72,6 +73,8 @@ def test_deferred_regions_give_the_same_batches(tmp_path: Path) -> None:
     np.testing.assert_array_equal(split.image(4, keep=keep), feats[4][keep])
     np.testing.assert_array_equal(split.image(4, keep=np.array([5, 0, 0])), feats[4][[5, 0, 0]])
     np.testing.assert_array_equal(split.deferred_image(7).numpy(), feats[7])
+    with pytest.raises(ValueError, match="C-contiguous float32"):  # never a silent temporary
+        split.image_into(0, np.empty((6, 10), dtype=np.float32)[:, ::2])
 
 
 def test_worker_batches_are_built_in_shared_memory(tmp_path: Path) -> None:

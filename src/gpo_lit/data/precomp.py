@@ -289,6 +289,12 @@ class PrecompSplit(CaptionList):
         i = operator.index(i)
         if not 0 <= i < self.n_images:
             raise IndexError(f"image {i} out of range for {self.n_images} images in {self.path}")
+        m = self.n_regions if keep is None else _n_kept(keep)
+        if out.shape != (m, self.feat_dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(
+                f"image_into: expected a C-contiguous float32 {(m, self.feat_dim)} array, found "
+                f"{out.dtype} {out.shape}"
+            )
         row = i * self._stride
         whole = out if keep is None else self._row_buffer()
         _pread_into(
