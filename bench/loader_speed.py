@@ -3,9 +3,13 @@
 Writes an F30K-train-sized feature file (29,000 x 36 x 2048 float32, 8.6 GB; ``--rows`` fewer), then
 loads the same random batches (region dropping p = 0.8, padded with the project's collate) through
 
-- OLD: a copy of the previous reader kept here as the baseline: ``np.load(mmap_mode="r")``, one
-  row copied out of the map, its finiteness checked, the kept regions copied again;
-- NEW: :class:`gpo_lit.data.formats.precomp.PrecompSplit` (``os.preadv`` of the row, kept regions only),
+- OLD: a copy of the previous reader and collate kept here as the baseline:
+  ``np.load(mmap_mode="r")``, one row copied out of the map, its finiteness checked, the kept
+  regions copied again, then a zero-filled batch allocated and each set copied into it;
+- NEW: the training loader's path: :meth:`gpo_lit.data.formats.precomp.PrecompSplit.deferred_image` and
+  :func:`gpo_lit.data.collate.pad_sets`, which reads each row (``os.preadv``) into a reused row
+  buffer and copies the kept regions straight into an uninitialised batch (reused in the main
+  process once nothing holds it; in shared memory inside a worker), zeroing only the padding,
 
 with 0 and 2 workers, each first on a cold page cache (``posix_fadvise(DONTNEED)`` of the file: no
 global cache drop needed) and then hot (the same batches again). It prints batches/s and the bytes
@@ -32,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gpo_lit.data.augment import drop_regions, kept_regions
 from gpo_lit.data.collate import pad_sets
-from gpo_lit.data.formats.precomp import PrecompSplit
+from gpo_lit.data.formats.precomp import PrecompSplit, RegionRead
 from gpo_lit.errors import GpoLitError
 
 
@@ -68,13 +72,22 @@ class NewRows(Dataset):
     def __len__(self) -> int:
         return self.split.n_images
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> RegionRead:
         keep = kept_regions(self.split.n_regions, np.random.default_rng((0, 0, i)), self.p_keep)
-        return torch.from_numpy(self.split.image(i, keep=keep))
+        return self.split.deferred_image(i, keep=keep)
+
+
+def old_pad_sets(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous collate (baseline): a zero-filled new batch, each set copied into it."""
+    lengths = torch.tensor([s.shape[0] for s in sets], dtype=torch.long)
+    out = sets[0].new_zeros(len(sets), int(lengths.max()), *sets[0].shape[1:])
+    for i, s in enumerate(sets):
+        out[i, : s.shape[0]] = s
+    return out, lengths
 
 
 def collate(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_sets(items)
+    return old_pad_sets(items) if isinstance(items[0], torch.Tensor) else pad_sets(items)
 
 
 def write_features(path: Path, shape: tuple[int, int, int], chunk_rows: int = 256) -> None:

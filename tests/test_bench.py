@@ -12,20 +12,27 @@ from helpers import ENV
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # trains five tiny models in a subprocess
-def test_gpu_train_step_smoke() -> None:
+@pytest.mark.slow  # trains tiny models in a subprocess
+def test_gpu_train_step_tiny_on_cpu() -> None:
     res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_train_step.py"), "--smoke"],
+        [sys.executable, str(ROOT / "bench" / "gpu_train_step.py"), "--device", "cpu", "--tiny"],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "ms |" in ln]
-    names = [r.split("|")[1].strip() for r in rows]
-    assert names == ["wsl_fp32", "wsl_bf16", "wsl_bf16_gc", "region_fp32", "region_bf16"]
-    assert all(float(r.split("|")[4]) > 0 for r in rows)  # images/s measured
+    rows = [
+        ln.split("|")[1:-1]
+        for ln in res.stdout.splitlines()
+        if ln.startswith("| ") and " ms |" in ln
+    ]
+    names = [(r[0].strip(), r[1].strip()) for r in rows]
+    settings = ["wsl_fp32", "wsl_bf16", "wsl_bf16_gc", "region_fp32", "region_bf16"]
+    assert names == [(s, p) for s in settings for p in ("gpo", "max")]
+    assert all(float(r[4]) > 0 for r in rows)  # images/s measured
+    shares = [float(r[6].strip().rstrip("%")) for r in rows]
+    assert all(x >= 0 for x in shares)  # the pooling's share of the step, measured
 
 
 @pytest.mark.slow  # ~20 s on a loaded 2-core machine (worker processes)
@@ -86,3 +93,60 @@ def test_pooling_speed_smoke() -> None:
     # Saved-for-backward bytes: max keeps about its (masked) input; GPO more than max.
     assert float(max_mem) >= 1.0 and float(gpo_mem) > float(max_mem)
     assert "load average" in res.stdout
+
+
+@pytest.mark.slow  # one short training run in a subprocess (~30 s on a loaded 2-core machine)
+def test_train_throughput_smoke() -> None:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--smoke"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("ours:"))
+    assert float(line.split()[1]) > 0  # steps/s measured
+    assert "load before:" in res.stdout and "load after:" in res.stdout
+
+
+def test_train_throughput_refuses_a_folder_that_is_not_their_code(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("")
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--authors", str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"error: --authors {tmp_path}: expected a checkout")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_throughput_patches_match_the_released_bigru_code(tmp_path: Path) -> None:
+    """The patches apply to a tree with the released code's lines (the bench checks the same
+    counts against a real checkout); the patched lines no longer call CUDA unguarded."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.pop(0)
+    src = tmp_path / "their"
+    for rel, old, _, count in tt.AUTHOR_PATCHES:
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(old * count + "\n")
+    for need in ("train.py", "arguments.py", "lib/vocab.py"):
+        (src / need).touch()
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    code = tt.prepare_authors(src, work, demo)
+    vse = (code / "lib/vse.py").read_text()
+    assert "torch.Tensor(lengths).cuda() if torch.cuda.is_available()" in vse
+    assert "import cv2" not in (code / "lib/datasets/image_caption.py").read_text()
+    assert (code / "tensorboard_logger.py").is_file() and (code / "driver.py").is_file()
+    assert (work / "data/precomp/train_ims.npy").is_symlink()

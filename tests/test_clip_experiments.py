@@ -52,7 +52,7 @@ def test_clip_experiments_follow_pcmepp_recipe(name: str) -> None:
         "dev",
         "testall",
     )
-    assert d.reader._target_ == "gpo_lit.data.images.ImageSplit"
+    assert d.reader._target_ == "gpo_lit.data.formats.images.ImageSplit"
     assert (d.reader.image_size, d.reader.crop_min_ratio, d.reader.hflip_p) == (224, 0.6, 0.5)
     assert (list(d.reader.mean), list(d.reader.std)) == IMAGENET
     assert (d.batch_size, d.val_max_images) == (128, 1000)

@@ -241,7 +241,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
         assert self.tokenizer is not None, "set_tokenizer() first"  # for the type checker
         dataset = PairDataset(
-            split, self.tokenizer, self.augment, self.seed, caption_map=self.train_caption_map
+            split,
+            self.tokenizer,
+            self.augment,
+            self.seed,
+            caption_map=self.train_caption_map,
+            deferred=True,  # regions read by the collate straight into the batch
         )
         if self.train_caption_map is not None:
             for logger in trainer_loggers(self):  # stored with the run (metrics.csv, W&B)

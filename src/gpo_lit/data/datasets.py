@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from gpo_lit.data.augment import drop_regions, kept_regions, perturb_words
 from gpo_lit.data.formats.base import SplitReader
-from gpo_lit.data.formats.precomp import PrecompSplit
+from gpo_lit.data.formats.precomp import PrecompSplit, RegionRead
 from gpo_lit.data.tokenize import CaptionTokenizer
 
 
@@ -46,6 +46,8 @@ class PairDataset(Dataset):
     augmentation RNG is seeded by ``(seed, epoch, index)`` so workers and resumed runs agree.
     ``caption_map`` (noisy correspondences, ``gpo_lit.data.noise``) shows caption
     ``caption_map[j]`` at slot j, with slot j's image; None = every caption with its own image.
+    ``deferred``: precomp regions come as a :class:`gpo_lit.data.formats.precomp.RegionRead`, read by
+    the collate straight into the batch (the training loader); False = a tensor per item.
     """
 
     def __init__(
@@ -55,9 +57,11 @@ class PairDataset(Dataset):
         augment: Augment,
         seed: int = 0,
         caption_map: np.ndarray | None = None,
+        deferred: bool = False,
     ) -> None:
         self.split = split
         self.caption_map = caption_map
+        self.deferred = deferred
         self.tokenizer = tokenizer
         self.augment = augment
         self.seed = seed
@@ -77,7 +81,10 @@ class PairDataset(Dataset):
         if drop and train_image is None and isinstance(self.split, PrecompSplit):
             # the same draws as drop_regions, but only the kept regions are copied out
             keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)  # type: ignore[arg-type]
-            feats = self.split.image(image, keep=keep)
+            if self.deferred:
+                feats = self.split.deferred_image(image, keep=keep)
+            else:
+                feats = self.split.image(image, keep=keep)
         else:
             feats = train_image(image, rng) if train_image is not None else self.split.image(image)
             if drop:
@@ -98,7 +105,8 @@ class PairDataset(Dataset):
                 p_random=aug.word_random_prob,
                 perturb_specials=self.perturb_specials,
             )
-        return {"img": torch.from_numpy(feats), "cap": ids, "img_idx": image, "cap_idx": index}
+        img = feats if isinstance(feats, RegionRead) else torch.from_numpy(feats)
+        return {"img": img, "cap": ids, "img_idx": image, "cap_idx": index}
 
 
 class ImageDataset(Dataset):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gpo_lit.encoders.gru_cpu import bigru_padded, supports_padded
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
 
@@ -124,7 +125,13 @@ class GPO(Pooling):
     """
 
     def __init__(
-        self, *, dim: int, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1
+        self,
+        *,
+        dim: int,
+        d_pe: int = 32,
+        d_hidden: int = 32,
+        temperature: float = 0.1,
+        cpu_recurrence: bool = False,
     ) -> None:
         super().__init__(dim=dim)
         expect(
@@ -138,6 +145,7 @@ class GPO(Pooling):
         self.d_pe = d_pe
         self.d_hidden = d_hidden
         self.temperature = float(temperature)
+        self.cpu_recurrence = bool(cpu_recurrence)  # the generator's GRU via encoders.gru_cpu
         # Names match the authors' checkpoints: gpool.gru.*, gpool.linear.weight.
         self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
@@ -226,7 +234,12 @@ class GPO(Pooling):
         """
         hid = self.d_hidden
         inp, col = self._gru_inputs(sizes, width) if inputs is None else inputs
-        out = self.gru(inp)[0]  # [U+1, width, 2·hid]
+        if self.cpu_recurrence and supports_padded(
+            self.gru, inp
+        ):  # CPU: the same GRU with far fewer autograd ops
+            out = bigru_padded(self.gru, inp, torch.full((inp.shape[0],), width))
+        else:
+            out = self.gru(inp)[0]  # [U+1, width, 2·hid]
         fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
         bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
         return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged

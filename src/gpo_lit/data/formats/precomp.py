@@ -46,6 +46,12 @@ def is_repeated(ids: Sequence[str]) -> bool:
     return len(ids) % REPEAT == 0 and all(ids[r] == ids[r - r % REPEAT] for r in range(len(ids)))
 
 
+def _n_kept(keep: np.ndarray) -> int:
+    """Rows a region selection (bool mask or indices) keeps."""
+    keep = np.asarray(keep)
+    return int(np.count_nonzero(keep)) if keep.dtype == np.bool_ else len(keep)
+
+
 class PrecompSplit(ReaderBase):
     """One split of a SCAN precomp folder: unique images, their captions and the caption->image map.
 
@@ -105,6 +111,8 @@ class PrecompSplit(ReaderBase):
 
         self._fd: int | None = None  # the feature file, opened lazily per process
         self._fd_pid = -1
+        self._scratch: np.ndarray | None = None  # see _row_buffer
+        self._scratch_pid = -1
         if repeated_images is None:
             repeated = rows == n_caps and rows % REPEAT == 0 and self._looks_repeated(ids, rows)
         else:
@@ -179,11 +187,48 @@ class PrecompSplit(ReaderBase):
 
         The finiteness check covers the whole row, dropped regions too (as before dropping).
         """
+        m = self.n_regions if keep is None else _n_kept(keep)
+        out = np.empty((m, self.feat_dim), dtype=np.float32)
+        self.image_into(i, out, keep)
+        return out
+
+    def image_into(self, i: int, out: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Write :meth:`image` ``(i, keep)`` into ``out`` (C-contiguous float32 ``[M, D]``, e.g. a
+        batch's slot): the whole row is read straight into ``out``, or, with ``keep``, into a
+        reused per-process row buffer and the kept regions copied out (no new array either way).
+        """
         row = self._item_index(i) * self._stride
-        x = self.read_rows((row,))
+        m = self.n_regions if keep is None else _n_kept(keep)
+        if out.shape != (m, self.feat_dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(
+                f"image_into: expected a C-contiguous float32 {(m, self.feat_dim)} array, found "
+                f"{out.dtype} {out.shape}"
+            )
+        whole = out if keep is None else self._row_buffer()
+        pread_into(
+            self._file(), whole.reshape(-1).view(np.uint8), self._offset + row * self._row_bytes,
+            self.path,
+        )  # fmt: skip
         if self.check_finite:
-            self._expect_finite(x, row)
-        return x[0] if keep is None else x[0][keep]
+            self._expect_finite(whole[None], row)
+        if keep is not None:
+            keep = np.asarray(keep)
+            if keep.dtype == np.bool_:
+                np.compress(keep, whole, axis=0, out=out)
+            else:
+                np.take(whole, keep, axis=0, out=out)
+
+    def _row_buffer(self) -> np.ndarray:
+        """A ``[R, D]`` float32 scratch row of this process (reused: no page faults per item)."""
+        if self._scratch is None or self._scratch_pid != os.getpid():
+            self._scratch = np.empty((self.n_regions, self.feat_dim), dtype=np.float32)
+            self._scratch_pid = os.getpid()
+        return self._scratch
+
+    def deferred_image(self, i: int, keep: np.ndarray | None = None) -> RegionRead:
+        """:meth:`image` ``(i, keep)`` as a :class:`RegionRead`: read when the batch is padded,
+        straight into its slot (``gpo_lit.data.collate.pad_sets``)."""
+        return RegionRead(self, self._item_index(i), keep)
 
     def _expect_finite(self, rows: np.ndarray, first_row: int) -> None:
         """One line naming the first row of ``rows`` (``[n, R, D]``, file rows ``first_row``,
@@ -220,6 +265,7 @@ class PrecompSplit(ReaderBase):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fd"], state["_fd_pid"] = None, -1  # each process opens the file itself
+        state["_scratch"], state["_scratch_pid"] = None, -1
         return state
 
     def close(self) -> None:
@@ -261,3 +307,23 @@ def write_precomp_split(
     write_atomic(root / f"{split}_caps.txt", lines_bytes(captions))
     if ids is not None:
         write_atomic(root / f"{split}_ids.txt", lines_bytes(ids))
+
+
+class RegionRead:
+    """Image ``image``'s regions (those ``keep`` selects), not read yet: ``shape`` ``(M, D)``,
+    ``dtype`` float32, and :meth:`read_into` writes them into a batch's ``[M, D]`` slot. Lets the
+    collate assemble a batch with one copy out of the page cache and no per-item array."""
+
+    __slots__ = ("image", "keep", "shape", "split")
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, split: PrecompSplit, image: int, keep: np.ndarray | None) -> None:
+        m = split.n_regions if keep is None else _n_kept(keep)
+        self.split, self.image, self.keep, self.shape = split, image, keep, (m, split.feat_dim)
+
+    def read_into(self, out: np.ndarray) -> None:
+        self.split.image_into(self.image, out, self.keep)
+
+    def numpy(self) -> np.ndarray:
+        """The regions as a new array (what :meth:`PrecompSplit.image` returns)."""
+        return self.split.image(self.image, self.keep)
