@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.gru_scan import bigru_states
 
 
 def positional_encoding(
@@ -240,7 +241,10 @@ class GPO(Pooling):
         """
         hid = self.d_hidden
         inp, col = self._gru_inputs(sizes, width) if inputs is None else inputs
-        out = self.gru(inp)[0]  # [U+1, width, 2·hid]
+        if inp.device.type == "cpu" and inp.dtype in (torch.float32, torch.float64):
+            out = bigru_states(self.gru, inp)  # [U+1, width, 2·hid]; a cheap backward
+        else:
+            out = self.gru(inp)[0]  # cuDNN on GPUs
         fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
         bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
         return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged
