@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, valid_mask
 from gpo_lit.pooling.gru_scan import bigru_states
 
 
@@ -282,11 +282,6 @@ class GPO(Pooling):
                 return self._cached_table(n)[n - 1, :n]
             return self._theta_rows(torch.tensor([n]), n)[0]
 
-    @staticmethod
-    def _host_lengths(lengths: Tensor) -> Tensor | None:
-        """``lengths`` if reading them costs no device sync (they are on the CPU), else None."""
-        return lengths if lengths.device.type == "cpu" else None
-
     def _batch_theta(
         self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
     ) -> tuple[Tensor, int]:
@@ -302,30 +297,32 @@ class GPO(Pooling):
         return self._theta_table(n).to(device)[lengths - 1], n
 
     # ---- pooling --------------------------------------------------------------------------------
-    def forward(
-        self, x: Tensor, lengths: Tensor, return_weights: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
-        ``return_weights`` also ``θ [B, N]`` (``theta_dtype()``, zero on padding).
+    # Pooling.forward checks the inputs (lengths range-checked when they are on the CPU; on an
+    # accelerator they are trusted: checking would cost a host sync), builds the mask, turns
+    # autocast off (a 0.1 temperature and -inf masks are not fp16-safe) and casts back.
+    def _weights_shape(self, b: int, n: int) -> tuple[int, ...]:
+        return (b, n)  # θ [B, N]
 
-        Lengths are range-checked when they are on the CPU; on an accelerator they are trusted
-        (checking would cost a host sync).
-        """
-        host = self._host_lengths(lengths)
-        lengths = check_inputs(x, lengths, "gpo pooling")
+    def _pool_theta(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor, int]:
+        """Pooled ``[B, D]``, ``θ [B, width, …]`` and ``width`` (ranks past it are padding for
+        every set) of a non-empty batch."""
+        theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
+        valid = mask.valid[:, :width].unsqueeze(-1)  # [B, width, 1]
+        return sorted_weighted_sum(x[:, :width], theta.to(x.dtype), valid), theta, width
+
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, x.shape[2])
+        return self._pool_theta(x, mask)[0]
+
+    def pool_weights(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor]:
+        """Pooled ``[B, D]`` and ``θ [B, N]`` (``theta_dtype()``, zero on padding)."""
         b, n, d = x.shape
         if b == 0:
-            empty = x.new_zeros(0, d)
-            return (empty, x.new_zeros(0, n, dtype=self.theta_dtype())) if return_weights else empty
-        # fp32 (fp64) throughout: a 0.1 temperature and -inf masks are not fp16-safe.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            theta, width = self._batch_theta(lengths, host, n, x.device)
-            valid = valid_mask(lengths, width).unsqueeze(-1)  # [B, width, 1]
-            work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
-            pooled = sorted_weighted_sum(x[:, :width], theta.to(work), valid)
-            pooled = pooled.to(x.dtype)
-        if not return_weights:
-            return pooled
-        if width < n:
-            theta = nn.functional.pad(theta, (0, n - width))
+            return x.new_zeros(0, d), x.new_zeros(
+                self._weights_shape(0, n), dtype=self.theta_dtype()
+            )
+        pooled, theta, width = self._pool_theta(x, mask)
+        if width < n:  # pad the rank axis (dim 1) back to N
+            theta = nn.functional.pad(theta, (0, 0) * (theta.dim() - 2) + (0, n - width))
         return pooled, theta
