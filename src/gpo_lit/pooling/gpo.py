@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, valid_mask
-from gpo_lit.pooling.gru_scan import bigru_states
+from gpo_lit.pooling.gru_scan import bigru_states, one_thread
 
 
 def positional_encoding(
@@ -36,46 +36,41 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
-_KEY_ROWS = 2048  # rows per block of packed keys: [2048, N] int64 stays in cache for N <= 256
-_SIGN_FLIP = 0x7FFFFFFF << 32  # high word of a key: the value bits, made to order as signed ints
+_KEY_BLOCK = 1 << 22  # keys per block (32 MiB of float64): few ops per call, bounded transient
+_PAD_KEY = -(2.0**1000)  # below every float32, finite, low bits zero: padding sorts first
 
 
-def _sort_rows_packed_(a: Tensor, idx: Tensor) -> None:
-    """Sort each row of float32 ``a [R, N]`` ascending in place and write where each value came
-    from into ``idx [R, N]`` (its narrow dtype), with ONE values-only sort: every entry becomes an
-    int64 key ``(order-preserving int32 of the value) << 32 | position``, so sorting the keys sorts
-    the values and carries their positions (ties by position, as a stable argsort). A numpy int64
-    sort of short rows costs a fraction of an argsort; blocks of rows keep the keys in cache."""
-    r, n = a.shape
+def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
+    over its first ``lengths[b]`` elements, the padding first as 0: the values ``[B, D, N]``
+    float32 and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
+    N = 32768, kept for backward).
+
+    ONE values-only sort, no argsort: each value becomes a float64 key (exact, its low 29 mantissa
+    bits zero) with its position written into those low bits, which moves it by less than half a
+    float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
+    interchangeable) and carries the positions; rounding a key back to float32 gives the value
+    exactly. A numpy sort of short rows costs a fraction of an argsort, and the whole step is a
+    handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
+    region). A non-finite valid value comes back NaN (inf with position bits is NaN).
+    """
+    b, n, d = x.shape
+    out = torch.empty(b, d, n, dtype=torch.float32)
+    idx = torch.empty(b, d, n, dtype=_index_dtype(n))
     pos = torch.arange(n, dtype=torch.int64)
-    for r0 in range(0, r, _KEY_ROWS):
-        blk = a[r0 : r0 + _KEY_ROWS]
-        key = blk.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
-        # Negative floats order backwards as ints: flip their magnitude bits (not the sign).
-        key.bitwise_xor_(key.bitwise_right_shift(63).bitwise_and_(_SIGN_FLIP)).bitwise_or_(pos)
-        key.numpy().sort(axis=-1)
-        idx[r0 : r0 + _KEY_ROWS] = key  # the low bits: the position
-        key.bitwise_right_shift_(32)
-        key.bitwise_xor_(key.bitwise_right_shift(63).bitwise_and_(0x7FFFFFFF))
-        blk.view(torch.int32).copy_(key)
-
-
-def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort ``xt [B, D, N]`` ascending along N, in place where it can: the values ``[B, D, N]``
-    and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
-    N = 32768: a quarter of int64's bytes, kept for backward).
-
-    float32 on the CPU: one values-only sort of packed keys (``_sort_rows_packed_``), several
-    times faster than ``torch.sort`` or an argsort on many short rows; float64 and accelerators
-    use ``torch.sort``. ``xt`` must be contiguous."""
-    b, d, n = xt.shape
-    idt = _index_dtype(n)
-    if xt.device.type != "cpu" or xt.dtype != torch.float32 or b * d * n == 0 or n >= 2**31:
-        vals, idx = xt.sort(dim=-1)
-        return vals, idx.to(idt)
-    idx = torch.empty(b, d, n, dtype=idt)
-    _sort_rows_packed_(xt.view(b * d, n), idx.view(b * d, n))
-    return xt, idx
+    step = max(1, _KEY_BLOCK // max(1, n * d))
+    for b0 in range(0, b, step):
+        key = torch.empty(min(step, b - b0), d, n, dtype=torch.float64)
+        key.copy_(x[b0 : b0 + step].transpose(1, 2))  # transpose + widen in one pass
+        for i, m in enumerate(lengths[b0 : b0 + step]):  # padding is a tail: slices, no mask
+            key[i, :, m:] = _PAD_KEY
+        bits = key.view(torch.int64).bitwise_or_(pos)
+        key.numpy().reshape(-1, n).sort(axis=-1)  # as float64: ordered by value
+        idx[b0 : b0 + step].copy_(bits)  # the low bits: the position
+        out[b0 : b0 + step].copy_(key)  # round to nearest: the value; padding -> -inf
+        for i, m in enumerate(lengths[b0 : b0 + step]):
+            out[b0 + i, :, : n - m] = 0.0  # padding, now in front (0 · -inf would be NaN)
+    return out, idx
 
 
 class _SortedWeightedSum(torch.autograd.Function):
@@ -85,18 +80,22 @@ class _SortedWeightedSum(torch.autograd.Function):
     Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
     θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
     ever flipped. Keeps for backward the sorted values and the sort positions in int16
-    (``sort_ascending_``): 1.5x the bytes of an fp32 input. The backward is one scatter.
+    (``sort_packed``): 1.5x the bytes of an fp32 input. The backward is one scatter.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
         pad = ~valid.transpose(1, 2)  # [B, 1, N]
-        # One pass: cast to the working dtype and transpose into a fresh [B, D, N] buffer.
-        xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
         ctx.x_dtype = x.dtype
-        xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
-        # Padding now sits in front, at positions < N - length; zero it (0 · -inf would be NaN).
-        xs.masked_fill_(pad.flip(-1), 0.0)
+        b, n, d = x.shape
+        if x.device.type == "cpu" and theta.dtype == torch.float32 and 0 < n <= 2**16 and b * d:
+            xs, idx = sort_packed(x, valid.sum(dim=1).squeeze(1).tolist())
+        else:  # float64 θ, accelerators: torch.sort of a [B, D, N] copy in θ's dtype
+            xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format)
+            xs, idx = xt.masked_fill(pad, float("-inf")).sort(dim=-1)
+            idx = idx.to(_index_dtype(n))
+            # Padding now sits in front, at positions < N - length; zero it (0 · -inf is NaN).
+            xs.masked_fill_(pad.flip(-1), 0.0)
         theta_rev = theta.flip(-1)  # [B, N]: weight of ascending position j
         ctx.save_for_backward(xs, idx, theta_rev)
         return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
@@ -117,7 +116,7 @@ class _SortedWeightedSum(torch.autograd.Function):
 
 def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
     """GPO's pooling step. ``x [B, N, D]``, ``theta [B, N]`` (zero past each length), ``valid``
-    bool ``[B, N, 1]`` -> ``[B, D]``: each dimension sorted descending over the valid elements,
+    bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension sorted descending over the valid elements,
     weighted by ``theta`` per rank. Padding content never reaches the output or the gradients."""
     return _SortedWeightedSum.apply(x, theta, valid)
 
@@ -290,6 +289,13 @@ class GPO(Pooling):
         the lengths are on the CPU (no sync); else the all-sizes table, indexed on the device."""
         if self._use_cache():
             return self._cached_table(n)[lengths - 1, :n].to(device), n
+        with one_thread(self.linear.weight.device):  # hundreds of tiny ops
+            return self._fresh_theta(lengths, host, n, device)
+
+    def _fresh_theta(
+        self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
+    ) -> tuple[Tensor, int]:
+        """``_batch_theta`` through the generator (no cache)."""
         if host is not None:
             uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
             width = int(uniq[-1])  # the longest set
