@@ -41,6 +41,7 @@ from gpo_lit.metrics.prepared import (  # re-exported: the ranker's inputs
     check_ties,
     prepare_embeddings,
 )
+from gpo_lit.threads import one_thread
 
 SHARD_BYTES = 256 * 2**20  # cap on one shard's buffers (similarities + two bool masks)
 
@@ -191,35 +192,36 @@ def ranks_from_prepared(
     for s0 in range(0, n_img, shard_size):
         s1 = min(s0 + shard_size, n_img)
         sims = torch.mm(img[s0:s1], cap.T, out=sims_buf[: s1 - s0])  # the only similarities
-        js = order[ptr[s0] : ptr[s1]]
-        rows = cap2img[js] - s0
-        gt_vals = sims[rows, js]
-        g[js] = gt_vals
-        best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
-        best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
-        i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
-        if beats is torch.ge:  # the image's GT captions equal to its best are not against it
-            at_best = (gt_vals == best[rows]).long()
-            i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
-        if not single_pass:
-            continue
+        with one_thread(dev):  # memory-bound counting: fewer parallel regions
+            js = order[ptr[s0] : ptr[s1]]
+            rows = cap2img[js] - s0
+            gt_vals = sims[rows, js]
+            g[js] = gt_vals
+            best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
+            best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
+            i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
+            if beats is torch.ge:  # the image's GT captions equal to its best are not against it
+                at_best = (gt_vals == best[rows]).long()
+                i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
+            if not single_pass:
+                continue
 
-        above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
-        # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
-        # themselves (in the band by design, never counted against themselves); rare, kept as
-        # (col, value). Entries above it beat g under either tie rule, those below it neither.
-        band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
-        band.sub_(above.view(torch.uint8))
-        band.view(-1)[rows * n_cap + js] = 0
-        t2i += _count_true_(above, dim=0)
-        flat = _flat_nonzero(band, budget - n_pend)
-        if flat is None or n_pend + flat.numel() > budget:
-            # Massive near-ties: bound the memory, recount those columns later.
-            recount |= band.view(torch.bool).any(dim=0)
-        elif flat.numel():
-            pend_cols.append(flat % n_cap)
-            pend_vals.append(sims.view(-1)[flat])
-            n_pend += flat.numel()
+            above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
+            # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
+            # themselves (in the band by design, never counted against themselves); rare, kept as
+            # (col, value). Entries above it beat g under either tie rule, those below it neither.
+            band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
+            band.sub_(above.view(torch.uint8))
+            band.view(-1)[rows * n_cap + js] = 0
+            t2i += _count_true_(above, dim=0)
+            flat = _flat_nonzero(band, budget - n_pend)
+            if flat is None or n_pend + flat.numel() > budget:
+                # Massive near-ties: bound the memory, recount those columns later.
+                recount |= band.view(torch.bool).any(dim=0)
+            elif flat.numel():
+                pend_cols.append(flat % n_cap)
+                pend_vals.append(sims.view(-1)[flat])
+                n_pend += flat.numel()
 
     if single_pass:
         if pend_cols:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from gpo_lit.errors import expect
 from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, valid_mask
-from gpo_lit.pooling.gru_scan import bigru_states, one_thread
+from gpo_lit.pooling.gru_scan import bigru_states
+from gpo_lit.threads import one_thread
 
 
 def positional_encoding(

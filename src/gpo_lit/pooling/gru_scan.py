@@ -10,28 +10,10 @@ GRU's analytic gradients plus one matmul for the recurrent weights. Same gate eq
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
-
-@contextmanager
-def one_thread(device: torch.device) -> Iterator[None]:
-    """Run a stretch of tiny CPU ops on one intra-op thread. Each multi-threaded call (even a
-    32x96 matmul goes to the BLAS's threads) is a parallel region whose threads must all be
-    scheduled; on a busy machine that costs milliseconds per call, more than the work, and the
-    generator makes hundreds of such calls. A no-op off the CPU or at one thread already."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from gpo_lit.threads import one_thread
 
 
 class _GRUScan(torch.autograd.Function):
