@@ -6,6 +6,7 @@ Every operator reduces a padded set ``x [B, N, D]`` with ``lengths [B]`` (valid 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,15 +68,14 @@ class Pooling(nn.Module):
         lengths = check_inputs(x, lengths, f"{self.name} pooling")
         valid = valid_mask(lengths, x.shape[1])
         mask = SetMask(lengths, valid, ~valid.unsqueeze(-1), host)
-        if not self.fp32:
-            out = self.pool_weights(x, mask) if return_weights else self.pool(x, mask)
-        else:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                xw = x.to(work_dtype(x.dtype))
-                out = self.pool_weights(xw, mask) if return_weights else self.pool(xw, mask)
-        if return_weights:
-            return out[0].to(x.dtype), out[1]
-        return out.to(x.dtype)
+        # fp32 = False: autocast left as the caller set it.
+        off = torch.autocast(device_type=x.device.type, enabled=False)
+        with off if self.fp32 else contextlib.nullcontext():
+            xw = x.to(work_dtype(x.dtype)) if self.fp32 else x
+            if return_weights:
+                pooled, weights = self.pool_weights(xw, mask)
+                return pooled.to(x.dtype), weights
+            return self.pool(xw, mask).to(x.dtype)
 
     @staticmethod
     def _host_lengths(lengths: Tensor) -> Tensor | None:

@@ -81,10 +81,10 @@ def bigru_states(gru: nn.GRU, inp: Tensor) -> Tensor:
     """``gru(inp)[0]`` for a 1-layer bidirectional batch-first ``nn.GRU``: ``inp [R, T, d_in]``
     -> ``[R, T, 2H]`` (forward states, then reverse states), differentiable in the GRU's weights
     (and ``inp``)."""
-    w_ih = torch.stack([gru.weight_ih_l0, gru.weight_ih_l0_reverse])  # [2, 3H, d_in]
-    b_ih = torch.stack([gru.bias_ih_l0, gru.bias_ih_l0_reverse])
-    w_hh = torch.stack([gru.weight_hh_l0, gru.weight_hh_l0_reverse])
-    b_hh = torch.stack([gru.bias_hh_l0, gru.bias_hh_l0_reverse])
+    w_ih, b_ih, w_hh, b_hh = (
+        torch.stack([gru.get_parameter(f"{name}_l0"), gru.get_parameter(f"{name}_l0_reverse")])
+        for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+    )  # [2, 3H, d_in], [2, 3H], [2, 3H, H], [2, 3H]: the two directions stacked
     seq = inp.transpose(0, 1)  # [T, R, d_in], step order of the forward direction
     both = torch.stack([seq, seq.flip(0)], dim=1)  # [T, 2, R, d_in]: the reverse one backwards
     gi = torch.einsum("tsrd,sgd->tsrg", both, w_ih) + b_ih.unsqueeze(1)  # [T, 2, R, 3H]

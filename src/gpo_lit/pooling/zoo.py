@@ -82,7 +82,7 @@ class GeMPooling(Pooling):
         """The current exponent (a 0-d tensor)."""
         if self.learnable:
             return 1 + (self.p_max - 1) * torch.sigmoid(self.raw_p)
-        return self.fixed_p
+        return self.get_buffer("fixed_p")
 
     def extra_repr(self) -> str:
         return (
