@@ -362,11 +362,10 @@ def main() -> None:
         f"(random data: rsum {m['rsum']:.2f}, i2t_r1 {m['i2t_r1']:.2f}, t2i_r1 {m['t2i_r1']:.2f})"
     )
     if not args.no_large and not args.child:
-        big = [*sys.argv[1:], "--n-img", str(5 * n_img), "--per-image", str(5 * args.per_image)]
-        r = child_report("large", big)
+        r = child_report("large", [*sys.argv[1:], "--n-img", str(5 * n_img)])
         above = r["peak_bytes"] / MIB
         print(
-            f"(e) retrieval_ranks on {5 * n_img} images x {5 * n_img * 5 * args.per_image} "
+            f"(e) retrieval_ranks on {5 * n_img} images x {5 * n_cap} "
             f"captions: {r['wall_s']:.1f} s wall, peak {above:.0f} MiB above its "
             f"{r['input_bytes'] / MIB:.0f} MiB of inputs (target: within 1024 MiB), load average "
             f"{os.getloadavg()[0]:.1f}"
