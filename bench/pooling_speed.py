@@ -142,9 +142,9 @@ def main() -> None:
     print(f"device={device} D={d} keep={args.keep} load average (1, 5, 15 min) at start: {load}")
     gpu = " max GPU ms | gpo GPU ms |" if device.type == "cuda" else ""
     print(
-        "| threads | B | N | max ms | gpo ms | gpo/max | gpo/max CPU time |"
+        "| threads | B | N | max ms | gpo ms | gpo/max |"
         + gpu
-        + " saved/input max | saved/input gpo | distinct lengths | repeats |"
+        + " saved/input max | saved/input gpo | distinct lengths | repeats | gpo/max CPU time |"
     )
     print("|" + "---|" * (11 + (2 if gpu else 0)))
     worst = worst_cpu = 0.0
@@ -163,8 +163,8 @@ def main() -> None:
                 g = f" {r['max_gpu_ms']:.2f} | {r['gpo_gpu_ms']:.2f} |" if gpu else ""
                 print(
                     f"| {threads} | {b} | {n} | {r['max_ms']:.2f} | {r['gpo_ms']:.2f} | "
-                    f"{ratio:.2f}x | {cpu_ratio:.2f}x |{g} {r['max_mem']:.2f} | {r['gpo_mem']:.2f} | "
-                    f"{r['distinct']:.0f} | {r['repeats']} |",
+                    f"{ratio:.2f}x |{g} {r['max_mem']:.2f} | {r['gpo_mem']:.2f} | "
+                    f"{r['distinct']:.0f} | {r['repeats']} | {cpu_ratio:.2f}x |",
                     flush=True,
                 )
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
