@@ -10,11 +10,13 @@ fixed seed). Side by side in one run:
   (d) the whole COCO-5K evaluation, ``evaluate_protocols(..., [coco_1k, coco_5k, eccv, cxc])``:
       R@K of both protocols plus top-500 lists scored by eccv-caption (images and captions get
       the package's COCO test ids; only at the default sizes, and when eccv-caption is installed).
+  (e) memory at scale: ``retrieval_ranks`` on 25,000 images × 125,000 captions (the full matrix
+      would be 12 GB) in a fresh subprocess, peak RSS above its inputs (target: within 1 GB).
 Times are the min (and median) over interleaved repeats, wall clock and process CPU time (the
 latter is less sensitive to other jobs on a shared machine). Peak memory is measured once per
 method in a fresh subprocess (see the printed method). Also checks ours == naive on the subset.
 
-Usage: ``python bench/eval_speed.py [--device cuda] [--repeats 3] [--threads N]``.
+Usage: ``python bench/eval_speed.py [--device cuda] [--repeats 3] [--threads N] [--no-large]``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def coco_ids(n_img: int, per_image: int):
 
 def run_whole_coco(img, cap, cap2img, shard_size: int, ids) -> dict[str, dict[str, float]]:
     protocols = ["coco_1k", "coco_5k", "eccv", "cxc"]
-    out = evaluate_protocols(img, cap, cap2img, protocols, shard_size, ids)
+    out = evaluate_protocols(img, cap, cap2img, protocols, shard_size, coco_ids=ids)
     sync(img.device)
     return out
 
@@ -146,6 +148,10 @@ def child(args: argparse.Namespace) -> None:
         gpu_base = torch.cuda.memory_allocated(device)
     if args.child == "matmul":
         run_matmul(img, cap)
+    elif args.child == "large":
+        t0 = time.perf_counter()
+        retrieval_ranks(img, cap, cap2img, args.shard_size)
+        wall = time.perf_counter() - t0
     elif args.child == "ours":
         run_ours(img, cap, cap2img, args.shard_size)
     else:
@@ -160,10 +166,16 @@ def child(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device) - gpu_base
     else:
         peak = peak_rss_bytes() - rss_base
-    print(json.dumps({"peak_bytes": peak}))
+    inputs = sum(t.numel() * t.element_size() for t in (img, cap, cap2img))
+    extra = {"wall_s": wall} if args.child == "large" else {}
+    print(json.dumps({"peak_bytes": peak, "input_bytes": inputs, **extra}))
 
 
 def peak_in_subprocess(method: str, argv: list[str]) -> float:
+    return child_report(method, argv)["peak_bytes"] / MIB
+
+
+def child_report(method: str, argv: list[str]) -> dict[str, float]:
     src = str(Path(gpo_lit.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -173,7 +185,7 @@ def peak_in_subprocess(method: str, argv: list[str]) -> float:
         env=env,
         check=True,
     )
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"] / MIB
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, device: torch.device) -> tuple[float, float]:
@@ -197,6 +209,9 @@ def main() -> None:
     ap.add_argument("--naive-img", type=int, default=500, help="image queries timed naively")
     ap.add_argument("--naive-cap", type=int, default=2500, help="caption queries timed naively")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument(
+        "--no-large", action="store_true", help="skip (e), 25K images x 125K captions (minutes)"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -346,6 +361,15 @@ def main() -> None:
     print(
         f"(random data: rsum {m['rsum']:.2f}, i2t_r1 {m['i2t_r1']:.2f}, t2i_r1 {m['t2i_r1']:.2f})"
     )
+    if not args.no_large and not args.child:
+        r = child_report("large", [*sys.argv[1:], "--n-img", str(5 * n_img)])
+        above = r["peak_bytes"] / MIB
+        print(
+            f"(e) retrieval_ranks on {5 * n_img} images x {5 * n_cap} "
+            f"captions: {r['wall_s']:.1f} s wall, peak {above:.0f} MiB above its "
+            f"{r['input_bytes'] / MIB:.0f} MiB of inputs (target: within 1024 MiB), load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
     if not ok64:
         sys.exit(1)
 

@@ -93,6 +93,23 @@ def test_ranks_match_naive_argsort(shard_size: int) -> None:
         np.testing.assert_array_equal(t2i.numpy(), want_t2i)
 
 
+def test_shard_byte_cap_shrinks_shards_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shard holds at most SHARD_BYTES of buffers (float64 similarities + two bool masks per
+    # entry = 10 bytes): a cap of 3 rows' worth must give shards of 3 images, ranks unchanged.
+    img, cap, cap2img = random_data(37)
+    want = naive_ranks(img @ cap.T, cap2img)
+    monkeypatch.setattr(ranks_mod, "SHARD_BYTES", 3 * len(cap2img) * 10)
+    shapes: list[int] = []
+    real_mm = torch.mm
+    monkeypatch.setattr(
+        ranks_mod.torch, "mm", lambda a, b, **k: (shapes.append(a.shape[0]), real_mm(a, b, **k))[1]
+    )
+    i2t, t2i = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(cap), cap2img, 1000)
+    np.testing.assert_array_equal(i2t.numpy(), want[0])
+    np.testing.assert_array_equal(t2i.numpy(), want[1])
+    assert max(shapes) == 3 and len(shapes) >= 13
+
+
 def test_ranks_float32_and_numpy_inputs() -> None:
     img, cap, cap2img = random_data(50, d=32, seed=1, dtype=np.float32)
     want = argsort_ranks(img.astype(np.float64) @ cap.astype(np.float64).T, cap2img)

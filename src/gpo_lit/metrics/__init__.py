@@ -5,6 +5,7 @@ Pure functions of embeddings and the caption→image map (no Lightning inside); 
 """
 
 from gpo_lit.metrics.embeddings_io import load_embeddings, save_embeddings
+from gpo_lit.metrics.prepared import TIES, PreparedEmbeddings, check_ties, prepare_embeddings
 from gpo_lit.metrics.protocols import (
     PROTOCOLS,
     Protocol,
@@ -14,13 +15,7 @@ from gpo_lit.metrics.protocols import (
     folds,
     get_protocol,
 )
-from gpo_lit.metrics.ranks import (
-    TIES,
-    PreparedEmbeddings,
-    check_ties,
-    prepare_embeddings,
-    retrieval_ranks,
-)
+from gpo_lit.metrics.ranks import retrieval_ranks
 from gpo_lit.metrics.retrieval import recall_metrics
 from gpo_lit.metrics.table import format_table
 from gpo_lit.metrics.topk import per_query_results, topk_lists

@@ -20,8 +20,8 @@ import torch
 
 from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics.ensemble import load_members
+from gpo_lit.metrics.prepared import TIES, check_ties
 from gpo_lit.metrics.protocols import PROTOCOLS, check_size, evaluate_protocols, get_protocol
-from gpo_lit.metrics.ranks import TIES, check_ties
 from gpo_lit.metrics.table import results_block
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.metrics.ranks import PreparedEmbeddings
+from gpo_lit.metrics.prepared import PreparedEmbeddings
 from gpo_lit.metrics.topk import topk_lists_multi
 
 TOP_K = 500  # the list length eccv-caption's authors evaluate with (PCME / PCME++)

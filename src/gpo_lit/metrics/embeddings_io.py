@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gpo_lit.errors import GpoLitError, first_line
 from gpo_lit.files import ensure_new, write_atomic
-from gpo_lit.metrics.ranks import prepare_embeddings
+from gpo_lit.metrics.prepared import prepare_embeddings
 
 KEYS = ("img", "cap", "cap2img")
 

@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.metrics.ranks import (
-    EmbeddingsLike,
-    check_ties,
-    prepare_embeddings,
-    ranks_from_prepared,
-)
+from gpo_lit.metrics.prepared import EmbeddingsLike, check_ties, prepare_embeddings
+from gpo_lit.metrics.ranks import ranks_from_prepared
 from gpo_lit.metrics.retrieval import recall_metrics
 
 if TYPE_CHECKING:

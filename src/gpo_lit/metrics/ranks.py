@@ -28,166 +28,32 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.metrics.prepared import (  # re-exported: the ranker's inputs
+    TIES,
+    EmbeddingsLike,
+    PreparedEmbeddings,
+    check_ties,
+    prepare_embeddings,
+)
+from gpo_lit.threads import one_thread
 
-EmbeddingsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
+SHARD_BYTES = 256 * 2**20  # cap on one shard's buffers (similarities + two bool masks)
 
-TIES = ("pessimistic", "optimistic")  # ties count against the query / in its favour
-
-
-def check_ties(ties: object) -> str:
-    """``ties`` itself if it names a tie rule of :data:`TIES`, else a one-line GpoLitError."""
-    expect(ties in TIES, "ties", " or ".join(TIES), repr(ties))
-    return str(ties)
-
-
-@dataclass(frozen=True)
-class PreparedEmbeddings:
-    """Validated inputs of one (ensemble) evaluation, on one device in one float dtype.
-
-    img: [n_img, K] and cap: [n_cap, K] are the models' embeddings concatenated along the width,
-    img pre-scaled by 1/M, so ``img @ cap.T`` is the mean of the M models' similarity matrices.
-    cap2img: int64 [n_cap], every image has ≥ 1 caption.
-    """
-
-    img: Tensor
-    cap: Tensor
-    cap2img: Tensor
-    n_models: int
-
-    @property
-    def n_img(self) -> int:
-        return self.img.shape[0]
-
-    @property
-    def n_cap(self) -> int:
-        return self.cap.shape[0]
-
-    def fold(self, start: int, stop: int) -> PreparedEmbeddings:
-        """Images [start, stop) with their captions (any order), captions re-indexed to the fold."""
-        sel = ((self.cap2img >= start) & (self.cap2img < stop)).nonzero().squeeze(1)
-        return PreparedEmbeddings(
-            self.img[start:stop], self.cap[sel], self.cap2img[sel] - start, self.n_models
-        )
-
-
-def _as_tensor_list(x: Any, name: str) -> list[Tensor]:
-    items = list(x) if isinstance(x, (list, tuple)) else [x]
-    expect(len(items) > 0, name, "a tensor or a non-empty list of tensors", "an empty list")
-    out = []
-    for m, t in enumerate(items):
-        where = name if len(items) == 1 else f"{name}[{m}]"
-        if isinstance(t, np.ndarray):
-            t = torch.from_numpy(t)
-        expect(isinstance(t, Tensor), where, "a tensor or numpy array", type(t).__name__)
-        expect(t.dim() == 2, where, f"a 2-D array [n_{name}, d]", f"shape {tuple(t.shape)}")
-        expect(
-            t.is_floating_point() and not t.is_complex(),
-            where,
-            "a floating-point array",
-            f"dtype {t.dtype}",
-        )
-        out.append(t.detach())
-    return out
-
-
-def _check_finite(t: Tensor, where: str) -> None:
-    # A row sum is NaN/inf whenever an entry is (or, rarely, on overflow): one cheap pass, then
-    # the exact per-entry test only to name the rows.
-    if bool(torch.isfinite(t.sum(dim=1)).all()):
-        return
-    bad = (~torch.isfinite(t)).any(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        raise GpoLitError(
-            f"{where}: expected finite values, found NaN/inf in {rows.numel()} rows "
-            f"(first: row {int(rows[0])})"
-        )
-
-
-def prepare_embeddings(
-    img: EmbeddingsLike, cap: EmbeddingsLike, cap2img: Any
-) -> PreparedEmbeddings:
-    """Validate shapes, dtypes, the caption→image map and finiteness; build the ensemble matmul form.
-
-    img: [n_img, d_m] per model (Tensor, ndarray or a list = ensemble); cap: [n_cap, d_m] likewise;
-    cap2img: integer [n_cap]. Half precision is promoted to float32; float64 is kept. Everything
-    goes to the device of the first image tensor.
-    """
-    imgs, caps = _as_tensor_list(img, "img"), _as_tensor_list(cap, "cap")
-    expect(
-        len(imgs) == len(caps),
-        "img/cap",
-        "the same number of ensemble members",
-        f"{len(imgs)} and {len(caps)}",
-    )
-    n_img, n_cap = imgs[0].shape[0], caps[0].shape[0]
-    expect(n_img > 0, "img", "at least one image", "0 rows")
-    expect(n_cap > 0, "cap", "at least one caption", "0 rows")
-    many = len(imgs) > 1
-    for m, (im, ca) in enumerate(zip(imgs, caps, strict=True)):
-        sfx = f"[{m}]" if many else ""
-        expect(im.shape[0] == n_img, f"img{sfx}", f"{n_img} rows as img[0]", im.shape[0])
-        expect(ca.shape[0] == n_cap, f"cap{sfx}", f"{n_cap} rows as cap[0]", ca.shape[0])
-        expect(
-            ca.shape[1] == im.shape[1],
-            f"cap{sfx}",
-            f"embedding width {im.shape[1]} (as img{sfx})",
-            ca.shape[1],
-        )
-
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in imgs + caps) else torch.float32
-    device = imgs[0].device
-
-    if isinstance(cap2img, np.ndarray):
-        cap2img = torch.from_numpy(cap2img)
-    elif not isinstance(cap2img, Tensor):
-        cap2img = torch.as_tensor(cap2img)
-    expect(
-        not cap2img.is_floating_point()
-        and not cap2img.is_complex()
-        and cap2img.dtype != torch.bool,
-        "cap2img",
-        "an integer array",
-        f"dtype {cap2img.dtype}",
-    )
-    expect(
-        tuple(cap2img.shape) == (n_cap,),
-        "cap2img",
-        f"shape ({n_cap},) (one image index per caption)",
-        f"shape {tuple(cap2img.shape)}",
-    )
-    cap2img = cap2img.to(device=device, dtype=torch.int64)
-    lo, hi = int(cap2img.min()), int(cap2img.max())
-    expect(lo >= 0, "cap2img", f"indices in [0, {n_img})", f"min {lo}")
-    expect(hi < n_img, "cap2img", f"indices in [0, {n_img})", f"max {hi}")
-    missing = (torch.bincount(cap2img, minlength=n_img) == 0).nonzero().squeeze(1)
-    if missing.numel():
-        raise GpoLitError(
-            f"cap2img: expected at least one caption per image, found {missing.numel()} images "
-            f"without (first: image {int(missing[0])})"
-        )
-
-    imgs = [t.to(device=device, dtype=dtype) for t in imgs]
-    caps = [t.to(device=device, dtype=dtype) for t in caps]
-    for m, (im, ca) in enumerate(zip(imgs, caps, strict=True)):
-        sfx = f"[{m}]" if many else ""
-        _check_finite(im, f"img{sfx}")
-        _check_finite(ca, f"cap{sfx}")
-    if many:
-        img_cat = torch.cat(imgs, dim=1).mul_(1.0 / len(imgs))
-        cap_cat = torch.cat(caps, dim=1)
-    else:
-        img_cat, cap_cat = imgs[0], caps[0]
-    return PreparedEmbeddings(img_cat, cap_cat, cap2img, len(imgs))
+__all__ = [
+    "TIES",
+    "EmbeddingsLike",
+    "PreparedEmbeddings",
+    "check_ties",
+    "prepare_embeddings",
+    "ranks_from_prepared",
+    "retrieval_ranks",
+]
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -289,6 +155,10 @@ def ranks_from_prepared(
     )
     shard_size = int(shard_size)
     expect(shard_size >= 1, "shard_size", "a positive integer", shard_size)
+    # Fewer rows when a shard's buffers (similarities + two masks) would pass SHARD_BYTES, so
+    # 25K images x 125K captions stay well within 1 GB above the embeddings.
+    per_row = p.n_cap * (p.img.element_size() + 2)
+    shard_size = max(1, min(shard_size, SHARD_BYTES // per_row))
     img, cap, cap2img = p.img, p.cap, p.cap2img
     n_img, n_cap, dev = p.n_img, p.n_cap, img.device
     unit = _unit_roundoff(img.dtype)
@@ -322,35 +192,36 @@ def ranks_from_prepared(
     for s0 in range(0, n_img, shard_size):
         s1 = min(s0 + shard_size, n_img)
         sims = torch.mm(img[s0:s1], cap.T, out=sims_buf[: s1 - s0])  # the only similarities
-        js = order[ptr[s0] : ptr[s1]]
-        rows = cap2img[js] - s0
-        gt_vals = sims[rows, js]
-        g[js] = gt_vals
-        best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
-        best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
-        i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
-        if beats is torch.ge:  # the image's GT captions equal to its best are not against it
-            at_best = (gt_vals == best[rows]).long()
-            i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
-        if not single_pass:
-            continue
+        with one_thread(dev):  # memory-bound counting: fewer parallel regions
+            js = order[ptr[s0] : ptr[s1]]
+            rows = cap2img[js] - s0
+            gt_vals = sims[rows, js]
+            g[js] = gt_vals
+            best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
+            best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
+            i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
+            if beats is torch.ge:  # the image's GT captions equal to its best are not against it
+                at_best = (gt_vals == best[rows]).long()
+                i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
+            if not single_pass:
+                continue
 
-        above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
-        # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
-        # themselves (in the band by design, never counted against themselves); rare, kept as
-        # (col, value). Entries above it beat g under either tie rule, those below it neither.
-        band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
-        band.sub_(above.view(torch.uint8))
-        band.view(-1)[rows * n_cap + js] = 0
-        t2i += _count_true_(above, dim=0)
-        flat = _flat_nonzero(band, budget - n_pend)
-        if flat is None or n_pend + flat.numel() > budget:
-            # Massive near-ties: bound the memory, recount those columns later.
-            recount |= band.view(torch.bool).any(dim=0)
-        elif flat.numel():
-            pend_cols.append(flat % n_cap)
-            pend_vals.append(sims.view(-1)[flat])
-            n_pend += flat.numel()
+            above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
+            # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
+            # themselves (in the band by design, never counted against themselves); rare, kept as
+            # (col, value). Entries above it beat g under either tie rule, those below it neither.
+            band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
+            band.sub_(above.view(torch.uint8))
+            band.view(-1)[rows * n_cap + js] = 0
+            t2i += _count_true_(above, dim=0)
+            flat = _flat_nonzero(band, budget - n_pend)
+            if flat is None or n_pend + flat.numel() > budget:
+                # Massive near-ties: bound the memory, recount those columns later.
+                recount |= band.view(torch.bool).any(dim=0)
+            elif flat.numel():
+                pend_cols.append(flat % n_cap)
+                pend_vals.append(sims.view(-1)[flat])
+                n_pend += flat.numel()
 
     if single_pass:
         if pend_cols:
@@ -361,6 +232,7 @@ def ranks_from_prepared(
         recount |= (g > hi) | (g <= lo_open)
     else:
         recount[:] = True
+    del sims_buf, mask_a, mask_b  # the second pass allocates its own shard
     if bool(recount.any()):
         _recount(p, shard_size, g, recount, t2i, beats, order, ptr)
     return i2t, t2i
@@ -412,7 +284,8 @@ def retrieval_ranks(
     cap: [n_cap, d] (list likewise); cap2img: int [n_cap], caption → image, ≥ 1 caption per image.
     Returns i2t_rank [n_img] (other images' captions scoring ≥ the image's best GT caption) and
     t2i_rank [n_cap] (other images scoring ≥ the caption's image), int64 on the input device;
-    ``ties="optimistic"``: strictly above instead of ≥.
+    ``ties="optimistic"``: strictly above instead of ≥. ``shard_size``: images per similarity
+    shard, fewer where one shard's buffers would pass :data:`SHARD_BYTES`.
     """
     check_ties(ties)  # before the inputs are validated and copied
     return ranks_from_prepared(prepare_embeddings(img, cap, cap2img), shard_size, ties)

@@ -9,7 +9,7 @@ ECCV Caption / CxC protocols pass their own (:mod:`gpo_lit.metrics.eccv`), so ea
 is ordered against its own positives.
 
 Directions: ``i2t`` = image queries over the captions, ``t2i`` = caption queries over the images.
-Similarity = ``img @ cap.T`` of :class:`~gpo_lit.metrics.ranks.PreparedEmbeddings` (ensembles
+Similarity = ``img @ cap.T`` of :class:`~gpo_lit.metrics.prepared.PreparedEmbeddings` (ensembles
 averaged), computed in shards of ``shard_size`` queries (text→image as ``cap @ img.T``: in float32
 a product may round one ulp apart from the ranker's, which matters only for near-exact ties).
 """
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from gpo_lit.errors import GpoLitError, expect
-from gpo_lit.metrics.ranks import PreparedEmbeddings, ranks_from_prepared
+from gpo_lit.metrics.prepared import PreparedEmbeddings
+from gpo_lit.metrics.ranks import ranks_from_prepared
 
 DIRECTIONS = ("i2t", "t2i")
 

@@ -3,6 +3,7 @@ name: ``create_pooling(name, dim=..., **options)`` (configs in ``conf/model/pool
 
 from gpo_lit.pooling.base import (
     Pooling,
+    SetMask,
     available_poolings,
     check_inputs,
     create_pooling,
@@ -21,6 +22,7 @@ __all__ = [
     "MaxPooling",
     "MeanPooling",
     "Pooling",
+    "SetMask",
     "available_poolings",
     "check_inputs",
     "create_pooling",

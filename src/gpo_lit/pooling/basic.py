@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, valid_mask
 
 
 @register_pooling("max")
@@ -16,27 +15,20 @@ class MaxPooling(Pooling):
     def __init__(self, *, dim: int) -> None:
         super().__init__(dim=dim)
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "max pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)  # [B, N, 1]
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
         # masked_fill (not arithmetic) so inf/NaN garbage in the padding cannot leak.
-        return x.masked_fill(pad, float("-inf")).amax(dim=1)
+        return x.masked_fill(mask.pad, float("-inf")).amax(dim=1)
 
 
 @register_pooling("mean")
 class MeanPooling(Pooling):
-    """Mean over valid elements, accumulated in fp32: ``[B, N, D] -> [B, D]``."""
+    """Mean over valid elements (accumulated in fp32): ``[B, N, D] -> [B, D]``."""
 
     def __init__(self, *, dim: int) -> None:
         super().__init__(dim=dim)
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "mean pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
-            total = x.to(work).masked_fill(pad, 0.0).sum(dim=1)
-            return (total / lengths.unsqueeze(1).to(work)).to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        return x.masked_fill(mask.pad, 0.0).sum(dim=1) / mask.counts(x.dtype)
 
 
 @register_pooling("kmax")
@@ -54,15 +46,10 @@ class KMaxPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, k={self.k}"
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "kmax pooling")
-        n = x.shape[1]
-        kk = min(self.k, n)
-        pad = ~valid_mask(lengths, n).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = torch.promote_types(x.dtype, torch.float32)
-            # Padding is -inf so it ranks last; the first k_i ranks are then all valid.
-            top = x.to(work).masked_fill(pad, float("-inf")).topk(kk, dim=1).values  # [B, kk, D]
-            k_i = lengths.clamp(max=kk)  # [B]
-            top = top.masked_fill(~valid_mask(k_i, kk).unsqueeze(-1), 0.0)
-            return (top.sum(dim=1) / k_i.unsqueeze(1).to(work)).to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        kk = min(self.k, x.shape[1])
+        # Padding is -inf so it ranks last; the first k_i ranks are then all valid.
+        top = x.masked_fill(mask.pad, float("-inf")).topk(kk, dim=1).values  # [B, kk, D]
+        k_i = mask.lengths.clamp(max=kk)  # [B]
+        top = top.masked_fill(~valid_mask(k_i, kk).unsqueeze(-1), 0.0)
+        return top.sum(dim=1) / k_i.unsqueeze(1).to(x.dtype)

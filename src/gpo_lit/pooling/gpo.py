@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gpo_lit.encoders.gru_cpu import bigru_padded, supports_padded
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, valid_mask
+from gpo_lit.pooling.gru_scan import bigru_states
+from gpo_lit.threads import one_thread
 
 
 def positional_encoding(
@@ -37,31 +37,41 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
-def _sort_rows_inplace(a: np.ndarray, idx: np.ndarray) -> None:
-    """Sort each row of ``a [R, N]`` ascending in place and write where each value came from into
-    ``idx [R, N]`` (cast to its narrow dtype on the fly). One numpy call on one thread: splitting
-    the rows over a thread pool measured several times slower at 2 torch threads on a loaded
-    2-core machine."""
-    idx[...] = np.argsort(a, axis=-1)
-    a.sort(axis=-1)
+_KEY_BLOCK = 1 << 22  # keys per block (32 MiB of float64): few ops per call, bounded transient
+_PAD_KEY = -(2.0**1000)  # below every float32, finite, low bits zero: padding sorts first
 
 
-def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort ``xt [B, D, N]`` ascending along N, in place where it can: the values ``[B, D, N]``
-    and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
-    N = 32768: a quarter of int64's bytes, kept for backward).
+def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
+    over its first ``lengths[b]`` elements, the padding first as 0: the values ``[B, D, N]``
+    float32 and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
+    N = 32768, kept for backward).
 
-    On the CPU through numpy (an argsort, then an in-place values sort of the same rows: several
-    times faster than ``torch.sort`` on many short rows; equal values are interchangeable, so the
-    two agree). ``xt`` must be contiguous."""
-    b, d, n = xt.shape
-    idt = _index_dtype(n)
-    if xt.device.type != "cpu" or b * d * n == 0:
-        vals, idx = xt.sort(dim=-1)
-        return vals, idx.to(idt)
-    idx = torch.empty(b, d, n, dtype=idt)
-    _sort_rows_inplace(xt.numpy().reshape(b * d, n), idx.numpy().reshape(b * d, n))
-    return xt, idx
+    ONE values-only sort, no argsort: each value becomes a float64 key (exact, its low 29 mantissa
+    bits zero) with its position written into those low bits, which moves it by less than half a
+    float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
+    interchangeable) and carries the positions; rounding a key back to float32 gives the value
+    exactly. A numpy sort of short rows costs a fraction of an argsort, and the whole step is a
+    handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
+    region). A non-finite valid value comes back NaN (inf with position bits is NaN).
+    """
+    b, n, d = x.shape
+    out = torch.empty(b, d, n, dtype=torch.float32)
+    idx = torch.empty(b, d, n, dtype=_index_dtype(n))
+    pos = torch.arange(n, dtype=torch.int64)
+    step = max(1, _KEY_BLOCK // max(1, n * d))
+    for b0 in range(0, b, step):
+        key = torch.empty(min(step, b - b0), d, n, dtype=torch.float64)
+        key.copy_(x[b0 : b0 + step].transpose(1, 2))  # transpose + widen in one pass
+        for i, m in enumerate(lengths[b0 : b0 + step]):  # padding is a tail: slices, no mask
+            key[i, :, m:] = _PAD_KEY
+        bits = key.view(torch.int64).bitwise_or_(pos)
+        key.numpy().reshape(-1, n).sort(axis=-1)  # as float64: ordered by value
+        idx[b0 : b0 + step].copy_(bits)  # the low bits: the position
+        out[b0 : b0 + step].copy_(key)  # round to nearest: the value; padding -> -inf
+        for i, m in enumerate(lengths[b0 : b0 + step]):
+            out[b0 + i, :, : n - m] = 0.0  # padding, now in front (0 · -inf would be NaN)
+    return out, idx
 
 
 class _SortedWeightedSum(torch.autograd.Function):
@@ -71,18 +81,22 @@ class _SortedWeightedSum(torch.autograd.Function):
     Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
     θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
     ever flipped. Keeps for backward the sorted values and the sort positions in int16
-    (``sort_ascending_``): 1.5x the bytes of an fp32 input. The backward is one scatter.
+    (``sort_packed``): 1.5x the bytes of an fp32 input. The backward is one scatter.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
         pad = ~valid.transpose(1, 2)  # [B, 1, N]
-        # One pass: cast to the working dtype and transpose into a fresh [B, D, N] buffer.
-        xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
         ctx.x_dtype = x.dtype
-        xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
-        # Padding now sits in front, at positions < N - length; zero it (0 · -inf would be NaN).
-        xs.masked_fill_(pad.flip(-1), 0.0)
+        b, n, d = x.shape
+        if x.device.type == "cpu" and theta.dtype == torch.float32 and 0 < n <= 2**16 and b * d:
+            xs, idx = sort_packed(x, valid.sum(dim=1).squeeze(1).tolist())
+        else:  # float64 θ, accelerators: torch.sort of a [B, D, N] copy in θ's dtype
+            xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format)
+            xs, idx = xt.masked_fill(pad, float("-inf")).sort(dim=-1)
+            idx = idx.to(_index_dtype(n))
+            # Padding now sits in front, at positions < N - length; zero it (0 · -inf is NaN).
+            xs.masked_fill_(pad.flip(-1), 0.0)
         theta_rev = theta.flip(-1)  # [B, N]: weight of ascending position j
         ctx.save_for_backward(xs, idx, theta_rev)
         return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
@@ -103,7 +117,7 @@ class _SortedWeightedSum(torch.autograd.Function):
 
 def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor) -> Tensor:
     """GPO's pooling step. ``x [B, N, D]``, ``theta [B, N]`` (zero past each length), ``valid``
-    bool ``[B, N, 1]`` -> ``[B, D]``: each dimension sorted descending over the valid elements,
+    bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension sorted descending over the valid elements,
     weighted by ``theta`` per rank. Padding content never reaches the output or the gradients."""
     return _SortedWeightedSum.apply(x, theta, valid)
 
@@ -145,7 +159,7 @@ class GPO(Pooling):
         self.d_pe = d_pe
         self.d_hidden = d_hidden
         self.temperature = float(temperature)
-        self.cpu_recurrence = bool(cpu_recurrence)  # the generator's GRU via encoders.gru_cpu
+        self.cpu_recurrence = bool(cpu_recurrence)  # the generator's BiGRU via pooling.gru_scan
         # Names match the authors' checkpoints: gpool.gru.*, gpool.linear.weight.
         self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
@@ -234,12 +248,18 @@ class GPO(Pooling):
         """
         hid = self.d_hidden
         inp, col = self._gru_inputs(sizes, width) if inputs is None else inputs
-        if self.cpu_recurrence and supports_padded(
-            self.gru, inp
-        ):  # CPU: the same GRU with far fewer autograd ops
-            out = bigru_padded(self.gru, inp, torch.full((inp.shape[0],), width))
+        if (
+            self.cpu_recurrence
+            and inp.device.type == "cpu"
+            and inp.dtype
+            in (
+                torch.float32,
+                torch.float64,
+            )
+        ):
+            out = bigru_states(self.gru, inp)  # [U+1, width, 2·hid]; a cheap backward
         else:
-            out = self.gru(inp)[0]  # [U+1, width, 2·hid]
+            out = self.gru(inp)[0]  # [U+1, width, 2·hid]; cuDNN on GPUs
         fwd = out[-1, :, :hid]  # [width, hid]: the forward state at rank k, for every size
         bwd = out[:-1, :, hid:].gather(1, col)  # [U, width, hid]
         return self.linear((fwd + bwd) / 2).squeeze(-1).to(self.theta_dtype())  # averaged
@@ -277,11 +297,6 @@ class GPO(Pooling):
                 return self._cached_table(n)[n - 1, :n]
             return self._theta_rows(torch.tensor([n]), n)[0]
 
-    @staticmethod
-    def _host_lengths(lengths: Tensor) -> Tensor | None:
-        """``lengths`` if reading them costs no device sync (they are on the CPU), else None."""
-        return lengths if lengths.device.type == "cpu" else None
-
     def _batch_theta(
         self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
     ) -> tuple[Tensor, int]:
@@ -290,6 +305,13 @@ class GPO(Pooling):
         the lengths are on the CPU (no sync); else the all-sizes table, indexed on the device."""
         if self._use_cache():
             return self._cached_table(n)[lengths - 1, :n].to(device), n
+        with one_thread(self.linear.weight.device):  # hundreds of tiny ops
+            return self._fresh_theta(lengths, host, n, device)
+
+    def _fresh_theta(
+        self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
+    ) -> tuple[Tensor, int]:
+        """``_batch_theta`` through the generator (no cache)."""
         if host is not None:
             uniq, inverse = torch.unique(host, sorted=True, return_inverse=True)
             width = int(uniq[-1])  # the longest set
@@ -297,30 +319,32 @@ class GPO(Pooling):
         return self._theta_table(n).to(device)[lengths - 1], n
 
     # ---- pooling --------------------------------------------------------------------------------
-    def forward(  # type: ignore[override]
-        self, x: Tensor, lengths: Tensor, return_weights: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
-        ``return_weights`` also ``θ [B, N]`` (``theta_dtype()``, zero on padding).
+    # Pooling.forward checks the inputs (lengths range-checked when they are on the CPU; on an
+    # accelerator they are trusted: checking would cost a host sync), builds the mask, turns
+    # autocast off (a 0.1 temperature and -inf masks are not fp16-safe) and casts back.
+    def _weights_shape(self, b: int, n: int) -> tuple[int, ...]:
+        return (b, n)  # θ [B, N]
 
-        Lengths are range-checked when they are on the CPU; on an accelerator they are trusted
-        (checking would cost a host sync).
-        """
-        host = self._host_lengths(lengths)
-        lengths = check_inputs(x, lengths, "gpo pooling")
+    def _pool_theta(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor, int]:
+        """Pooled ``[B, D]``, ``θ [B, width, …]`` and ``width`` (ranks past it are padding for
+        every set) of a non-empty batch."""
+        theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
+        valid = mask.valid[:, :width].unsqueeze(-1)  # [B, width, 1]
+        return sorted_weighted_sum(x[:, :width], theta.to(x.dtype), valid), theta, width
+
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, x.shape[2])
+        return self._pool_theta(x, mask)[0]
+
+    def pool_weights(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor]:
+        """Pooled ``[B, D]`` and ``θ [B, N]`` (``theta_dtype()``, zero on padding)."""
         b, n, d = x.shape
         if b == 0:
-            empty = x.new_zeros(0, d)
-            return (empty, x.new_zeros(0, n, dtype=self.theta_dtype())) if return_weights else empty
-        # fp32 (fp64) throughout: a 0.1 temperature and -inf masks are not fp16-safe.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            theta, width = self._batch_theta(lengths, host, n, x.device)
-            valid = valid_mask(lengths, width).unsqueeze(-1)  # [B, width, 1]
-            work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
-            pooled = sorted_weighted_sum(x[:, :width], theta.to(work), valid)
-            pooled = pooled.to(x.dtype)
-        if not return_weights:
-            return pooled
-        if width < n:
-            theta = nn.functional.pad(theta, (0, n - width))
+            return x.new_zeros(0, d), x.new_zeros(
+                self._weights_shape(0, n), dtype=self.theta_dtype()
+            )
+        pooled, theta, width = self._pool_theta(x, mask)
+        if width < n:  # pad the rank axis (dim 1) back to N
+            theta = nn.functional.pad(theta, (0, 0) * (theta.dim() - 2) + (0, n - width))
         return pooled, theta

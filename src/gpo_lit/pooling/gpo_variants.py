@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import SetMask, register_pooling, valid_mask
 from gpo_lit.pooling.gpo import GPO
 
 
@@ -109,30 +109,16 @@ class GPOPerDim(GPO):
         pad = ~valid_mask(sizes, width).unsqueeze(-1)
         return torch.softmax((scores / self.temperature).masked_fill(pad, float("-inf")), dim=1)
 
-    def forward(  # type: ignore[override]
-        self, x: Tensor, lengths: Tensor, return_weights: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``x [B, N, D]``, ``lengths [B]`` -> pooled ``[B, D]`` (x's dtype), and with
-        ``return_weights`` also ``θ [B, N, D]`` (``theta_dtype()``, zero on padding). Same θ
-        dispatch as GPO: eval cache, else once per distinct length (CPU lengths), else the
-        all-sizes table."""
-        host = self._host_lengths(lengths)
-        lengths = check_inputs(x, lengths, "gpo_perdim pooling")
-        b, n, d = x.shape
-        expect(d == self.dim, "gpo_perdim input width", f"D = {self.dim}", d)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if b == 0:
-                theta, width = x.new_zeros(0, n, d, dtype=self.theta_dtype()), n
-            else:
-                theta, width = self._batch_theta(lengths, host, n, x.device)
-            work = torch.promote_types(x.dtype, torch.float32)
-            pad = ~valid_mask(lengths, width).unsqueeze(-1)
-            # Padding sorts last as -inf and is then zeroed: it reaches neither output nor grads.
-            xs = x[:, :width].to(work).masked_fill(pad, float("-inf"))
-            xs = xs.sort(dim=1, descending=True).values.masked_fill(pad, 0.0)
-            pooled = (theta.to(work) * xs).sum(dim=1).to(x.dtype)
-        if not return_weights:
-            return pooled
-        if width < n:
-            theta = nn.functional.pad(theta, (0, 0, 0, n - width))
-        return pooled, theta
+    def _weights_shape(self, b: int, n: int) -> tuple[int, ...]:
+        return (b, n, self.dim)  # θ [B, N, D]
+
+    def _pool_theta(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor, int]:
+        """Pooled ``[B, D]``, ``θ [B, width, D]`` and ``width``; same θ dispatch as GPO (eval
+        cache, else once per distinct length with CPU lengths, else the all-sizes table)."""
+        expect(x.shape[2] == self.dim, "gpo_perdim input width", f"D = {self.dim}", x.shape[2])
+        theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
+        pad = mask.pad[:, :width]
+        # Padding sorts last as -inf and is then zeroed: it reaches neither output nor grads.
+        xs = x[:, :width].masked_fill(pad, float("-inf"))
+        xs = xs.sort(dim=1, descending=True).values.masked_fill(pad, 0.0)
+        return (theta.to(x.dtype) * xs).sum(dim=1), theta, width

@@ -15,20 +15,18 @@ counts valid frames only.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import Pooling, SetMask, register_pooling, work_dtype
 
 
-def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
-    """Mean of ``x [B, N, D]`` over the first ``lengths[b]`` positions, accumulated in fp32."""
-    pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-    work = torch.promote_types(x.dtype, torch.float32)
-    total = x.to(work).masked_fill(pad, 0.0).sum(dim=1)
-    return (total / lengths.unsqueeze(1).to(work)).to(x.dtype)
+def masked_mean(x: Tensor, mask: SetMask) -> Tensor:
+    """Mean of ``x [B, N, D]`` over each set's valid positions, accumulated in fp32 (fp64)."""
+    work = work_dtype(x.dtype)
+    total = x.to(work).masked_fill(mask.pad, 0.0).sum(dim=1)
+    return (total / mask.counts(work)).to(x.dtype)
 
 
 @register_pooling("temporal_transformer")
@@ -44,6 +42,8 @@ class TemporalTransformerPooling(Pooling):
         ff_mult: feed-forward width = ff_mult · D.
         dropout: dropout inside the encoder layers.
     """
+
+    fp32 = False  # the encoder runs in the input's dtype (autocast welcome); the mean in fp32
 
     def __init__(
         self,
@@ -89,8 +89,7 @@ class TemporalTransformerPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_len={self.max_len}, n_layers={self.n_layers}, n_heads={self.n_heads}"
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "temporal_transformer pooling")
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
         n = x.shape[1]
         expect(
             n <= self.max_len,
@@ -98,12 +97,11 @@ class TemporalTransformerPooling(Pooling):
             f"at most max_len={self.max_len} frames (raise model.pooling.max_len)",
             n,
         )
-        valid = valid_mask(lengths, n)  # [B, N]
         # Zero the padding: attention gives padded keys weight 0, but 0 · NaN garbage is NaN.
-        x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+        x = x.masked_fill(mask.pad, 0.0)
         h = x + self.pos.weight[:n].to(x.dtype).unsqueeze(0)
-        h = self.encoder(h, src_key_padding_mask=~valid)
-        return masked_mean(h + x, lengths)
+        h = self.encoder(h, src_key_padding_mask=~mask.valid)
+        return masked_mean(h + x, mask)
 
 
 @register_pooling("lstm")
@@ -117,6 +115,8 @@ class LSTMPooling(Pooling):
         bidirectional: also run backwards; the two directions are averaged (width stays D).
         dropout: between stacked layers (only with n_layers > 1).
     """
+
+    fp32 = False  # the LSTM runs in the input's dtype; the mean in fp32
 
     def __init__(
         self, *, dim: int, n_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0
@@ -139,13 +139,13 @@ class LSTMPooling(Pooling):
             dropout=dropout if n_layers > 1 else 0.0,
         )
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "lstm pooling")
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
         n = x.shape[1]
         self.lstm.flatten_parameters()
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        lengths = mask.host if mask.host is not None else mask.lengths.cpu()
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         h, _ = pad_packed_sequence(out, batch_first=True, total_length=n)  # zeros past lengths
         if self.bidirectional:
             h = h.view(h.shape[0], n, 2, self.dim).mean(dim=2)
-        return masked_mean(h.to(x.dtype) + x, lengths)
+        return masked_mean(h.to(x.dtype) + x, mask)

@@ -5,10 +5,10 @@
 plus the GPO ablations ``gpo_transformer`` and ``gpo_perdim`` (in :mod:`gpo_lit.pooling.gpo_variants`,
 registered by importing this module).
 
-All of them: ``x [B, N, D]``, ``lengths [B]`` -> ``[B, D]`` in x's dtype; padding is overwritten
-(``masked_fill``, never arithmetic) before anything touches it, so no padding value — huge, inf or
-NaN — reaches the output or the gradients; the arithmetic runs in fp32 (fp64 for fp64 inputs) with
-autocast off, parameters cast to that dtype, because masks, powers and exponentials overflow fp16.
+All of them: ``x [B, N, D]``, ``lengths [B]`` -> ``[B, D]`` in x's dtype, through
+:meth:`Pooling.forward` (input check, padding mask, fp32 with autocast off, the cast back); each
+``pool`` here is only the arithmetic, parameters cast to the features' working dtype, padding
+overwritten (``masked_fill``) before anything touches it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpo_lit.errors import expect
-from gpo_lit.pooling.base import Pooling, check_inputs, register_pooling, valid_mask
+from gpo_lit.pooling.base import Pooling, SetMask, register_pooling
 from gpo_lit.pooling.gpo_variants import GPOPerDim, GPOTransformer
 
 __all__ = [
@@ -33,10 +33,6 @@ __all__ = [
     "LSEPooling",
     "NetVLADPooling",
 ]
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 if given
 
 
 def _p(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -86,7 +82,7 @@ class GeMPooling(Pooling):
         """The current exponent (a 0-d tensor)."""
         if self.learnable:
             return 1 + (self.p_max - 1) * torch.sigmoid(self.raw_p)
-        return self.fixed_p  # type: ignore[return-value]
+        return self.get_buffer("fixed_p")
 
     def extra_repr(self) -> str:
         return (
@@ -94,17 +90,13 @@ class GeMPooling(Pooling):
             f"learnable={self.learnable}, eps={self.eps}"
         )
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "gem pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            xc = x.to(work).masked_fill(pad, self.eps).clamp(min=self.eps)
-            m = xc.amax(dim=1, keepdim=True).detach()  # [B, 1, D], >= eps
-            p = self.p.to(work)
-            powered = (xc / m).pow(p).masked_fill(pad, 0.0)
-            mean = powered.sum(dim=1) / lengths.unsqueeze(1).to(work)  # >= 1/n
-            return (m.squeeze(1) * mean.pow(1 / p)).to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        xc = x.masked_fill(mask.pad, self.eps).clamp(min=self.eps)
+        m = xc.amax(dim=1, keepdim=True).detach()  # [B, 1, D], >= eps
+        p = self.p.to(x.dtype)
+        powered = (xc / m).pow(p).masked_fill(mask.pad, 0.0)
+        mean = powered.sum(dim=1) / mask.counts(x.dtype)  # >= 1/n
+        return m.squeeze(1) * mean.pow(1 / p)
 
 
 @register_pooling("lse")
@@ -135,18 +127,15 @@ class LSEPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, r={float(self.r):.4g}, learnable={self.learnable}"
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "lse pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            x0 = x.to(work).masked_fill(pad, 0.0)
-            m = x0.masked_fill(pad, float("-inf")).amax(dim=1, keepdim=True).detach()
-            r = self.r.to(work)
-            # No -inf in the graph: d(r·u)/dr = u would turn a zero gradient into NaN.
-            e = torch.exp(r * (x0 - m).masked_fill(pad, 0.0)).masked_fill(pad, 0.0)
-            mean = e.sum(dim=1) / lengths.unsqueeze(1).to(work)  # >= 1/n
-            return (m.squeeze(1) + mean.log() / r).to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        pad = mask.pad
+        x0 = x.masked_fill(pad, 0.0)
+        m = x0.masked_fill(pad, float("-inf")).amax(dim=1, keepdim=True).detach()
+        r = self.r.to(x.dtype)
+        # No -inf in the graph: d(r·u)/dr = u would turn a zero gradient into NaN.
+        e = torch.exp(r * (x0 - m).masked_fill(pad, 0.0)).masked_fill(pad, 0.0)
+        mean = e.sum(dim=1) / mask.counts(x.dtype)  # >= 1/n
+        return m.squeeze(1) + mean.log() / r
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -172,25 +161,22 @@ class AttentionPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, value_proj={self.value is not None}"
 
-    def forward(  # type: ignore[override]
-        self, x: Tensor, lengths: Tensor, return_weights: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Pooled ``[B, D]`` and, with ``return_weights``, the attention ``[B, N]`` (fp32)."""
-        lengths = check_inputs(x, lengths, "attention pooling")
-        pad = ~valid_mask(lengths, x.shape[1])  # [B, N]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            x0 = x.to(work).masked_fill(pad.unsqueeze(-1), 0.0)
-            keys = x0
-            if self.key is not None:
-                keys = torch.tanh(F.linear(x0, self.key.weight.to(work), _p(self.key.bias, work)))
-            scores = keys @ self.query.to(work) / math.sqrt(self.query.shape[0])  # [B, N]
-            attn = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=1)
-            values = x0
-            if self.value is not None:
-                values = F.linear(x0, self.value.weight.to(work), _p(self.value.bias, work))
-            pooled = torch.bmm(attn.unsqueeze(1), values).squeeze(1).to(x.dtype)
-        return (pooled, attn) if return_weights else pooled
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        return self.pool_weights(x, mask)[0]
+
+    def pool_weights(self, x: Tensor, mask: SetMask) -> tuple[Tensor, Tensor]:
+        """Pooled ``[B, D]`` and the attention ``[B, N]`` (fp32, fp64 for fp64 features)."""
+        work = x.dtype
+        x0 = x.masked_fill(mask.pad, 0.0)
+        keys = x0
+        if self.key is not None:
+            keys = torch.tanh(F.linear(x0, self.key.weight.to(work), _p(self.key.bias, work)))
+        scores = keys @ self.query.to(work) / math.sqrt(self.query.shape[0])  # [B, N]
+        attn = torch.softmax(scores.masked_fill(~mask.valid, float("-inf")), dim=1)
+        values = x0
+        if self.value is not None:
+            values = F.linear(x0, self.value.weight.to(work), _p(self.value.bias, work))
+        return torch.bmm(attn.unsqueeze(1), values).squeeze(1), attn
 
 
 @register_pooling("dim_attention")
@@ -205,15 +191,11 @@ class DimAttentionPooling(Pooling):
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "dim_attention pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            x0 = x.to(work).masked_fill(pad, 0.0)
-            scores = F.linear(x0, self.score.weight.to(work), self.score.bias.to(work))
-            attn = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=1)  # [B, N, D]
-            return (attn * x0).sum(dim=1).to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        x0 = x.masked_fill(mask.pad, 0.0)
+        scores = F.linear(x0, self.score.weight.to(x.dtype), self.score.bias.to(x.dtype))
+        attn = torch.softmax(scores.masked_fill(mask.pad, float("-inf")), dim=1)  # [B, N, D]
+        return (attn * x0).sum(dim=1)
 
 
 # ---- set functions ------------------------------------------------------------------------------
@@ -251,19 +233,12 @@ class FSPool(Pooling):
         hat = (1 - (pos.unsqueeze(-1) - knots).abs()).clamp(min=0)  # [B, n, k+1]
         return hat @ self.weight.to(dtype).t()
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "fspool pooling")
-        n = x.shape[1]
-        pad = ~valid_mask(lengths, n).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            # Padding sorts last as -inf, then becomes 0 (no -inf reaches any product).
-            xs = x.to(work).masked_fill(pad, float("-inf")).sort(dim=1, descending=True).values
-            xs = xs.masked_fill(pad, 0.0)
-            out = (self.rank_weights(lengths, n, work) * xs).sum(dim=1)
-            if self.normalize:
-                out = out / lengths.unsqueeze(1).to(work)
-            return out.to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        # Padding sorts last as -inf, then becomes 0 (no -inf reaches any product).
+        xs = x.masked_fill(mask.pad, float("-inf")).sort(dim=1, descending=True).values
+        xs = xs.masked_fill(mask.pad, 0.0)
+        out = (self.rank_weights(mask.lengths, x.shape[1], x.dtype) * xs).sum(dim=1)
+        return out / mask.counts(x.dtype) if self.normalize else out
 
 
 @register_pooling("netvlad")
@@ -291,18 +266,14 @@ class NetVLADPooling(Pooling):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, clusters={self.clusters}, normalize_input={self.normalize_input}"
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        lengths = check_inputs(x, lengths, "netvlad pooling")
-        pad = ~valid_mask(lengths, x.shape[1]).unsqueeze(-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            work = _work_dtype(x)
-            x0 = x.to(work).masked_fill(pad, 0.0)
-            if self.normalize_input:
-                x0 = F.normalize(x0, dim=-1)
-            logits = F.linear(x0, self.assign.weight.to(work), self.assign.bias.to(work))
-            a = torch.softmax(logits, dim=-1).masked_fill(pad, 0.0)  # [B, N, K]
-            vlad = a.transpose(1, 2) @ x0 - a.sum(dim=1).unsqueeze(-1) * self.centroids.to(work)
-            vlad = F.normalize(vlad, dim=-1).flatten(1)  # intra-normalised, [B, K·D]
-            vlad = F.normalize(vlad, dim=-1)
-            out = F.linear(vlad, self.proj.weight.to(work), self.proj.bias.to(work))
-            return out.to(x.dtype)
+    def pool(self, x: Tensor, mask: SetMask) -> Tensor:
+        work = x.dtype
+        x0 = x.masked_fill(mask.pad, 0.0)
+        if self.normalize_input:
+            x0 = F.normalize(x0, dim=-1)
+        logits = F.linear(x0, self.assign.weight.to(work), self.assign.bias.to(work))
+        a = torch.softmax(logits, dim=-1).masked_fill(mask.pad, 0.0)  # [B, N, K]
+        vlad = a.transpose(1, 2) @ x0 - a.sum(dim=1).unsqueeze(-1) * self.centroids.to(work)
+        vlad = F.normalize(vlad, dim=-1).flatten(1)  # intra-normalised, [B, K·D]
+        vlad = F.normalize(vlad, dim=-1)
+        return F.linear(vlad, self.proj.weight.to(work), self.proj.bias.to(work))

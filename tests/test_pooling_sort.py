@@ -1,0 +1,34 @@
+"""GPO's packed-key sort (``gpo_lit.pooling.gpo.sort_packed``) against ``torch.sort``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpo_lit.pooling.gpo import sort_packed
+
+
+@pytest.mark.parametrize("n", [1, 2, 36, 257])
+def test_sort_packed_values_positions_and_padding(n):
+    # Ties (±0 and repeated values), denormals and values near float32's limits sort exactly;
+    # the positions are a permutation that reproduces the sorted values; padding (any garbage)
+    # comes first as 0.
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, 2050, generator=g)
+    lengths = [max(1, n - 1), n, (n + 1) // 2]
+    x[1, :, :5], x[1, :, 5:9] = 0.0, -0.0
+    x[2, 0] = 1e-40
+    if n > 1:
+        x[2, 1], x[1, 1, :3], x[0, 0, :3] = -1e-40, 3e38, -3e38
+        x[0, -1] = float("nan")  # padding of set 0
+    pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]  # [B, 1, N]
+    xt = x.transpose(1, 2).masked_fill(pad, float("-inf"))
+    values, idx = sort_packed(x, lengths)
+    assert values.dtype == torch.float32 and idx.dtype == torch.int16
+    assert torch.equal(values, xt.sort(dim=-1).values.masked_fill(pad.flip(-1), 0.0))
+    np.testing.assert_array_equal(
+        np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
+    )
+    picked = np.take_along_axis(xt.masked_fill(pad, 0.0).numpy(), idx.long().numpy(), -1)
+    np.testing.assert_array_equal(picked, values.numpy())
