@@ -132,8 +132,8 @@ def main() -> None:
     ap.add_argument(
         "--nn-gru",
         action="store_true",
-        help="GPO's generator through nn.GRU (the default, model.pooling.cpu_recurrence=false) "
-        "instead of gpo_lit.pooling.gru_scan (cpu_recurrence=true, what the README figures use)",
+        help="GPO's generator through nn.GRU (the default, model.pooling.cpu_kernels=false) "
+        "instead of gpo_lit.pooling.gru_scan and the packed sort (cpu_kernels=true, what the README figures use)",
     )
     args = ap.parse_args()
     if args.smoke:
@@ -143,11 +143,13 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     d = args.dim
-    extra = {"max": {}, "gpo": {"cpu_recurrence": not args.nn_gru}}
+    extra = {"max": {}, "gpo": {"cpu_kernels": not args.nn_gru}}
     pools = {n: create_pooling(n, dim=d, **extra[n]).to(device).train() for n in ("max", "gpo")}
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"device={device} D={d} keep={args.keep} load average (1, 5, 15 min) at start: {load}")
-    print(f"GPO generator: {'nn.GRU' if args.nn_gru else 'pooling.gru_scan (cpu_recurrence=true)'}")
+    print(
+        f"GPO generator: {'nn.GRU' if args.nn_gru else 'pooling.gru_scan + packed sort (cpu_kernels=true)'}"
+    )
     gpu = " max GPU ms | gpo GPU ms |" if device.type == "cuda" else ""
     print(
         "| threads | B | N | max ms | gpo ms | gpo/max |"

@@ -78,19 +78,17 @@ def test_text_encoder_same_with_and_without_cpu_recurrence(vocab: int) -> None:
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
-def test_gpo_same_through_either_gru(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GPO's weight generator on the CPU path equals nn.GRU's: pooled output and every gradient
-    (a float64 module)."""
-    import gpo_lit.pooling.gpo as gpo_module
-
+def test_gpo_cpu_kernels_equal_the_default_path() -> None:
+    """GPO with ``cpu_kernels`` (generator through pooling.gru_scan) equals the default nn.GRU
+    path: pooled output and every gradient (a float64 module, tie-free input)."""
     torch.manual_seed(0)
-    gpo = create_pooling(name="gpo", dim=5).double()
+    slow_gpo = create_pooling(name="gpo", dim=5).double()
+    fast_gpo = create_pooling(name="gpo", dim=5, cpu_kernels=True).double()
+    fast_gpo.load_state_dict(slow_gpo.state_dict())
     x = torch.randn(6, 8, 5, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([8, 1, 3, 8, 5, 2])
-    params = [x, *gpo.parameters()]
-    fast = _outputs_and_grads(lambda: gpo(x, lengths), params)
-    monkeypatch.setattr(gpo_module, "supports_padded", lambda *_: False)
-    slow = _outputs_and_grads(lambda: gpo(x, lengths), params)
+    fast = _outputs_and_grads(lambda: fast_gpo(x, lengths), [x, *fast_gpo.parameters()])
+    slow = _outputs_and_grads(lambda: slow_gpo(x, lengths), [x, *slow_gpo.parameters()])
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(fast[1], slow[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
