@@ -193,14 +193,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_experiment_keeps_the_papers_loss_and_optimiser() -> None:
-    """Only the size deviates (d, epochs, decay epoch); loss warm-up and optimiser as the paper's
-    (REFERENCE §3, §5)."""
+    """Only the size deviates (d, epochs, decay epoch, test split); loss warm-up and optimiser as
+    the paper's (REFERENCE §3, §5)."""
     cfg = compose_cfg("train", "experiment=demo", "paths.output_dir=unused")
     assert cfg.loss.all_negatives_epochs == 1 and cfg.loss.margin == 0.2
     assert not cfg.loss.mask_same_image
     assert (cfg.optim.lr, cfg.optim.decay_gamma, cfg.data.batch_size) == (5e-4, 0.1, 128)
     assert cfg.trainer.gradient_clip_val == 2.0
     assert cfg.model.pooling.name == "gpo" and cfg.data.augment.region_keep_prob == 0.8
+    # README "Demo results": 4 epochs, the decay at epoch 2 (two low-lr epochs), 5,000 test scenes
+    assert (cfg.trainer.max_epochs, list(cfg.optim.decay_epochs)) == (4, [2])
+    assert cfg.data.demo.n_test == 5000 and cfg.evaluation.test_protocols == ["full"]
 
 
 def test_pooling_sweep_is_4_poolings_by_3_seeds() -> None:
