@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,7 +193,6 @@ def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path, capsys) 
 
     # make eval CKPT=… protocols=[coco_5k] on a 40-image split: one line, before the model is
     # built or anything embedded, and no run folder left under logs/.
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "gpo_lit.eval", f"ckpt={ckpt}", "protocols=[coco_5k]"],
         cwd=tmp_path,
@@ -203,10 +201,8 @@ def test_eval_checks_first_then_writes_figure_and_ranks(tmp_path: Path, capsys) 
         text=True,
         timeout=120,
     )
-    elapsed = time.perf_counter() - t0
     msg = one_line_error(proc)
     assert "protocol coco_5k: expected 5000 images" in msg and "found 40" in msg
-    assert elapsed < 30, elapsed  # the imports and the checkpoint's config, no embedding
     assert not (tmp_path / "logs").exists(), "run folder left"
 
     # gpo-train checks its test protocols before training, too
