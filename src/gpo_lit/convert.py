@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from gpo_lit.checkpoint_io import load_torch_file
+from gpo_lit.config_dict import config_dict
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import ensure_new
 
@@ -245,7 +246,7 @@ def image_reader(detector: bool, image_size: int | None = None) -> dict[str, Any
     cfg = compose_recipe(f"f30k_{EXPERIMENTS[(family, 'bert')]}", "bert")
     if image_size is not None:
         cfg.data.reader.image_size = int(image_size)
-    return OmegaConf.to_container(cfg.data.reader, resolve=True)
+    return config_dict(cfg.data.reader)
 
 
 def convert(
@@ -297,7 +298,7 @@ def convert(
     cfg.evaluation.test_protocols = list(protocols or ["full"])
     cfg.data.root = data_root
     cfg.data.test_split = test_split
-    hparams = OmegaConf.to_container(cfg.model, resolve=True)
+    hparams = config_dict(cfg.model)
     hparams.pop("_target_", None)
     words = None
     if text_kind == "bigru":

@@ -96,13 +96,14 @@ def user_error(err: BaseException) -> GpoLitError | None:
     from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError
 
-    while err is not None:
-        if isinstance(err, GpoLitError):
-            return err
-        if isinstance(err, InstantiationException):
-            err = err.__cause__
-        elif isinstance(err, InterpolationResolutionError):
-            err = err.__cause__ or err.__context__
+    cur: BaseException | None = err
+    while cur is not None:
+        if isinstance(cur, GpoLitError):
+            return cur
+        if isinstance(cur, InstantiationException):
+            cur = cur.__cause__
+        elif isinstance(cur, InterpolationResolutionError):
+            cur = cur.__cause__ or cur.__context__
         else:
-            err = None
+            cur = None
     return None

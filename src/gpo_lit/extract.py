@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.cli import entry_point
 from gpo_lit.config_check import check_config
+from gpo_lit.config_dict import config_dict
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect, one_line
@@ -129,7 +130,7 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     torch.manual_seed(cfg.seed)  # random-init backbones (demo) are reproducible
     encoder = build_encoder(cfg)
     out_dir = Path(ex.out_dir) if ex.out_dir else default_out_dir(cfg, encoder)
-    reader_cfg = OmegaConf.to_container(cfg.data.reader, resolve=True)
+    reader_cfg = config_dict(cfg.data.reader)
     settings = {
         "backbone": encoder.backbone_name,
         "weights": str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")

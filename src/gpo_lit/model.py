@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
@@ -24,6 +24,11 @@ from gpo_lit.metrics.collect import RankedEmbeddings, RankingTask, RetrievalEmbe
 from gpo_lit.modalities import pooling_for
 from gpo_lit.pooling import create_pooling
 
+if TYPE_CHECKING:
+    from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+
+    from gpo_lit.metrics.eccv import CocoIds
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +37,7 @@ def build_tokenizer(cfg: dict, vocab: list[str] | None) -> CaptionTokenizer:
     kind = cfg.get("kind")
     if kind == "vocab":
         expect(vocab is not None, "model.vocab", "a word list for the BiGRU tokenizer", None)
+        assert vocab is not None  # for mypy: expect raised otherwise
         return VocabTokenizer(Vocabulary(vocab))
     if kind == "hf":
         return HFTokenizer(
@@ -103,7 +109,8 @@ class VSEModel(pl.LightningModule):
         self.eval_cfg = evaluation
         self.test_results: dict[str, dict[str, float]] = {}
         self.run_config: dict | None = None  # the composed Hydra config, stored in checkpoints
-        self.coco_ids = None  # COCO ids of the test split (eccv / cxc), set by the entry points
+        # COCO ids of the test split (eccv / cxc), set by the entry points
+        self.coco_ids: CocoIds | None = None
         self.loss_scale = 1.0  # set by schedules (e.g. the grid models' backbone warm-up)
         # (index, embedding) of the split being evaluated, from every rank (gpo_lit.metrics)
         self.eval_embeddings = RetrievalEmbeddings()
@@ -166,7 +173,9 @@ class VSEModel(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # read back where the loggers sync anyway (see gpo_lit.divergence)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        # Lightning sets trainer.log_every_n_steps at run time; its hints lack it
+        every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]
+        if self.global_step % max(1, every) == 0:
             self.loss_watch.check()
 
     def on_train_epoch_end(self) -> None:
@@ -186,7 +195,7 @@ class VSEModel(pl.LightningModule):
             global_step=self.global_step,
         )
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         from gpo_lit.optim import configure_optimization
 
         return configure_optimization(list(self.named_parameters()), self.optim_cfg)
@@ -215,8 +224,10 @@ class VSEModel(pl.LightningModule):
         """Rank what this evaluation embedded (every rank's, :mod:`gpo_lit.metrics.collect`)."""
         from gpo_lit.eval_checks import coco_ids_for, stage_protocols
 
-        split = self.trainer.datamodule.eval_split(stage)
-        root = getattr(self.trainer.datamodule, "root", None)
+        # Lightning sets trainer.datamodule at run time; its hints lack it
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        split = datamodule.eval_split(stage)
+        root = getattr(datamodule, "root", None)
         self.eval_embeddings.task = RankingTask(
             n_images=split.n_images,
             n_captions=split.n_captions,

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gpo_lit.callbacks.backbone import under
 from gpo_lit.errors import GpoLitError, expect
+
+if TYPE_CHECKING:
+    from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 
 #: Block indices of timm ViTs (``blocks.3.``), HF BERT (``layer.3.``), HF CLIP (``layers.3.``) and
 #: OpenAI CLIP (``resblocks.3.``).
@@ -154,7 +157,7 @@ def _build(node: dict[str, Any], where: str):
 
 def configure_optimization(
     named: list[tuple[str, nn.Parameter]], cfg: dict[str, Any]
-) -> dict[str, Any]:
+) -> OptimizerLRSchedulerConfig:
     """Lightning's ``configure_optimizers`` answer for the ``optim`` node ``cfg``.
 
     Nodes written before the optimiser and schedule were config nodes (no ``optimizer`` /

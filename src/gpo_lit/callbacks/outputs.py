@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from torch import Tensor
 
 from gpo_lit.cli import FIGURE_FILE, RANKS_FILE, write_metrics
 from gpo_lit.files import ensure_new, write_atomic
@@ -19,7 +21,9 @@ METRICS_FILE = "metrics.json"
 EMBEDDINGS_FILE = "embeddings.npz"
 
 
-def tested_split(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple | None:
+def tested_split(
+    trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> tuple[Tensor, Tensor, Tensor, Any] | None:
     """(img, cap, cap2img, split) of the test split the model just evaluated, on rank zero; None
     elsewhere, before testing and for a subset (limited batches: its rows are not the split's)."""
     if not trainer.is_global_zero:
@@ -27,7 +31,9 @@ def tested_split(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple | 
     ranked = getattr(pl_module, "evaluated", {}).get("test")
     if ranked is None or ranked.subset:
         return None
-    return ranked.img, ranked.cap, ranked.cap2img, trainer.datamodule.eval_split("test")
+    # Lightning sets trainer.datamodule at run time; its hints lack it
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]
+    return ranked.img, ranked.cap, ranked.cap2img, datamodule.eval_split("test")
 
 
 class WriteEvaluation(pl.Callback):
@@ -46,12 +52,13 @@ class WriteEvaluation(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        module: Any = pl_module  # a VSEModel (or a test double): evaluated, test_results
         if self.embeddings_file is not None:
             from gpo_lit.metrics import save_embeddings
 
-            ranked = pl_module.evaluated["test"]
+            ranked = module.evaluated["test"]
             save_embeddings(self.embeddings_file, ranked.img, ranked.cap, ranked.cap2img)
-        write_metrics(self.metrics_file, pl_module.test_results)
+        write_metrics(self.metrics_file, module.test_results)
 
 
 class RetrievalFigure(pl.Callback):
@@ -109,7 +116,8 @@ class SaveRanks(pl.Callback):
         if ids is not None:
             arrays["item_ids"] = np.asarray([str(i) for i in ids[: img.shape[0]]], dtype=str)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda f: np.savez_compressed(f, **arrays))
+        # numpy's hints let **arrays fill its allow_pickle: bool (no key here is that)
+        write_atomic(self.path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
         log.info("wrote %s", self.path)
 
 

@@ -132,7 +132,7 @@ class RetrievalExamples(pl.Callback):
             thumb=thumb,
         )
         return {
-            f"retrieval/{key}": wandb.Table(columns=cols, data=rows)
+            f"retrieval/{key}": wandb.Table(columns=list[str | int](cols), data=rows)
             for key, (cols, rows) in tables.items()
         }
 

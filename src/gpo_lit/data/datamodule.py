@@ -264,13 +264,14 @@ class RetrievalDataModule(pl.LightningDataModule):
     def _batches_done_this_epoch(self, loader_batches: int) -> int:
         """Training batches of the current epoch already done (one optimiser step per batch)."""
         trainer = self.trainer
-        limit = trainer.limit_train_batches  # type: ignore[union-attr]
+        assert trainer is not None  # called by the training loader, inside fit
+        limit = trainer.limit_train_batches
         per_epoch = loader_batches
         if isinstance(limit, int):
             per_epoch = min(per_epoch, limit)
         elif limit is not None and limit < 1.0:
             per_epoch = int(per_epoch * limit)
-        return trainer.global_step - trainer.current_epoch * per_epoch  # type: ignore[union-attr]
+        return trainer.global_step - trainer.current_epoch * per_epoch
 
     def eval_loaders(self, split: SplitReader) -> list[DataLoader]:
         """[images once, captions once] for ``split``; order is kept, indices travel along."""
@@ -279,7 +280,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             "collate_fn": self._collate(),
             **self._loader_kwargs(),
         }
-        datasets = [ImageDataset(split), CaptionDataset(split, self.tokenizer)]  # type: ignore[arg-type]
+        assert self.tokenizer is not None  # _collate() raised otherwise
+        datasets = [ImageDataset(split), CaptionDataset(split, self.tokenizer)]
         if self._world_size() == 1:
             return [DataLoader(ds, shuffle=False, **kwargs) for ds in datasets]
         # Each rank embeds a shard; the sampler pads by repeating items, and the model

@@ -77,10 +77,12 @@ class PairDataset(Dataset):
         image = int(self.split.cap2img[index])
         train_image = getattr(self.split, "train_image", None)  # raw images: random crop/flip
         aug = self.augment
-        drop = aug.region_keep_prob is not None and aug.region_keep_prob < 1
+        p_keep = 1.0 if aug.region_keep_prob is None else aug.region_keep_prob
+        drop = p_keep < 1
+        feats: np.ndarray | RegionRead
         if drop and train_image is None and isinstance(self.split, PrecompSplit):
             # the same draws as drop_regions, but only the kept regions are copied out
-            keep = kept_regions(self.split.n_regions, rng, p_keep=aug.region_keep_prob)  # type: ignore[arg-type]
+            keep = kept_regions(self.split.n_regions, rng, p_keep=p_keep)
             if self.deferred:
                 feats = self.split.deferred_image(image, keep=keep)
             else:
@@ -88,7 +90,7 @@ class PairDataset(Dataset):
         else:
             feats = train_image(image, rng) if train_image is not None else self.split.image(image)
             if drop:
-                feats = drop_regions(feats, rng, p_keep=aug.region_keep_prob)  # type: ignore[arg-type]
+                feats = drop_regions(feats, rng, p_keep=p_keep)
         shown = index if self.caption_map is None else int(self.caption_map[index])
         ids, word_ids = self.tokenizer.encode(self.split.caption(shown))
         if aug.per_token:  # every non-special token a "word" of its own

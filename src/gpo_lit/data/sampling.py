@@ -96,5 +96,6 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not isinstance(self.sampler, EpochShuffleSampler):
             return
+        assert self.batch_size is not None  # made with a batch size (no batch_sampler)
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)  # type: ignore[operator]
+        self.sampler.skip_next(self._batches_done(len(self)) * self.batch_size)

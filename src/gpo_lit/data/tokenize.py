@@ -139,7 +139,8 @@ class HFTokenizer:
         self.tokenizer = tok
         self.max_length = int(max_length)
         self.pad_id: int = tok.pad_token_id
-        self.mask_id: int = int(mask_id)  # type: ignore[arg-type]
+        assert not isinstance(mask_id, list)  # one token in, one id out
+        self.mask_id: int = int(mask_id)
         self.vocab_size: int = tok.vocab_size
 
     def encode(self, caption: str) -> tuple[list[int], list[int | None]]:

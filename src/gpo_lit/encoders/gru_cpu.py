@@ -123,9 +123,10 @@ def bigru_padded(
     bsz, width = x.shape[0], int(lengths.max())
     at_f, at_r, batch_sizes = packed_order(lengths.cpu())
     at_f, at_r = at_f.to(x.device), at_r.to(x.device)
+    p = gru.get_parameter  # typed access (attribute access types as Tensor | Module)
     directions = (
-        (at_f, gru.weight_ih_l0, gru.bias_ih_l0),
-        (at_r, gru.weight_ih_l0_reverse, gru.bias_ih_l0_reverse),
+        (at_f, p("weight_ih_l0"), p("bias_ih_l0")),
+        (at_r, p("weight_ih_l0_reverse"), p("bias_ih_l0_reverse")),
     )
     if embedding is None:
         flat = x[:, :width].reshape(bsz * width, -1)
@@ -134,8 +135,8 @@ def bigru_padded(
         ids = x[:, :width].reshape(-1)
         gis = [F.linear(embedding, w, b).index_select(0, ids[at]) for at, w, b in directions]
     gi = torch.stack(gis)  # [2, S, 3H]
-    w_hh = torch.stack([gru.weight_hh_l0, gru.weight_hh_l0_reverse])
-    b_hh = torch.stack([gru.bias_hh_l0, gru.bias_hh_l0_reverse])
+    w_hh = torch.stack([p("weight_hh_l0"), p("weight_hh_l0_reverse")])
+    b_hh = torch.stack([p("bias_hh_l0"), p("bias_hh_l0_reverse")])
     hs = _GRURecurrence.apply(gi, w_hh, b_hh, batch_sizes)  # [2, S, H]
     hid = gru.hidden_size
     out_f = hs.new_zeros(bsz * width, hid).index_copy(0, at_f, hs[0])

@@ -73,12 +73,12 @@ def build_report(
     note = optuna_note(sweep_dir)
     if note:
         notes.insert(0, note)
-    figures = {
+    made = {
         "rsum.png": plot_rsum(rows),
         "kmax_grid.png": plot_kmax_grids(grids),
         "gpo_theta.png": plot_theta(curves),
     }
-    figures = {k: f for k, f in figures.items() if f is not None}
+    figures = {k: f for k, f in made.items() if f is not None}
     if any(r.n for r in rows) and "rsum.png" not in figures:
         notes.append(f"protocol {protocol} has no rsum: no rsum / K-max plots")
     common = common_overrides(jobs)

@@ -144,7 +144,13 @@ def describe(
             and override_key(o) not in _GROUP_KEYS
         ]
         out[key] = Configuration(
-            key, group, labels[0], labels[1], ", ".join(other), tuple(nodes), tuple(sizes)
+            key,
+            group,
+            labels[0],
+            labels[1],
+            ", ".join(other),
+            (nodes[0], nodes[1]),
+            (sizes[0], sizes[1]),
         )
     # Two configurations must never read the same: add the overrides that tell them apart.
     by_text: dict[tuple[str, str, str, str], list[tuple[str, ...]]] = {}
@@ -156,8 +162,8 @@ def describe(
             for key in keys:
                 extra = ", ".join(o for o in first[key].overrides if o in key and o not in shared)
                 c = out[key]
-                other = f"{c.other}, {extra}" if c.other else extra
+                told = f"{c.other}, {extra}" if c.other else extra
                 out[key] = Configuration(
-                    key, c.group, c.visual, c.text, other, c.pooling, c.set_sizes
+                    key, c.group, c.visual, c.text, told, c.pooling, c.set_sizes
                 )
     return out

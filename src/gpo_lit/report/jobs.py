@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpo_lit.config_dict import config_dict
 from gpo_lit.errors import GpoLitError
 
 
@@ -69,7 +70,10 @@ def select(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         try:
-            value = node._get_node(leaf)._value()  # noqa: SLF001 - the raw ``${...}`` text
+            raw = node._get_node(leaf)  # noqa: SLF001
+            if raw is None:
+                return default
+            value = raw._value()  # noqa: SLF001 - the raw ``${...}`` text
         except Exception:  # noqa: BLE001
             return default
     if isinstance(value, DictConfig) or OmegaConf.is_config(value):
@@ -166,7 +170,7 @@ def optuna_note(sweep_dir: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        found = OmegaConf.to_container(OmegaConf.load(path))
+        found = config_dict(OmegaConf.load(path), resolve=False)
         value, params = float(found["best_value"]), found["best_params"]
     except Exception as err:  # noqa: BLE001 - a note, not a reason to stop the report
         return f"{path.name}: unreadable ({type(err).__name__})"

@@ -97,11 +97,11 @@ def kmax_grids(rows: Sequence[Row]) -> list[KGrid]:
         gpo = [r for r in rs if r.n and all(is_gpo(r.config.node(m)) for m in MODALITIES)]
         for r in rs:
             vis, txt = r.config.node("visual"), r.config.node("text")
-            ks = vis.get("k"), txt.get("k")
+            vk, tk = vis.get("k"), txt.get("k")
             both_kmax = vis.get("name") == "kmax" == txt.get("name")
             has_rsum = not math.isnan(rsum(r))  # eccv / cxc have none: no grid
-            if r.n and has_rsum and both_kmax and all(isinstance(k, int) for k in ks):
-                by_other.setdefault(r.config.other, {})[ks] = r
+            if r.n and has_rsum and both_kmax and isinstance(vk, int) and isinstance(tk, int):
+                by_other.setdefault(r.config.other, {})[vk, tk] = r
         for other, cells in by_other.items():
             vks = sorted({v for v, _ in cells})
             tks = sorted({t for _, t in cells})

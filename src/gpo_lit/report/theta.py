@@ -55,7 +55,8 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
         out = {}
         for modality in MODALITIES:
             pool = create_pooling(dim=hp["embed_dim"], **pooling_for(hp, modality))
-            if not hasattr(pool, "weights_for_length"):
+            weights_for_length = getattr(pool, "weights_for_length", None)  # GPO-like poolings
+            if weights_for_length is None:
                 continue
             prefix = f"{pool_attr(modality)}."
             pool.load_state_dict(
@@ -63,7 +64,7 @@ def load_gpo_weights(path: str | Path, sizes: dict[str, int]) -> dict[str, np.nd
             )
             pool.eval()
             with torch.no_grad():
-                theta = pool.weights_for_length(int(sizes[modality])).float()
+                theta = weights_for_length(int(sizes[modality])).float()
             out[modality] = (theta.mean(-1) if theta.dim() > 1 else theta).numpy().copy()
         return out
     except Exception as err:  # noqa: BLE001 - one line naming the file

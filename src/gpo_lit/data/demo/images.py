@@ -108,8 +108,8 @@ def render_scene(objs: np.ndarray, size: int, rng: np.random.Generator):
     for colour, shape, big, pos in sorted(objs.tolist(), key=lambda o: -o[2]):
         cx, cy = (np.array(CENTRES[pos]) + rng.normal(0, 0.03, 2)) * size
         r = RADIUS[big] * size * rng.uniform(0.9, 1.1)
-        fill = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in RGB[names[colour]])
-        _shape(draw, shape, cx, cy, r, fill)
+        red, green, blue = (int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in RGB[names[colour]])
+        _shape(draw, shape, cx, cy, r, (red, green, blue))
     x = np.asarray(im, dtype=np.float32) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "RGB")
 

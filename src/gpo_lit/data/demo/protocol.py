@@ -22,14 +22,17 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import write_atomic
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a settings dataclass
 
 
 def check_counts(prefix: str, **values: Any) -> None:
@@ -42,7 +45,7 @@ def check_counts(prefix: str, **values: Any) -> None:
 def settings_of(cls: type[T], who: str, settings: dict[str, Any]) -> T:
     """The settings dataclass ``cls`` of generator ``who`` from keyword ``settings`` (an unknown
     name is one line naming ``who``; ``cls`` checks the values)."""
-    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(settings) - set(known))
     expect(not unknown, who, f"settings among {', '.join(known)}", ", ".join(unknown))
     return cls(**settings)

@@ -52,6 +52,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -71,7 +72,8 @@ GENERATOR_VERSION = 2
 META_FILE = "demo_meta.json"
 SPLITS = ("train", "dev", "test")
 
-ATTRS = (COLOURS, SHAPES, SIZES, POSITIONS)  # object = one index into each (demo.vocab)
+# object = one index into each (demo.vocab)
+ATTRS: tuple[dict[str, Any], ...] = (COLOURS, SHAPES, SIZES, POSITIONS)
 
 LATENT, HIDDEN, CLUTTER_RANK = 32, 192, 8
 N_OBJECTS_P = np.array([0.15, 0.35, 0.3, 0.2])  # P(1..4 objects)
@@ -191,7 +193,8 @@ def _split(world: _World, n: int, n_regions: int, k: int, rng: np.random.Generat
     """Scenes (int ``[n_obj, 4]`` each), features float32 ``[n, R, D]`` and ``n * k`` captions of
     one split, all from ``rng`` in one fixed order."""
     ims = np.empty((n, n_regions, world.w2.shape[1]), np.float32)
-    scenes, caps = [], []
+    scenes: list[np.ndarray] = []
+    caps: list[str] = []
     for i in tqdm(range(n), desc="demo data: scenes", unit="scene", mininterval=1.0):
         objs = _scene(rng)
         ims[i] = _image(world, objs, n_regions, rng)

@@ -32,11 +32,19 @@ class SplitReader(Protocol):
     """
 
     path: Path  # the main feature file (named in errors)
-    n_images: int
-    n_captions: int
     cap2img: np.ndarray  # int64 [n_captions]: caption → item index
     feat_dim: int
     captions: list[str]
+
+    @property
+    def n_images(self) -> int:
+        """Number of items."""
+        ...
+
+    @property
+    def n_captions(self) -> int:
+        """Number of captions."""
+        ...
 
     def image(self, i: int) -> np.ndarray:
         """Features of item ``i``: float32 ``[n, D]`` (regions, grid cells or frames)."""
@@ -138,6 +146,7 @@ class ReaderBase:
 
     captions: list[str]
     cap2img: np.ndarray
+    captions_per_image: float  # k; shards: the mean, as the count may vary per item
     path: Path
     item = "image"  # what one item is called in messages ("video" for video readers)
 

@@ -255,7 +255,7 @@ class ImageSplit(ReaderBase):
             box = train_crop_box(im.width, im.height, rng, self.crop_min_ratio)
             im = im.resize((self.image_size, self.image_size), self._filter(), box=box)
             if rng.random() < self.hflip_p:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)  # type: ignore[attr-defined]
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             rng.random()  # keep the random stream aligned
         return self._to_array(im)

@@ -62,7 +62,7 @@ def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, bool, 
 def pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     """Fill the uint8 array ``buf`` from ``fd`` at ``offset`` (positioned reads: no shared file
     position, so threads and forked workers never disturb one another)."""
-    view, done = memoryview(buf), 0
+    view, done = buf.data, 0  # memoryview(buf), which numpy's stubs reject before Python 3.12
     while done < len(view):  # one read returns at most ~2 GiB on Linux; loop on short reads
         if hasattr(os, "preadv"):
             n = os.preadv(fd, [view[done:]], offset + done)

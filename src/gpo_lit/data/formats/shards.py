@@ -226,10 +226,10 @@ class ShardSplit(ImageSplit):
                     if text:  # metadata-only keys (e.g. a failed download) count as bad
                         self.skipped.add("no_image", here)
                     continue
-                small = {}
-                for e, m in text.items():
+                small: dict[str, bytes] = {}
+                for part, m in text.items():
                     f.seek(m.offset_data)
-                    small[e] = f.read(m.size)
+                    small[part] = f.read(m.size)
                 caps = _captions_of(small, here, self.skipped)
                 if caps is None:
                     continue
@@ -350,6 +350,7 @@ def write_shards(
             # closed by finish() once the shard is full
             tar = tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             written.append(target)
+        assert tar is not None  # opened at n == 0
         text = json.dumps({"key": key, "captions": list(caps)}).encode()
         for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caps[0].encode()),
                               (f"{key}.json", text)):  # fmt: skip
