@@ -88,3 +88,17 @@ def test_worker_batches_are_built_in_shared_memory(tmp_path: Path) -> None:
     got = next(iter(loader))
     assert got["img"].is_shared()
     torch.testing.assert_close(got["img"], want["img"], rtol=0, atol=0)
+
+
+def test_buffers_from_an_inference_mode_batch_are_writable_afterwards() -> None:
+    """Lightning evaluates under torch.inference_mode: a pooled buffer handed out there must be
+    an ordinary tensor that the next training batch can be written into."""
+    buffers = BatchBuffers()
+    sets = [torch.ones(3, 2), torch.ones(1, 2)]
+    with torch.inference_mode():
+        out, _ = pad_sets(sets, buffers)
+        assert not out.is_inference()
+    del out
+    again, lengths = pad_sets([torch.full((2, 2), 2.0), torch.full((3, 2), 3.0)], buffers)
+    assert lengths.tolist() == [2, 3]
+    assert again[0, :2].eq(2).all() and again[0, 2].eq(0).all() and again[1].eq(3).all()

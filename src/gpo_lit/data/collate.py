@@ -41,7 +41,14 @@ class BatchBuffers:
         return torch._C._storage_Use_Count(flat.untyped_storage()._cdata) <= 2
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """An uninitialised tensor of ``shape`` (a view of a pooled buffer when one is free)."""
+        """An uninitialised tensor of ``shape`` (a view of a pooled buffer when one is free).
+
+        Always a normal tensor, also when called under ``torch.inference_mode`` (Lightning's
+        evaluation loops): an inference tensor in the pool could not be written after them."""
+        with torch.inference_mode(False):
+            return self._empty(shape, dtype)
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         numel = int(np.prod(shape))
         if not hasattr(torch._C, "_storage_Use_Count"):  # a torch without it: no reuse
             return torch.empty(shape, dtype=dtype)
