@@ -61,6 +61,7 @@ SMALL = [
     "data.eval_batch_size=60",
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",  # a CSV row every step: a lost or repeated step shows
+    "callbacks.last_checkpoint.train_time_interval=null",  # steps instead of minutes
     "callbacks.last_checkpoint.every_n_train_steps=4",
 ]
 

@@ -407,7 +407,8 @@ def test_nan_row_in_a_worker_is_one_line_on_the_command_line(data, tmp_path) -> 
 
 def test_diverging_lr_says_so_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys) -> None:
     run_dir = tmp_path / "fresh_run"
-    over = ["optim.lr=1e6", "callbacks.last_checkpoint.every_n_train_steps=1", "logger=none"]
+    steps = "callbacks.last_checkpoint.train_time_interval=null"  # steps instead of minutes
+    over = ["optim.lr=1e6", steps, "callbacks.last_checkpoint.every_n_train_steps=1", "logger=none"]
     cfg = compose_cfg("train", *train_overrides(data, run_dir), *over)
     msg = task_error(train, cfg, capsys)
     head = (

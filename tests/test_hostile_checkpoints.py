@@ -83,6 +83,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         *TINY,
         f"paths.data_dir={root / 'data'}",
         f"paths.output_dir={root / 'run'}",
+        "callbacks.last_checkpoint.train_time_interval=null",
         "callbacks.last_checkpoint.every_n_train_steps=4",
     )
     gpo_train.train(cfg)

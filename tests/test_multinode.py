@@ -29,6 +29,7 @@ COMMON = [
     "trainer.accelerator=cpu",
     "trainer.limit_train_batches=3",
     "trainer.log_every_n_steps=1",
+    "callbacks.last_checkpoint.train_time_interval=null",
     "callbacks.last_checkpoint.every_n_train_steps=2",  # a mid-epoch last.ckpt to resume from
     "logger=csv",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
@@ -68,6 +69,9 @@ class VSEModel(pl.LightningModule):
             ``coco_ids`` (folder of the CxC id files for eccv / cxc; None: found beside the data root).
         uncertainty_bias_init: log σ² of those heads at initialisation (their Linear's bias).
         vocab: the BiGRU vocabulary as an id-ordered word list (None for HF tokenizers).
+        compile: ``torch.compile`` the encoders and pooling heads (:mod:`gpo_lit.compile`);
+            :func:`load_model` always builds the eager model.
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``eager`` to test).
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class VSEModel(pl.LightningModule):
         uncertainty_pooling: dict | None = None,
         vocab: list[str] | None = None,
         uncertainty_bias_init: float = 0.0,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run config is logged whole instead
@@ -104,6 +110,12 @@ class VSEModel(pl.LightningModule):
             bias = uncertainty_bias_init
             self.visual_uncertainty = UncertaintyHead(embed_dim, head_pool, bias)
             self.text_uncertainty = UncertaintyHead(embed_dim, head_pool, bias)
+        if compile:
+            from gpo_lit.compile import compile_modules
+
+            heads = (self.visual_uncertainty, self.text_uncertainty)
+            parts = (self.visual_encoder, self.text_encoder, self.visual_pool, self.text_pool)
+            compile_modules((*parts, *heads), compile_backend)
         self.optim_cfg = optim
         check_ties(evaluation.get("ties", "pessimistic"))  # not after the first epoch
         self.eval_cfg = evaluation
@@ -117,6 +129,7 @@ class VSEModel(pl.LightningModule):
         # What each stage's last evaluation ranked, for the callbacks (gpo_lit.callbacks).
         self.evaluated: dict[str, RankedEmbeddings] = {}
         self.loss_watch = LossWatch(optim["lr"])
+        self._step_loss: Tensor | None = None  # the last training step's loss (progress bar)
         self.val_rsum_best = float("-inf")  # the best validation rsum so far
         self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
 
@@ -166,8 +179,12 @@ class VSEModel(pl.LightningModule):
         out = self.loss_fn.training_loss(pairs, self._step_info(batch_idx))
         loss = out.value * self.loss_scale
         self.loss_watch.update(loss, self.global_step, self.current_epoch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
+        self._step_loss = loss.detach()
+        # No prog_bar here: Lightning reads a progress-bar value back every step (a host sync);
+        # Python numbers are logged as CPU tensors (Lightning would copy them to the device).
+        self.log("train/loss", loss, batch_size=img.shape[0])
         for key, value in out.logs.items():
+            value = value if isinstance(value, Tensor) else torch.tensor(float(value))
             self.log(f"train/{key}", value, batch_size=img.shape[0])
         return loss
 
@@ -177,6 +194,8 @@ class VSEModel(pl.LightningModule):
         every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]
         if self.global_step % max(1, every) == 0:
             self.loss_watch.check()
+            if self._step_loss is not None:  # the progress bar's loss: a CPU copy, read here only
+                self.log("loss", self._step_loss.cpu(), prog_bar=True, logger=False)
 
     def on_train_epoch_end(self) -> None:
         self.loss_watch.check()
@@ -324,6 +343,7 @@ def load_model(path: str | Path) -> tuple[VSEModel, dict | None]:
     evaluation = hp.get("evaluation")
     if isinstance(evaluation, dict):
         hp = {**hp, "evaluation": {k: v for k, v in evaluation.items() if k in EVALUATION_KEYS}}
+    hp = {**hp, "compile": False}  # how the writing machine ran it, not part of the model
     try:
         model = VSEModel(**hp)
     except Exception as err:  # noqa: BLE001 - stored hyper-parameters are user input
