@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.test_train_eval import ENV
+from helpers import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
