@@ -266,7 +266,7 @@ def main() -> None:
     total = args.steps + args.warmup
     tmp = Path(tempfile.mkdtemp(prefix="train_throughput_"))
     try:
-        from gpo_lit.data.demo import generate_demo
+        from gpo_lit.data.demo.regions import generate_demo
 
         sizes = {"n_train": 600, "n_dev": 50, "n_test": 50} if args.smoke else {}
         data_dir = tmp / "data_smoke" if args.smoke else args.data or ROOT / "data"

@@ -230,7 +230,7 @@ def check_round_trip(
     encoder): the same embeddings."""
     from gpo_lit.data.formats.precomp import PrecompSplit
     from gpo_lit.encoders.grid import GridCellEncoder, GridEncoder
-    from gpo_lit.extract import extract_split
+    from gpo_lit.feature_writer import extract_split
     from gpo_lit.train import build_vocab
 
     common = (*TINY_GRID_DEMO, f"paths.data_dir={tmp_path / 'data'}", "data.eval_batch_size=16")

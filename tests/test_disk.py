@@ -16,10 +16,10 @@ import pytest
 import torch
 from helpers import SMALL, TESTS_ENV, one_line_error, run
 
-import gpo_lit.extract
+import gpo_lit.feature_writer
 from gpo_lit.checkpoint_io import AtomicCheckpointIO, tensor_bytes
 from gpo_lit.errors import GpoLitError
-from gpo_lit.extract import extract_split
+from gpo_lit.feature_writer import extract_split
 from gpo_lit.files import reserve
 
 KW = {"settings": {"backbone": "tiny"}, "batch_size": 2, "flush_every": 1, "progress": False}
@@ -70,7 +70,7 @@ def test_features_are_allocated_on_disk_before_rows_are_written(
 
     reserved: list[tuple[Path, int]] = []
     monkeypatch.setattr(
-        gpo_lit.extract,
+        gpo_lit.feature_writer,
         "reserve",
         lambda p, n, what: reserved.append((Path(p), n)) or reserve(p, n, what),
     )

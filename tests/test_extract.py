@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from gpo_lit.data.formats.images import ImageSplit
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError
-from gpo_lit.extract import extract, extract_split
+from gpo_lit.extract import extract
+from gpo_lit.feature_writer import extract_split
 from gpo_lit.train import build_vocab
 
 TINY = TINY_BACKBONE
