@@ -7,32 +7,15 @@ import copy
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import TINY_BACKBONE
 from hydra import compose, initialize_config_dir
 
 from gpo_lit.cli import CONF_DIR
+from gpo_lit.data.formats.images import ImageSplit
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.errors import GpoLitError
 from gpo_lit.feature_writer import extract_split, progress_path, share
-
-TINY = "test_resnet.r160_in1k"
-
-
-class FakeSplit:
-    """Nine random 32-px images in their evaluation view (what extract_split reads)."""
-
-    split = "test"
-
-    def __init__(self, n: int = 9) -> None:
-        rng = np.random.default_rng(0)
-        self.images = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
-        self.n_images = n
-        self.captions = [f"image {i} caption {j}" for i in range(n) for j in range(5)]
-        self.image_ids = [str(100 + i) for i in range(n)]
-
-    def image(self, i: int) -> np.ndarray:
-        return self.images[i]
 
 
 @pytest.mark.parametrize(("n", "bs", "world"), [(9, 2, 2), (9, 2, 3), (40, 7, 4), (3, 4, 2)])
@@ -77,10 +60,15 @@ def _ranks(encoder, split, out: Path, world: int, die: dict[int, int] | None = N
 
 
 def test_two_ranks_write_the_one_process_file_byte_for_byte(
-    tmp_path: Path, encoder: GridEncoder
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
 ) -> None:
-    split = FakeSplit()
-    kw = {"settings": {"backbone": TINY}, "batch_size": 2, "flush_every": 1, "progress": False}
+    split = tree_split
+    kw = {
+        "settings": {"backbone": TINY_BACKBONE},
+        "batch_size": 2,
+        "flush_every": 1,
+        "progress": False,
+    }
     ref = extract_split(encoder, split, tmp_path / "one", **kw)
     errors, calls = _ranks(encoder, split, tmp_path / "two", 2, **kw)
     assert errors == {}
@@ -92,8 +80,10 @@ def test_two_ranks_write_the_one_process_file_byte_for_byte(
     )  # captions, ids; no progress record left
 
 
-def test_a_killed_rank_resumes_where_it_stopped(tmp_path: Path, encoder: GridEncoder) -> None:
-    split = FakeSplit()
+def test_a_killed_rank_resumes_where_it_stopped(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    split = tree_split
     kw = {"settings": {}, "batch_size": 2, "flush_every": 1, "progress": False, "wait_s": 1.0}
     ref = extract_split(encoder, split, tmp_path / "one", **kw).read_bytes()
     out = tmp_path / "two"
@@ -111,9 +101,9 @@ def test_a_killed_rank_resumes_where_it_stopped(tmp_path: Path, encoder: GridEnc
 
 
 def test_a_resume_with_another_number_of_ranks_is_refused(
-    tmp_path: Path, encoder: GridEncoder
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
 ) -> None:
-    split = FakeSplit()
+    split = tree_split
     kw = {"settings": {}, "batch_size": 2, "flush_every": 1, "progress": False, "wait_s": 0.5}
     _ranks(encoder, split, tmp_path, 2, die={1: 1}, **kw)
     with pytest.raises(GpoLitError, match=r"test_ims\.partial\.npy: expected an interrupted"):
