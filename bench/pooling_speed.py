@@ -132,8 +132,8 @@ def main() -> None:
     ap.add_argument(
         "--nn-gru",
         action="store_true",
-        help="GPO's generator through nn.GRU (the default, model.pooling.cpu_kernels=false) "
-        "instead of gpo_lit.pooling.gru_scan and the packed sort (cpu_kernels=true, what the README figures use)",
+        help="GPO's generator through nn.GRU (model.pooling.cpu_kernels=false) "
+        "instead of gpo_lit.pooling.gru_scan and the packed sort (cpu_kernels=true, the default)",
     )
     args = ap.parse_args()
     if args.smoke:
