@@ -87,6 +87,20 @@ def test_timed_last_checkpoint_and_logging_without_per_step_reads(tmp_path, monk
     assert {float(r["train/negative_pool"]) for r in train} == {31.0}
 
 
+def test_a_run_shorter_than_the_interval_ends_with_one_last_checkpoint(tmp_path) -> None:
+    # gpo_lit saves last.ckpt when training ends, and so does Lightning's save_last callback when
+    # its clock never came due; the second save must replace the file, not add last-v1.ckpt.
+    run_dir = tmp_path / "run"
+    train_here(
+        run_dir, "experiment=demo", *TINY_DEMO, "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "logger=csv", "test_after_fit=false",
+    )  # fmt: skip
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(names) == 2 and names[1] == "last.ckpt" and names[0].startswith("best-"), names
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
+
+
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     """4 pairs for :func:`helpers.tiny_model`: 6-d region sets of 2..5, captions of 2..6 words."""
     g = torch.Generator().manual_seed(seed)
