@@ -61,9 +61,10 @@ class BiGRUTextEncoder(nn.Module):
         embed_dim: GRU hidden width = joint embedding width d.
         num_layers: GRU layers (1).
         cpu_recurrence: on the CPU, run the one-layer GRU with :mod:`gpo_lit.encoders.gru_cpu`
-            (same numbers as packing, to float rounding; fewer, larger products) instead of
-            ``nn.GRU`` on a packed sequence; when the vocabulary has fewer words than the batch
-            has tokens (the demo), the input projection is computed per word. Same parameters.
+            (same numbers as packing, to float rounding; fewer, larger products; the default, as
+            in the config) instead of ``nn.GRU`` on a packed sequence (False, as the authors'
+            code); when the vocabulary has fewer words than the batch has tokens (the demo), the
+            input projection is computed per word. Same parameters.
 
     On an accelerator the GRU runs unpacked (:func:`bigru_unpacked`: no host sync for the
     lengths) and the output keeps the padded width L (the collate pads to the longest caption,
@@ -76,7 +77,7 @@ class BiGRUTextEncoder(nn.Module):
         word_dim: int = 300,
         embed_dim: int = 1024,
         num_layers: int = 1,
-        cpu_recurrence: bool = False,
+        cpu_recurrence: bool = True,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim)
