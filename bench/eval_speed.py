@@ -12,8 +12,9 @@ fixed seed). Side by side in one run:
       the package's COCO test ids; only at the default sizes, and when eccv-caption is installed).
   (e) memory at scale: ``retrieval_ranks`` on 25,000 images × 125,000 captions (the full matrix
       would be 12 GB) in a fresh subprocess, peak RSS above its inputs (target: within 1 GB).
-Times are the min (and median) over interleaved repeats, wall clock and process CPU time (the
-latter is less sensitive to other jobs on a shared machine). Peak memory is measured once per
+Times are the min (and median) over alternating rounds (matmul then ours, ours then matmul, ...;
+both under the same ``--threads``), wall clock and process CPU time (the latter is less sensitive
+to other jobs on a shared machine; other jobs only ever add time, hence the min). Peak memory is measured once per
 method in a fresh subprocess (see the printed method). Also checks ours == naive on the subset.
 
 Usage: ``python bench/eval_speed.py [--device cuda] [--repeats 3] [--threads N] [--no-large]``.
@@ -238,9 +239,13 @@ def main() -> None:
     # (a) and (b), interleaved so that background load hits both alike.
     run_ours(img, cap, cap2img, args.shard_size)  # warm-up (allocator, BLAS)
     times: dict[str, list[tuple[float, float]]] = {"matmul": [], "ours": []}
-    for _ in range(args.repeats):
-        times["matmul"].append(timed(lambda: run_matmul(img, cap), device))
-        times["ours"].append(timed(lambda: run_ours(img, cap, cap2img, args.shard_size), device))
+    runs = {
+        "matmul": lambda: run_matmul(img, cap),
+        "ours": lambda: run_ours(img, cap, cap2img, args.shard_size),
+    }
+    for r in range(args.repeats):  # alternating rounds: A/B, then B/A, ...
+        for name in ("matmul", "ours") if r % 2 == 0 else ("ours", "matmul"):
+            times[name].append(timed(runs[name], device))
 
     # (d) the whole COCO-5K evaluation (R@K + ECCV + CxC), when the ids exist.
     ids = coco_ids(n_img, args.per_image)

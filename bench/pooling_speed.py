@@ -3,9 +3,12 @@
 Grid: B ∈ {32, 128, 512} sets × N ∈ {36, 100, 256} elements, D = 1024, at 1 and 2 CPU threads
 (``torch.set_num_threads``); lengths as after region size augmentation (each element kept with
 p=0.8, at least one; on the benchmark device, as after a Lightning batch transfer). In each cell
-both operators are timed interleaved (so both see the same machine state): warm-up, then the
-median of several repeats of the wall-clock time (synchronised; fewer repeats in large cells); on
-CUDA also the GPU time with the host running ahead.
+both operators are timed in alternating rounds (A/B, then B/A, on the same batch, so both see the
+same machine state): warm-up, then the minimum over the rounds of the wall-clock and of the
+process-CPU time (synchronised; fewer rounds in large cells): on a shared machine other jobs only
+ever add time, so the minimum is the least disturbed figure. On CUDA also the GPU time with the
+host running ahead. The load average is printed at the start, before each thread count, and at
+the end.
 
 Memory: the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``; each
 storage counted once, parameters included) divided by the input's bytes: what a forward keeps
@@ -76,6 +79,11 @@ def device_time(pool, x: torch.Tensor, lengths: torch.Tensor) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def loadavg() -> str:
+    """``os.getloadavg()`` (1, 5, 15 min) as text."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def make_batch(b: int, n: int, d: int, keep: float, device: torch.device):
     """Features ``[b, n, d]`` and lengths ~Binomial(n, keep) clamped to >= 1, fresh per step."""
     lengths = torch.distributions.Binomial(n, torch.full((b,), keep)).sample()
@@ -83,7 +91,8 @@ def make_batch(b: int, n: int, d: int, keep: float, device: torch.device):
 
 
 def run_cell(pools, b: int, n: int, d: int, args, device: torch.device) -> dict[str, float]:
-    """Median fwd+bwd ms per operator (and GPU ms on CUDA), saved/input ratio, distinct lengths."""
+    """Min fwd+bwd ms per operator over alternating rounds (and GPU ms on CUDA), wall and CPU
+    time, saved/input ratio, distinct lengths."""
     # Repeats shrink with the cell's size so the whole grid stays within a few minutes.
     repeats = max(2, min(args.repeats, int(args.repeats * 32 * 36 / (b * n))))
     warmup = 1 if b * n > 128 * 100 else args.warmup
@@ -91,20 +100,22 @@ def run_cell(pools, b: int, n: int, d: int, args, device: torch.device) -> dict[
     cpu: dict[str, list[float]] = {name: [] for name in pools}
     dev: dict[str, list[float]] = {name: [] for name in pools}
     distinct = []
+    names = list(pools)
     for step in range(warmup + repeats):
         x, lengths = make_batch(b, n, d, args.keep, device)
         distinct.append(len(lengths.unique()))
-        for name, pool in pools.items():
+        for name in names if step % 2 else names[::-1]:  # alternate which one goes first
+            pool = pools[name]
             t, c = time_step(pool, x, lengths, device)
             if step >= warmup:
                 times[name].append(t)
                 cpu[name].append(c)
                 if device.type == "cuda":
                     dev[name].append(device_time(pool, x, lengths))
-    res = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
-    res.update({f"{k}_cpu_ms": statistics.median(v) * 1e3 for k, v in cpu.items()})
+    res = {f"{k}_ms": min(v) * 1e3 for k, v in times.items()}
+    res.update({f"{k}_cpu_ms": min(v) * 1e3 for k, v in cpu.items()})
     if device.type == "cuda":
-        res.update({f"{k}_gpu_ms": statistics.median(v) * 1e3 for k, v in dev.items()})
+        res.update({f"{k}_gpu_ms": min(v) * 1e3 for k, v in dev.items()})
     in_bytes = x.numel() * x.element_size()
     for name, pool in pools.items():
         res[f"{name}_mem"] = saved_bytes(pool, x, lengths) / in_bytes
@@ -122,7 +133,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--keep", type=float, default=0.8, help="element keep probability")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=9, help="repeats in the smallest cell")
+    ap.add_argument("--repeats", type=int, default=9, help="rounds in the smallest cell")
     ap.add_argument(
         "--full",
         action="store_true",
@@ -145,7 +156,7 @@ def main() -> None:
     d = args.dim
     extra = {"max": {}, "gpo": {"cpu_kernels": not args.nn_gru}}
     pools = {n: create_pooling(n, dim=d, **extra[n]).to(device).train() for n in ("max", "gpo")}
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = loadavg()
     print(f"device={device} D={d} keep={args.keep} load average (1, 5, 15 min) at start: {load}")
     print(
         f"GPO generator: {'nn.GRU' if args.nn_gru else 'pooling.gru_scan + packed sort (cpu_kernels=true)'}"
@@ -160,6 +171,7 @@ def main() -> None:
     worst = worst_cpu = 0.0
     for threads in args.threads:
         torch.set_num_threads(threads)
+        print(f"| {threads} thread(s): load average {loadavg()} |", flush=True)
         for b in args.batches:
             for n in args.regions:
                 if b * n > MAX_CELL and not args.full:
@@ -177,7 +189,7 @@ def main() -> None:
                     f"{r['distinct']:.0f} | {r['repeats']} | {cpu_ratio:.2f}x |",
                     flush=True,
                 )
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = loadavg()
     print(
         f"worst gpo/max: {worst:.2f}x wall, {worst_cpu:.2f}x CPU time (target <= 3x); "
         f"load average at end: {load}"

@@ -245,6 +245,13 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def demo_settings() -> dict[str, int]:
+    """The ``demo:`` block of ``conf/data/demo.yaml``: the files ``experiment=demo`` expects."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/data/demo.yaml").demo))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--authors", type=Path, default=None, help="checkout of vse_infty (bigru)")
@@ -270,7 +277,9 @@ def main() -> None:
 
         sizes = {"n_train": 600, "n_dev": 50, "n_test": 50} if args.smoke else {}
         data_dir = tmp / "data_smoke" if args.smoke else args.data or ROOT / "data"
-        demo = generate_demo(data_dir / "demo", **sizes)  # what experiment=demo reads
+        # what experiment=demo reads: conf/data/demo.yaml's settings (they differ from the
+        # generator's defaults), a smaller split with --smoke
+        demo = generate_demo(data_dir / "demo", **{**demo_settings(), **sizes})
         args.overrides += [f"data.demo.{k}={v}" for k, v in sizes.items()]
         code = None
         if args.authors is not None:

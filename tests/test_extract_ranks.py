@@ -226,3 +226,38 @@ def test_launched_ranks_resume_after_one_is_killed(tmp_path: Path) -> None:
     again = [launch("two", r, 2, f"r3-{r}") for r in (0, 1)]
     assert [p.wait(300) for p in again] == [0, 0], again[0].stderr.read()[-2000:]
     assert (tmp_path / "two" / "test_ims.npy").read_bytes() == ref
+
+
+_LAUNCH_ENV = (
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "launched", "world", "want"),
+    [
+        ({}, False, 4, 4),  # extract.devices=4 spawned here: all four share this machine
+        ({"LOCAL_WORLD_SIZE": "4"}, True, 8, 4),  # torchrun, 2 nodes x 4
+        ({"SLURM_PROCID": "5", "SLURM_TASKS_PER_NODE": "4(x2)"}, True, 8, 4),
+        ({"SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "2,1"}, True, 3, 2),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS_PER_NODE": "2"}, True, 8, 2),
+        ({}, True, 3, 3),  # a launch that says nothing: assume one machine
+    ],
+)
+def test_extract_threads_divide_this_machines_cores_among_its_ranks(
+    monkeypatch, env, launched, world, want
+) -> None:
+    from gpo_lit import extract as ex
+
+    for key in _LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 16)
+    assert ex.ranks_on_this_machine(world, launched) == want
+    assert ex.rank_threads(world, launched) == 16 // want
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
+    assert ex.rank_threads(world, launched) == max(1, 2 // want)

@@ -79,10 +79,11 @@ def test_text_encoder_same_with_and_without_cpu_recurrence(vocab: int) -> None:
 
 
 def test_gpo_cpu_kernels_equal_the_default_path() -> None:
-    """GPO with ``cpu_kernels`` (generator through pooling.gru_scan) equals the default nn.GRU
-    path: pooled output and every gradient (a float64 module, tie-free input)."""
+    """GPO with ``cpu_kernels`` (generator through pooling.gru_scan; the default) equals the
+    authors' nn.GRU path (``cpu_kernels=False``): pooled output and every gradient (a float64
+    module, tie-free input)."""
     torch.manual_seed(0)
-    slow_gpo = create_pooling(name="gpo", dim=5).double()
+    slow_gpo = create_pooling(name="gpo", dim=5, cpu_kernels=False).double()
     fast_gpo = create_pooling(name="gpo", dim=5, cpu_kernels=True).double()
     fast_gpo.load_state_dict(slow_gpo.state_dict())
     x = torch.randn(6, 8, 5, dtype=torch.float64, requires_grad=True)
@@ -92,3 +93,24 @@ def test_gpo_cpu_kernels_equal_the_default_path() -> None:
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(fast[1], slow[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bigru_unpacked_equals_packed_gru(layers: int) -> None:
+    """The accelerator path (no host lengths: each direction one GRU call over the padded batch,
+    the reverse one within each length) gives packing's outputs and every gradient, on the CPU
+    in float64; past each length zeros, and the padding's inputs get no gradient."""
+    from gpo_lit.encoders.text_gru import bigru_unpacked
+
+    torch.manual_seed(layers)
+    gru = torch.nn.GRU(6, 4, layers, batch_first=True, bidirectional=True).double()
+    x = torch.randn(9, 7, 6, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 1, 3, 7, 5, 2, 6, 4, 1])
+    params = [x, *gru.parameters()]
+    want, want_g = _outputs_and_grads(lambda: _packed_reference(gru, x, lengths), params)
+    got, got_g = _outputs_and_grads(lambda: bigru_unpacked(gru, x, lengths), params)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    valid = torch.arange(7)[None] < lengths[:, None]
+    assert (got[~valid] == 0).all() and (got_g[0][~valid] == 0).all()

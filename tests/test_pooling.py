@@ -203,8 +203,9 @@ def test_gpo_parameter_count_and_checkpoint_names():
     assert "linear.bias" not in keys
 
 
-def test_gpo_matches_brute_force_reference():
-    gpo = make("gpo")
+@pytest.mark.parametrize("cpu_kernels", [False, True])  # the authors' path, and the default
+def test_gpo_matches_brute_force_reference(cpu_kernels):
+    gpo = make("gpo", cpu_kernels=cpu_kernels)
     x, lengths = make_batch(seed=6)
     pooled, theta = gpo(x, lengths, return_weights=True)
     torch.testing.assert_close(pooled, ref_gpo(gpo, x, lengths), rtol=1e-5, atol=1e-5)
@@ -415,8 +416,9 @@ def test_gpo_gradients_reach_generator_and_features():
     assert (x.grad[~valid_mask(lengths, N)] == 0).all()
 
 
-def test_gpo_gradients_match_brute_force_reference():
-    gpo = make("gpo")
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_gpo_gradients_match_brute_force_reference(cpu_kernels):
+    gpo = make("gpo", cpu_kernels=cpu_kernels)
     x, lengths = make_batch(seed=16)
     x1 = x.clone().requires_grad_(True)
     gpo(x1, lengths).pow(2).sum().backward()

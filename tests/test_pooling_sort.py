@@ -32,3 +32,21 @@ def test_sort_packed_values_positions_and_padding(n):
     )
     picked = np.take_along_axis(xt.masked_fill(pad, 0.0).numpy(), idx.long().numpy(), -1)
     np.testing.assert_array_equal(picked, values.numpy())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sort_rows_split_over_threads_equals_one_sort(threads, monkeypatch):
+    # The rows split into bands sorted by several threads give numpy's one sort, whatever the
+    # thread count (bands of unequal size included: 1001 rows over 2 or 3 threads).
+    from gpo_lit.pooling import gpo
+
+    monkeypatch.setattr(gpo, "_PARALLEL_SORT_MIN", 64)
+    rows = np.random.default_rng(threads).standard_normal((1001, 37))
+    want = np.sort(rows, axis=-1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gpo.sort_rows_(rows)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(rows, want)

@@ -92,6 +92,28 @@ def launcher_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def ranks_on_this_machine(world: int, launched: bool) -> int:
+    """How many of the ``world`` ranks share this machine's cores: under torchrun its
+    ``LOCAL_WORLD_SIZE``, under SLURM the tasks per node (``SLURM_NTASKS_PER_NODE``, else the
+    first count of ``SLURM_TASKS_PER_NODE`` such as ``4(x2)``); processes spawned here (not
+    ``launched``) are all on this machine, and so is a launch that says nothing."""
+    if launched:
+        env = os.environ
+        if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+            return max(1, int(env["LOCAL_WORLD_SIZE"]))
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "") or env.get("SLURM_TASKS_PER_NODE", "")
+        first = per_node.split(",")[0].split("(")[0]
+        if "SLURM_PROCID" in env and first.isdigit():
+            return max(1, min(world, int(first)))
+    return max(1, world)
+
+
+def rank_threads(world: int, launched: bool) -> int:
+    """torch CPU threads per rank when ``world`` ranks extract: this machine's cores divided
+    among the ranks on it (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // ranks_on_this_machine(world, launched))
+
+
 def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) -> dict[str, Path]:
     """Extract every split of ``cfg.extract.splits``; returns ``{split: feature file}``.
 
@@ -100,6 +122,7 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     """
     check_config(cfg)
     ex = cfg.extract
+    launched = rank is None
     if rank is None:
         rank, world, local = launcher_ranks()
         if world == 1 and ex.devices > 1:
@@ -116,7 +139,7 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     if ex.get("num_threads"):
         torch.set_num_threads(ex.num_threads)
     elif world > 1:  # ranks of one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ex.devices)))
+        torch.set_num_threads(rank_threads(world, launched))
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"
