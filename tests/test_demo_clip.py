@@ -58,6 +58,48 @@ def test_loss_sweep_is_loss_by_visual_by_text_pooling() -> None:
         assert str(params[key]).split(",") == ["gpo", "max", "mean"]
 
 
+def test_tied_loss_sweep_is_loss_by_one_pooling_for_both_sides() -> None:
+    """SWEEP=losses_tied: loss × model/pooling (visual = text pooling), 9 jobs; each job's model
+    has the same pooling on both sides and no per-modality override."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    from gpo_lit.cli import CONF_DIR
+
+    cfg = compose_train("experiment=demo_clip", "+sweep=losses_tied")
+    params = cfg.hydra.sweeper.params
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert set(params) == {"loss", "model/pooling"}
+    assert str(params["loss"]).split(",") == ["triplet_clip", "infonce", "pcmepp"]
+    assert str(params["model/pooling"]).split(",") == ["gpo", "max", "mean"]
+    # the demo's restriction (README): 3 losses (PCME++ as the demo runs it) × GPO, max
+    cli = ["loss=triplet_clip,infonce,pcmepp_scratch", "model/pooling=gpo,max"]
+    parser = OverridesParser.create()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        overrides = ["experiment=demo_clip", "+sweep=losses_tied", *cli]
+        master = loader.load_configuration("train", overrides, RunMode.MULTIRUN)
+        swept = [f"{k}={v}" for k, v in master.hydra.sweeper.params.items()]
+        task = list(master.hydra.overrides.task)
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides(swept + task), None)[0]
+        assert len(jobs) == 6
+        seen = set()
+        for job in jobs:
+            job_cfg = loader.load_sweep_config(master, list(job))
+            model = job_cfg.model
+            assert model.visual_pooling is None and model.text_pooling is None  # both: pooling
+            start = job_cfg.loss.get("pseudo_positive_start_epoch")
+            seen.add((job_cfg.loss._target_.split(".")[-1], model.pooling.name, start))
+    assert seen == {
+        (loss, pool, start)
+        for loss, start in (("TripletLoss", None), ("InfoNCELoss", None), ("PCMEppLoss", 2))
+        for pool in ("gpo", "max")
+    }
+
+
 @pytest.mark.slow
 def test_make_sweep_losses_runs_and_is_reported(tmp_path: Path) -> None:
     """A 2 losses × 2 visual poolings × 1 text pooling slice of the sweep, debug-sized, then
