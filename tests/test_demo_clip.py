@@ -151,8 +151,8 @@ def test_make_sweep_losses_runs_and_is_reported(tmp_path: Path) -> None:
 
 
 def short_demo(tmp_path: Path, name: str, *overrides: str) -> float:
-    """Test rsum of a demo_clip run on the whole demo data (2,000 training scenes; 500 test images
-    / 2,500 captions) with the given overrides."""
+    """Test rsum of a one-epoch demo_clip run with the given overrides (by default on the whole
+    demo data: 2,000 training scenes; 500 test images / 2,500 captions)."""
     run_dir = tmp_path / name
     res = run(
         "gpo_lit.train",
@@ -169,7 +169,7 @@ def short_demo(tmp_path: Path, name: str, *overrides: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce"])  # PCME++: see README (needs 3 epochs)
+@pytest.mark.parametrize("loss", ["infonce"])  # PCME++: the test below
 def test_demo_clip_learns_far_beyond_its_untrained_model(tmp_path: Path, loss: str) -> None:
     """A very short demo_clip (its first epoch: 78 steps of 128 pairs) against the same seed's
     untouched model (one step at lr 1e-12) on the same 500 test images / 2,500 captions.
@@ -180,3 +180,25 @@ def test_demo_clip_learns_far_beyond_its_untrained_model(tmp_path: Path, loss: s
     trained = short_demo(tmp_path, "trained", f"loss={loss}")
     print(f"demo_clip loss={loss}: trained rsum {trained:.2f}, untrained {untrained:.2f}")
     assert trained > 4 * untrained and trained > untrained + 25, (trained, untrained)
+
+
+@pytest.mark.slow
+def test_demo_clip_pcmepp_learns_beyond_its_untrained_model(tmp_path: Path) -> None:
+    """`make train EXP=demo_clip loss=pcmepp_scratch` (README) at a fifth of its size: 400
+    training scenes, 3 epochs of 62 steps of 32 pairs, the pseudo-positive term on in the last
+    epoch as in the demo, against the same seed's untouched model on 100 test images / 500
+    captions (chance ≈ 31). Measured: 85.60 against 26.20 (185 s at load 10)."""
+    tiny = [
+        "loss=pcmepp_scratch",
+        "++data.demo.n_train=400",
+        "++data.demo.n_dev=50",
+        "++data.demo.n_test=100",
+        "data.batch_size=32",
+        "data.eval_batch_size=100",
+    ]
+    untrained = short_demo(
+        tmp_path, "untrained", *tiny, "optim.lr=1e-12", "trainer.limit_train_batches=1"
+    )
+    trained = short_demo(tmp_path, "trained", *tiny, "trainer.max_epochs=3")
+    print(f"demo_clip loss=pcmepp_scratch: trained rsum {trained:.2f}, untrained {untrained:.2f}")
+    assert trained > 2 * untrained and trained > untrained + 25, (trained, untrained)
