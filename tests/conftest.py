@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import EOT, MERGES, SOT, TINY_BACKBONE, clip_vocab, make_image_tree  # noqa: E402
+from helpers import TINY_BACKBONE, make_image_tree, save_tiny_clip  # noqa: E402
 
 from gpo_lit.data.formats.images import ImageSplit  # noqa: E402
 from gpo_lit.encoders.grid import GridEncoder  # noqa: E402
@@ -41,27 +41,4 @@ def encoder() -> GridEncoder:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     """A tiny CLIP checkpoint (text + vision) and its tokenizer in one folder, as on the Hub."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("clip")
-    vocab = clip_vocab()
-    CLIPTokenizer(vocab=vocab, merges=MERGES, model_max_length=12).save_pretrained(root)
-    text = {
-        "vocab_size": len(vocab),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 12,
-        "projection_dim": 24,
-        "bos_token_id": vocab[SOT],
-        "eos_token_id": vocab[EOT],
-        "pad_token_id": vocab[EOT],
-    }
-    vision = {"hidden_size": 16, "intermediate_size": 20, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
-    ).save_pretrained(root)
-    return root
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))

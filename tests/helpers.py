@@ -498,11 +498,53 @@ def byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
 
 
-def clip_vocab() -> dict[str, int]:
+def clip_vocab(merges: list[tuple[str, str]] = MERGES) -> dict[str, int]:
     """CLIP's vocabulary layout: bytes, bytes + ``</w>``, merges, then start / end."""
     symbols = byte_symbols()
-    words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES), SOT, EOT]
-    return {w: i for i, w in enumerate(words)}
+    words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
+    return {w: i for i, w in enumerate(dict.fromkeys(words))}
+
+
+def word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges for whole (lower-case ASCII) words: each word's prefixes, left to right, then the
+    word with ``</w>``; longer words first, merges words share listed once. A word is one token
+    unless an earlier-ranked merge of another word applies inside it first (the demo words: all
+    but "above" and "green")."""
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        for k in range(1, len(word)):
+            merges.append((word[:k], word[k] + ("</w>" if k == len(word) - 1 else "")))
+    return list(dict.fromkeys(merges))
+
+
+def save_tiny_clip(root: Path, max_length: int = 12, words: list[str] | None = None) -> Path:
+    """Write a tiny seeded CLIP checkpoint (text + vision) and its tokenizer into ``root``, as on
+    the Hub; ``max_length``: the tokenizer's limit and the text tower's positions; ``words``: one
+    token each (:func:`word_merges`) after the default merges."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    merges = MERGES + word_merges(words or [])
+    vocab = clip_vocab(merges)
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length).save_pretrained(root)
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": max_length,
+        "projection_dim": 24,
+        "bos_token_id": vocab[SOT],
+        "eos_token_id": vocab[EOT],
+        "pad_token_id": vocab[EOT],
+    }
+    vision = {"hidden_size": 16, "intermediate_size": 20, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    ).save_pretrained(root)
+    return root
 
 
 # -- a module with a grid encoder, for backbone schedules ------------------------------------------

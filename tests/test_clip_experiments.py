@@ -112,6 +112,7 @@ def test_clip_experiments_follow_pcmepp_recipe(name: str) -> None:
     else:
         assert (lo.uncertainty, lo.init_negative_scale, lo.init_shift) == (True, 5.0, 5.0)
         assert (lo.pseudo_positive, lo.kl_weight, lo.test_similarity) == (0.1, 1e-4, "csd")
+        assert lo.pseudo_positive_start_epoch == 0  # released: from the first step
         mix = lo.mixing
         assert (mix.p, mix.cutmix_prob, mix.alpha) == (0.25, 0.5, 2.0)
     if loss != "pcmepp":

@@ -17,6 +17,7 @@ from helpers import (
     clip_vocab,
     compose_cfg,
     run,
+    save_tiny_clip,
 )
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -123,27 +124,83 @@ def test_clip_text_config_builds_the_model(clip_dir: Path) -> None:
     assert emb.shape == (1, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
 
 
+def demo_words() -> list[str]:
+    """Every word the demo captions are made of (colours, shapes, sizes, positions, openers)."""
+    from gpo_lit.data.demo import regions, vocab
+
+    phrases = [
+        *(
+            w
+            for table in (vocab.COLOURS, vocab.SHAPES, vocab.SIZES)
+            for ws in table.values()
+            for w in ws
+        ),
+        *(p for after, opening in vocab.POSITIONS.values() for p in (*after, *opening)),
+        *regions.OPENERS,
+        "a an and",
+    ]
+    return sorted({w for phrase in phrases for w in phrase.split()})
+
+
+@pytest.fixture(scope="module")
+def clip_words_dir(tmp_path_factory) -> Path:
+    """The tiny CLIP with one BPE token per demo word and 64 positions (a demo caption: ≤ 44
+    tokens). The default tiny CLIP spells words byte by byte and keeps 12 tokens: the opening
+    words of a caption ("on the left t"), which name nothing in the image."""
+    return save_tiny_clip(tmp_path_factory.mktemp("clip_words"), 64, demo_words())
+
+
+def test_demo_captions_fit_the_word_level_clip_tokenizer(clip_words_dir: Path) -> None:
+    from gpo_lit.data.demo.regions import demo_scenes
+
+    tok = HFTokenizer(str(clip_words_dir), max_length=None, mask_token="M")
+    eot = tok.pad_id
+    caps = demo_scenes(seed=0, n_train=50, n_dev=1, n_test=1)["train"][1]
+    for cap in caps:  # never truncated: the end token is there, within the 64 positions
+        ids, _ = tok.encode(cap)
+        assert len(ids) <= 64 and ids[-1] == eot and eot not in ids[:-1], cap
+    words = demo_words()
+    one_token = [w for w in words if len(tok.encode(w)[0]) == 3]  # start, the word, end
+    assert len(one_token) >= 0.95 * len(words)
+    assert {"red", "cube", "sphere", "left", "tiny"} <= set(one_token)
+
+
 @pytest.mark.slow
-def test_vit_and_clip_text_train_end_to_end(clip_dir: Path, tmp_path: Path) -> None:
-    """The CLIP-era pair on the demo images: a tiny ViT image tower (frozen in epoch 0, then
-    trained with the loss warm-up) and the tiny CLIP text tower, PCME++'s per-token masking."""
+def test_vit_and_clip_text_train_end_to_end(clip_words_dir: Path, tmp_path: Path) -> None:
+    """The CLIP-era pair on the demo images learns beyond the same seed's untrained model: a tiny
+    ViT image tower (frozen in epoch 0, then trained with the loss warm-up over epoch 1) and the
+    tiny CLIP text tower, PCME++'s per-token masking; InfoNCE with CLIP's temperature (1/0.07),
+    lr 1e-3, max pooling (from random init it learns fastest: README, "CLIP-era demo"), 3 epochs
+    of 25 steps. Measured: test rsum 68.0 against 37.4 untrained on 100 test images / 500
+    captions (chance ≈ 31); with GPO 40.6 against 28.6. Before (byte-level tiny CLIP cut at 12
+    tokens, triplet loss, GPO, lr 5e-4, 2 epochs, 40 test images): 41.5 against 65.0."""
     import json
 
-    run_dir = tmp_path / "run"
     common = (
         "experiment=demo_grid",
         *TINY_GRID_DEMO,
+        "++data.demo.n_test=100",
+        "data.eval_batch_size=100",
         *VIT_DEMO,
         "model/text=clip",
-        f"model.text.encoder.name_or_path={clip_dir}",
+        f"model.text.encoder.name_or_path={clip_words_dir}",
         "data.augment.per_token=true",
+        "loss=infonce_clip",
+        "~loss.all_negatives_epochs",
+        "optim.lr=1e-3",
+        "model/pooling=max",
         f"paths.data_dir={tmp_path / 'data'}",
     )
-    res = run(
-        "gpo_lit.train", *common, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path
+
+    def rsum(name: str, *overrides: str) -> float:
+        run_dir = tmp_path / name
+        res = run("gpo_lit.train", *common, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((run_dir / "metrics.json").read_text())["full"]["rsum"]
+
+    untrained = rsum(
+        "untrained", "trainer.max_epochs=1", "optim.lr=1e-12", "trainer.limit_train_batches=1"
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())["full"]
-    # Not yet "beats the same-seed untrained model": measured 41.5 trained vs 65.0 untrained
-    # (2 epochs, 40 test images) — an open question for the recipe, reported, not asserted away.
-    assert metrics["rsum"] > 0
+    trained = rsum("trained", "trainer.max_epochs=3")
+    print(f"ViT + CLIP text: trained rsum {trained:.2f}, untrained {untrained:.2f}")
+    assert trained > 1.5 * untrained and trained > untrained + 20, (trained, untrained)

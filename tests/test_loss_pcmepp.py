@@ -297,3 +297,37 @@ def test_bad_options_are_one_line() -> None:
         with pytest.raises(GpoLitError, match=key) as info:
             PCMEppLoss(**kwargs)
         assert "\n" not in str(info.value)
+
+
+def test_pseudo_positive_start_epoch_leaves_the_term_out_before_it() -> None:
+    # Before the start epoch the loss is PCME++ without the α term (the loop with α = 0); from it
+    # on it is the released loss (the loop with α); the relabelled pairs per query are counted.
+    mu_i, mu_c, lv_i, lv_c = inputs(6, seed=3)
+    ids = torch.arange(6)
+    batch = PairEmbeddings(mu_i, mu_c, ids, lv_i, lv_c)
+    late = PCMEppLoss(pseudo_positive=0.5, pseudo_positive_start_epoch=2).double()
+    a, b = late.negative_scale.detach()[0], late.shift.detach()[0]
+    without = loop_pcmepp(mu_i, mu_c, lv_i, lv_c, ids.tolist(), a, b, 0.0, 1e-4)
+    with_pp = loop_pcmepp(mu_i, mu_c, lv_i, lv_c, ids.tolist(), a, b, 0.5, 1e-4)
+    assert not torch.isclose(without, with_pp)  # the term matters on these inputs
+    for epoch, want in ((0, without), (1, without), (2, with_pp), (5, with_pp)):
+        out = late.training_loss(batch, StepInfo(epoch=epoch))
+        torch.testing.assert_close(out.value, want, atol=1e-9, rtol=0)
+        assert ("loss_pseudo_positive" in out.logs) is (epoch >= 2)
+    # relabelled pairs: logit ≥ the positive's, other than the positive, by rows and by columns
+    x = late.logits(mu_i, lv_i.exp(), mu_c, lv_c.exp()).detach()
+    pos = x.diagonal()
+    n_rows = sum(int(x[i, j] >= pos[i]) for i in range(6) for j in range(6) if j != i)
+    n_cols = sum(int(x[i, j] >= pos[j]) for i in range(6) for j in range(6) if i != j)
+    got = late.training_loss(batch, StepInfo(epoch=2)).logs["pseudo_positives_per_query"]
+    assert float(got) == pytest.approx((n_rows + n_cols) / 12) and n_rows + n_cols > 0
+    released = PCMEppLoss(pseudo_positive=0.5).double()  # start epoch 0: from the first step
+    torch.testing.assert_close(
+        released.training_loss(batch, StepInfo(epoch=0)).value, with_pp, atol=1e-9, rtol=0
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_pseudo_positive_start_epoch_must_be_a_count(bad) -> None:
+    with pytest.raises(GpoLitError, match="loss.pseudo_positive_start_epoch: expected an integer"):
+        PCMEppLoss(pseudo_positive_start_epoch=bad)

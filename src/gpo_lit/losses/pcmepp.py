@@ -16,9 +16,16 @@ with targets T from :func:`gpo_lit.losses.base.match_targets` (the identity, pai
 id, soft λ / 1 − λ for mixed images), smoothed as the released config does (``label_smoothing``:
 ``ε + (1 − 2ε)·T``). Pseudo-positives (per query, in each direction): every pair whose logit is at
 least the logit of the query's labelled positive (the first column with the row's largest
-target) is relabelled with that positive's target and the BCE recomputed. A KL term above
+target) is relabelled with that positive's target and the BCE recomputed; the released code does
+so from the first step, with α constant (no schedule of its own). A KL term above
 ``kl_max`` is dropped for that step, as the released code does against blow-ups. Test similarity is
 −d (``test_similarity: csd``) or the dot product of the means (``mean``).
+
+``pseudo_positive_start_epoch: k`` (0 = released) leaves the pseudo-positive term out for the
+first k epochs: a named deviation for towers trained from scratch. The release starts from
+pretrained CLIP towers, where the labelled positive mostly outranks the rest of the batch; at
+random init it outranks about half of it, so the term relabels ~B/2 unrelated pairs per query
+and, with α·B/2 ≫ 1, outweighs the labelled positive (README, "CLIP-era demo").
 
 ``uncertainty: false`` is PCME++ μ-only: ``d = ‖μ_i − μ_j‖²``, no σ head and no KL term.
 
@@ -84,6 +91,8 @@ class PCMEppLoss(RetrievalLoss):
         init_negative_scale: a at init (5).
         init_shift: b at init (5).
         pseudo_positive: α, weight of the pseudo-positive term (0.1; 0 = off).
+        pseudo_positive_start_epoch: the term is off in epochs before this one (0 = released:
+            from the first step; a deviation for towers trained from scratch).
         kl_weight: β, weight of the KL regulariser (1e-4; only with ``uncertainty``).
         kl_max: a modality's KL above this is dropped for the step (released code: 1e4; None: off).
         label_smoothing: ε of the targets (released config: 1e-4).
@@ -102,6 +111,7 @@ class PCMEppLoss(RetrievalLoss):
         init_negative_scale: float = 5.0,
         init_shift: float = 5.0,
         pseudo_positive: float = 0.1,
+        pseudo_positive_start_epoch: int = 0,
         kl_weight: float = 1e-4,
         kl_max: float | None = 1e4,
         label_smoothing: float = 1e-4,
@@ -130,10 +140,19 @@ class PCMEppLoss(RetrievalLoss):
             "'csd' or 'mean'",
             repr(test_similarity),
         )
+        expect(
+            isinstance(pseudo_positive_start_epoch, int)
+            and not isinstance(pseudo_positive_start_epoch, bool)
+            and pseudo_positive_start_epoch >= 0,
+            "loss.pseudo_positive_start_epoch",
+            "an integer ≥ 0",
+            repr(pseudo_positive_start_epoch),
+        )
         self.uses_uncertainty = bool(uncertainty)
         self.negative_scale = nn.Parameter(torch.tensor([float(init_negative_scale)]))
         self.shift = nn.Parameter(torch.tensor([float(init_shift)]))
         self.pseudo_positive = float(pseudo_positive)
+        self.pseudo_positive_start_epoch = pseudo_positive_start_epoch
         self.kl_weight = float(kl_weight)
         self.kl_max = None if kl_max is None else float(kl_max)
         self.label_smoothing = float(label_smoothing)
@@ -148,8 +167,11 @@ class PCMEppLoss(RetrievalLoss):
         d = csd(mu_a, var_a, mu_b, var_b)
         return -self.negative_scale.to(d.dtype) * d + self.shift.to(d.dtype)
 
-    def forward(self, batch: PairEmbeddings) -> tuple[Tensor, dict[str, Tensor]]:
-        """(scalar loss, its parts) for a batch, gathered across ranks first when ``gather``."""
+    def forward(
+        self, batch: PairEmbeddings, pseudo_positives: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss, its parts) for a batch, gathered across ranks first when ``gather``;
+        ``pseudo_positives=False`` leaves that term out (its epochs before the start epoch)."""
         if self.uses_uncertainty:
             expect(
                 batch.img_logvar is not None and batch.cap_logvar is not None,
@@ -177,12 +199,15 @@ class PCMEppLoss(RetrievalLoss):
         match = bce(i2t, t_i2t) + bce(t2i, t_t2i)  # = 2·BCE over all pairs when not local
         value = match
         parts = {"match": match.detach()}
-        if self.pseudo_positive:
-            pp = bce(i2t, pseudo_positive_targets(i2t.detach(), t_i2t)) + bce(
-                t2i, pseudo_positive_targets(t2i.detach(), t_t2i)
-            )
+        if self.pseudo_positive and pseudo_positives:
+            pp_i2t = pseudo_positive_targets(i2t.detach(), t_i2t)
+            pp_t2i = pseudo_positive_targets(t2i.detach(), t_t2i)
+            pp = bce(i2t, pp_i2t) + bce(t2i, pp_t2i)
             value = value + self.pseudo_positive * pp
             parts["pseudo_positive"] = pp.detach()
+            # pairs whose target the term changed, per query (both directions)
+            relabelled = (pp_i2t != t_i2t).sum() + (pp_t2i != t_t2i).sum()
+            parts["relabelled_per_query"] = relabelled / (2 * i2t.shape[0])
         if lv_i is not None and lv_c is not None and self.kl_weight:
             kl = self._kl(full.img[rows], lv_i[rows]) + self._kl(full.cap[rows], lv_c[rows])
             value = value + self.kl_weight * kl
@@ -196,8 +221,11 @@ class PCMEppLoss(RetrievalLoss):
         return torch.where(kl.detach() > self.kl_max, torch.zeros_like(kl), kl)  # no device sync
 
     def training_loss(self, batch: PairEmbeddings, step: StepInfo) -> LossOutput:
-        value, parts = self(batch)
+        value, parts = self(batch, step.epoch >= self.pseudo_positive_start_epoch)
+        relabelled = parts.pop("relabelled_per_query", None)
         logs: dict[str, float | Tensor] = {f"loss_{k}": v for k, v in parts.items()}
+        if relabelled is not None:  # not a loss part: logged beside them
+            logs["pseudo_positives_per_query"] = relabelled
         logs["negative_scale"] = self.negative_scale.detach()[0]  # tensors: no device sync
         logs["shift"] = self.shift.detach()[0]
         if self.uses_uncertainty and batch.img_logvar is not None and batch.cap_logvar is not None:
