@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, TINY_DEMO, free_port, run
+from helpers import ENV, TINY_DEMO, free_port, one_line_error, run
+
+from gpo_lit.run_dir import prepare
 
 # No BatchNorm and no model-side random cell dropping: with those, 2 ranks of batch B/2 differ
 # from one process of batch B by design (per-replica statistics, per-process RNG). Data order and
@@ -123,3 +125,35 @@ def test_two_nodes_by_torchrun_equal_one_process(tmp_path: Path) -> None:
     ref_metrics = json.loads((ref / "metrics.json").read_text())
     for k, v in ref_metrics["full"].items():
         assert distributed["full"][k] == pytest.approx(v, abs=0.25), k  # at most a tie flipped
+
+
+# A job that Hydra sets up completely and that then stops at once (its data does not exist).
+FAILING = ["experiment=f30k_butd_bigru", "seed=3"]
+
+
+def test_a_rank_started_before_rank_0_leaves_the_run_folder_unused(tmp_path: Path) -> None:
+    """torchrun starts the nodes in any order: node 1's rank, set up by Hydra first, must not make
+    the shared folder look used, or rank 0 would refuse it. Here rank 1 runs to its end first."""
+    shared = tmp_path / "run"
+    args = [*FAILING, f"paths.data_dir={tmp_path / 'nodata'}", f"hydra.run.dir={shared}"]
+    rank1 = run("gpo_lit.train", *args, cwd=tmp_path, env={**ENV, "RANK": "1", "WORLD_SIZE": "2"})
+    assert "train_ims.npy" in one_line_error(rank1)  # the job ran: Hydra had set it up
+    assert not shared.exists() or not any(shared.iterdir())  # no .hydra/, no train.log
+    rank0 = run("gpo_lit.train", *args, cwd=tmp_path, env={**ENV, "RANK": "0", "WORLD_SIZE": "2"})
+    assert "train_ims.npy" in one_line_error(rank0)  # not "expected a new or empty run folder"
+    assert sorted(p.name for p in shared.iterdir()) == [".hydra", "train.log"]  # rank 0's records
+
+
+@pytest.mark.parametrize("env", ["RANK", "SLURM_PROCID", "LOCAL_RANK"])
+def test_other_ranks_keep_no_records_and_no_log_file(tmp_path, monkeypatch, env: str) -> None:
+    monkeypatch.setenv(env, "1")
+    argv = ["experiment=demo", f"hydra.run.dir={tmp_path / 'run'}"]
+    added = prepare("train", argv)[len(argv) :]
+    assert added == [
+        "hydra.output_subdir=null",
+        "~hydra.job_logging.handlers.file",
+        "hydra.job_logging.root.handlers=[console]",
+    ]
+    assert not (tmp_path / "run").exists()  # nothing claimed or created either
+    monkeypatch.setenv(env, "0")
+    assert prepare("train", argv) == argv  # rank 0: the given folder, checked, kept
