@@ -8,7 +8,7 @@ SWEEP  ?= pooling
 # override. Each reaches the shell as one single-quoted word, exactly as typed (no `;`, space or
 # `$` is interpreted); paths also reach Hydra quoted, so `CKPT=a,b.ckpt` is one path. ARGS is
 # passed to the shell as it is (for flags: ARGS=--cfg=job).
-OWN_VARS := EXP CKPT CKPTS SWEEP SWEEP_DIR VENV PY ARGS
+OWN_VARS := EXP CKPT CKPTS SWEEP SWEEP_DIR VENV PY ARGS TEST_WORKERS
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -54,11 +54,16 @@ report:  ## table (mean ± std over seeds) and plots of a sweep folder
 wandb-sync:  ## upload offline W&B runs under logs/
 	find logs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
 
-test:  ## the whole test suite (slow end-to-end tests included)
-	$(PY) -m pytest -q
+# The suite runs on TEST_WORKERS processes (pytest-xdist; most tests are single-threaded
+# subprocess runs). --dist loadgroup keeps the tests of one xdist_group on one worker.
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+test:  ## the whole test suite (slow end-to-end tests included); ARGS=--durations=15 etc.
+	$(PYTEST) $(ARGS)
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint:  ## ruff (lint + format check) and mypy (types of src/, settings in pyproject.toml)
 	$(PY) -m ruff check src tests bench
