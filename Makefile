@@ -54,16 +54,19 @@ report:  ## table (mean ± std over seeds) and plots of a sweep folder
 wandb-sync:  ## upload offline W&B runs under logs/
 	find logs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist; most tests are single-threaded
-# subprocess runs). --dist loadgroup keeps the tests of one xdist_group on one worker.
+# The suite runs on TEST_WORKERS processes (pytest-xdist; the tests are single-threaded, most
+# of the time in subprocess runs). --dist loadfile: each module on one worker, so a module
+# fixture (a training run, a sweep folder) is built once; modules are handed out in collection
+# order (tests/conftest.py puts those with slow tests first), not by test count. pytest flags:
+# PYTEST_ADDOPTS=--durations=15 (a make variable would reach the suite's own make commands).
 TEST_WORKERS ?= 2
-PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test:  ## the whole test suite (slow end-to-end tests included); ARGS=--durations=15 etc.
-	$(PYTEST) $(ARGS)
+test:  ## the whole test suite (slow end-to-end tests included)
+	$(PYTEST)
 
 test-fast:
-	$(PYTEST) -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow"
 
 lint:  ## ruff (lint + format check) and mypy (types of src/, settings in pyproject.toml)
 	$(PY) -m ruff check src tests bench

@@ -27,9 +27,6 @@ from gpo_lit.metrics.eccv import CocoIds, find_ids_dir, read_coco_ids
 from gpo_lit.metrics.ranks import prepare_embeddings
 from gpo_lit.metrics.topk import per_query_results
 
-# pytest-xdist (make test): one worker: the COCO-sized embeddings and lists are built once.
-pytestmark = pytest.mark.xdist_group("test_coco_protocols")
-
 eccv_caption = pytest.importorskip("eccv_caption")
 
 

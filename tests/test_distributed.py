@@ -15,9 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpo_lit.losses import InfoNCELoss, PairEmbeddings, PCMEppLoss, StepInfo, TripletLoss
 
-# pytest-xdist (make test): gloo ranks on a free port: one 2-rank job at a time (the two modules share a group).
-pytestmark = pytest.mark.xdist_group("ranks")
-
 B, D_IN, D = 8, 6, 5
 
 

@@ -23,9 +23,6 @@ from gpo_lit.errors import GpoLitError
 from gpo_lit.metrics import evaluate
 from gpo_lit.train import train
 
-# pytest-xdist (make test): one worker: the demo data of data_dir is generated once, by the first run.
-pytestmark = pytest.mark.xdist_group("test_habits")
-
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny demo of tests/test_train_eval.py: 240 / 60 / 80 scenes × 5 captions, evaluation
 # batches of 50 (so a limited evaluation's subset is easy to work out by hand).

@@ -41,9 +41,6 @@ from gpo_lit.components import (
 )
 from gpo_lit.errors import GpoLitError, UnsafeCheckpointError, first_line
 
-# pytest-xdist (make test): one worker: the module's training run (trained) happens once.
-pytestmark = pytest.mark.xdist_group("test_hostile_checkpoints")
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "experiment=demo",

@@ -18,9 +18,6 @@ from helpers import ENV, TINY_DEMO, free_port, one_line_error, run
 
 from gpo_lit.run_dir import prepare
 
-# pytest-xdist (make test): gloo ranks on a free port: one 2-rank job at a time (the two modules share a group).
-pytestmark = pytest.mark.xdist_group("ranks")
-
 # No BatchNorm and no model-side random cell dropping: with those, 2 ranks of batch B/2 differ
 # from one process of batch B by design (per-replica statistics, per-process RNG). Data order and
 # word augmentation are functions of (seed, epoch, index), so they agree.

@@ -18,9 +18,6 @@ from omegaconf import OmegaConf
 from gpo_lit import report as rp
 from gpo_lit.errors import GpoLitError
 
-# pytest-xdist (make test): one worker: the module's sweep folder (tiny real checkpoints) is built once.
-pytestmark = pytest.mark.xdist_group("test_report")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,9 +13,6 @@ import pytest
 import torch
 from helpers import SMALL, TESTS_ENV, one_line_error, run
 
-# pytest-xdist (make test): one worker: the module's reference run (straight) is trained once.
-pytestmark = pytest.mark.xdist_group("test_resume")
-
 ROOT = Path(__file__).resolve().parents[1]
 # 600 pairs / 32 = 18 batches per epoch. Step 26 is epoch 1, batch 8, two steps after the last
 # step checkpoint (24); step 19 is epoch 1, batch 1, after epoch 0's validation and its best

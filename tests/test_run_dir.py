@@ -13,9 +13,6 @@ from helpers import one_line_error, run
 from gpo_lit.errors import GpoLitError
 from gpo_lit.run_dir import claim_new, hydra_quote, prepare
 
-# pytest-xdist (make test): one worker: the module's failed run (old_run) is run once.
-pytestmark = pytest.mark.xdist_group("test_run_dir")
-
 # A run that Hydra sets up completely and that then stops at once (its data does not exist).
 FAILING = ["experiment=f30k_butd_bigru", "seed=3"]
 
