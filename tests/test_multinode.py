@@ -10,6 +10,9 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -43,32 +46,53 @@ def two_nodes(run_dir: Path, data: Path, *overrides: str) -> str:
     port = free_port()
     args = [*COMMON, "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
             f"paths.data_dir={data}", f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={k}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "gpo_lit.train",
-                *args,
-            ],  # fmt: skip
-            cwd=run_dir.parent,
-            env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for k in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600) for p in nodes]
+    with ExitStack() as files:
+        logs = [[files.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in "01"]
+        nodes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    f"--node_rank={k}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    "-m",
+                    "gpo_lit.train",
+                    *args,
+                ],  # fmt: skip
+                cwd=run_dir.parent,
+                env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
+                stdout=logs[k][0],
+                stderr=logs[k][1],
+                text=True,
+            )
+            for k in (0, 1)
+        ]
+        # A node that fails leaves the other one waiting for it at the rendezvous: stop the
+        # other at once rather than at the time limit.
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in nodes):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in nodes):
+                for p in nodes:
+                    if p.poll() is None:
+                        p.terminate()  # torchrun stops its worker (in a session of its own)
+                break
+            time.sleep(0.2)
+        outs = []
+        for p, (out, err) in zip(nodes, logs, strict=True):
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            out.seek(0)
+            err.seek(0)
+            outs.append((out.read(), err.read()))
     for k, (p, (_, err)) in enumerate(zip(nodes, outs, strict=True)):
-        assert p.returncode == 0, f"node {k}: {err[-3000:]}"
+        assert p.returncode == 0, f"node {k} (exit status {p.returncode}): {err[-3000:]}"
     return outs[0][0]
 
 
