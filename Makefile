@@ -8,7 +8,7 @@ SWEEP  ?= pooling
 # override. Each reaches the shell as one single-quoted word, exactly as typed (no `;`, space or
 # `$` is interpreted); paths also reach Hydra quoted, so `CKPT=a,b.ckpt` is one path. ARGS is
 # passed to the shell as it is (for flags: ARGS=--cfg=job).
-OWN_VARS := EXP CKPT CKPTS SWEEP SWEEP_DIR VENV PY ARGS
+OWN_VARS := EXP CKPT CKPTS SWEEP SWEEP_DIR VENV PY ARGS TEST_WORKERS
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -54,11 +54,19 @@ report:  ## table (mean ± std over seeds) and plots of a sweep folder
 wandb-sync:  ## upload offline W&B runs under logs/
 	find logs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; the tests are single-threaded, most
+# of the time in subprocess runs). --dist loadfile: each module on one worker, so a module
+# fixture (a training run, a sweep folder) is built once; modules are handed out in collection
+# order (tests/conftest.py puts those with slow tests first), not by test count. pytest flags:
+# PYTEST_ADDOPTS=--durations=15 (a make variable would reach the suite's own make commands).
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test:  ## the whole test suite (slow end-to-end tests included)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint:  ## ruff (lint + format check) and mypy (types of src/, settings in pyproject.toml)
 	$(PY) -m ruff check src tests bench

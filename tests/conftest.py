@@ -24,6 +24,16 @@ from gpo_lit.encoders.grid import GridEncoder  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, each module's tests kept together and in order (module
+    fixtures are built once). pytest-xdist (``make test``: ``--dist loadfile``) hands the modules
+    out in this order: the long end-to-end runs start early and the many short tests fill the
+    end, instead of one long run finishing alone on one core."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
 @pytest.fixture()
 def tree_split(tmp_path: Path) -> ImageSplit:
     """The test split of a tiny F30K-shaped image tree: 9 images, 32 px."""

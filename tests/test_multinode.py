@@ -10,11 +10,16 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, TINY_DEMO, free_port, run
+from helpers import ENV, TINY_DEMO, free_port, one_line_error, run
+
+from gpo_lit.run_dir import prepare
 
 # No BatchNorm and no model-side random cell dropping: with those, 2 ranks of batch B/2 differ
 # from one process of batch B by design (per-replica statistics, per-process RNG). Data order and
@@ -41,32 +46,53 @@ def two_nodes(run_dir: Path, data: Path, *overrides: str) -> str:
     port = free_port()
     args = [*COMMON, "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
             f"paths.data_dir={data}", f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={k}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "gpo_lit.train",
-                *args,
-            ],  # fmt: skip
-            cwd=run_dir.parent,
-            env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for k in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600) for p in nodes]
+    with ExitStack() as files:
+        logs = [[files.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in "01"]
+        nodes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    f"--node_rank={k}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    "-m",
+                    "gpo_lit.train",
+                    *args,
+                ],  # fmt: skip
+                cwd=run_dir.parent,
+                env={**ENV, "GLOO_SOCKET_IFNAME": "lo"},
+                stdout=logs[k][0],
+                stderr=logs[k][1],
+                text=True,
+            )
+            for k in (0, 1)
+        ]
+        # A node that fails leaves the other one waiting for it at the rendezvous: stop the
+        # other at once rather than at the time limit.
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in nodes):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in nodes):
+                for p in nodes:
+                    if p.poll() is None:
+                        p.terminate()  # torchrun stops its worker (in a session of its own)
+                break
+            time.sleep(0.2)
+        outs = []
+        for p, (out, err) in zip(nodes, logs, strict=True):
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            out.seek(0)
+            err.seek(0)
+            outs.append((out.read(), err.read()))
     for k, (p, (_, err)) in enumerate(zip(nodes, outs, strict=True)):
-        assert p.returncode == 0, f"node {k}: {err[-3000:]}"
+        assert p.returncode == 0, f"node {k} (exit status {p.returncode}): {err[-3000:]}"
     return outs[0][0]
 
 
@@ -123,3 +149,35 @@ def test_two_nodes_by_torchrun_equal_one_process(tmp_path: Path) -> None:
     ref_metrics = json.loads((ref / "metrics.json").read_text())
     for k, v in ref_metrics["full"].items():
         assert distributed["full"][k] == pytest.approx(v, abs=0.25), k  # at most a tie flipped
+
+
+# A job that Hydra sets up completely and that then stops at once (its data does not exist).
+FAILING = ["experiment=f30k_butd_bigru", "seed=3"]
+
+
+def test_a_rank_started_before_rank_0_leaves_the_run_folder_unused(tmp_path: Path) -> None:
+    """torchrun starts the nodes in any order: node 1's rank, set up by Hydra first, must not make
+    the shared folder look used, or rank 0 would refuse it. Here rank 1 runs to its end first."""
+    shared = tmp_path / "run"
+    args = [*FAILING, f"paths.data_dir={tmp_path / 'nodata'}", f"hydra.run.dir={shared}"]
+    rank1 = run("gpo_lit.train", *args, cwd=tmp_path, env={**ENV, "RANK": "1", "WORLD_SIZE": "2"})
+    assert "train_ims.npy" in one_line_error(rank1)  # the job ran: Hydra had set it up
+    assert not shared.exists() or not any(shared.iterdir())  # no .hydra/, no train.log
+    rank0 = run("gpo_lit.train", *args, cwd=tmp_path, env={**ENV, "RANK": "0", "WORLD_SIZE": "2"})
+    assert "train_ims.npy" in one_line_error(rank0)  # not "expected a new or empty run folder"
+    assert sorted(p.name for p in shared.iterdir()) == [".hydra", "train.log"]  # rank 0's records
+
+
+@pytest.mark.parametrize("env", ["RANK", "SLURM_PROCID", "LOCAL_RANK"])
+def test_other_ranks_keep_no_records_and_no_log_file(tmp_path, monkeypatch, env: str) -> None:
+    monkeypatch.setenv(env, "1")
+    argv = ["experiment=demo", f"hydra.run.dir={tmp_path / 'run'}"]
+    added = prepare("train", argv)[len(argv) :]
+    assert added == [
+        "hydra.output_subdir=null",
+        "~hydra.job_logging.handlers.file",
+        "hydra.job_logging.root.handlers=[console]",
+    ]
+    assert not (tmp_path / "run").exists()  # nothing claimed or created either
+    monkeypatch.setenv(env, "0")
+    assert prepare("train", argv) == argv  # rank 0: the given folder, checked, kept

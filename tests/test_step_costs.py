@@ -65,6 +65,7 @@ def test_timed_last_checkpoint_and_logging_without_per_step_reads(tmp_path, monk
         "trainer.log_every_n_steps=2",
         "callbacks.last_checkpoint.train_time_interval.minutes=1e-9",  # due after every step
         "logger=csv",
+        f"paths.data_dir={tmp_path / 'data'}",  # not the working folder's data/
     )
     # last.ckpt after every step (mid-epoch too), not only at the end
     assert [s for name, s in saves if name == "last.ckpt"][:6] == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,9 @@ clobbers the records of another:
   (``ckpt_path=last`` or a checkpoint path): then the run's configuration must equal the
   stored one (``.hydra/config.yaml``; ``resume_changes=allow`` accepts the differences) and
   Hydra records the resume in ``.hydra/resume-<n>/`` beside the original, untouched;
-- ``ckpt_path=last`` needs an existing, unfinished run folder.
+- ``ckpt_path=last`` needs an existing, unfinished run folder;
+- the other ranks of a distributed launch write no records and no log file there (rank 0 may
+  start last and must find the shared folder unused).
 """
 
 from __future__ import annotations
@@ -156,6 +158,28 @@ def other_rank() -> bool:
     )
 
 
+def other_rank_overrides(hc: DictConfig) -> list[str]:
+    """What a rank > 0 adds to its command line: no ``.hydra/`` records and no log file (its
+    messages go to its stderr). The ranks share one run folder; a file written there by
+    another rank before rank 0 claims it would make rank 0 refuse it as used (torchrun on
+    several nodes starts the ranks in any order). Lightning's own re-launched children already
+    get ``hydra.output_subdir=null``; their rank 0 has claimed the folder, but the rule is one."""
+    out = [] if hc.output_subdir is None else ["hydra.output_subdir=null"]
+    logging = hc.get("job_logging") or {}
+    handlers = logging.get("handlers") or {}
+    files = {name for name, h in handlers.items() if isinstance(h, DictConfig) and "filename" in h}
+    out += [f"~hydra.job_logging.handlers.{name}" for name in sorted(files)]
+    users = {"root": logging.get("root")} | {
+        f"loggers.{name}": node for name, node in (logging.get("loggers") or {}).items()
+    }
+    for key, node in users.items():
+        used = list((node or {}).get("handlers") or [])
+        if files & set(used):
+            kept = ",".join(h for h in used if h not in files)
+            out.append(f"hydra.job_logging.{key}.handlers=[{kept}]")
+    return out
+
+
 def prepare(config_name: str, argv: list[str]) -> list[str]:
     """The command line Hydra gets: ``argv`` plus the run folder this job may write to.
 
@@ -167,8 +191,6 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
 
     from gpo_lit.cli import CONF_DIR
 
-    if other_rank():
-        return argv  # rank 0 of the launch claims and checks the one shared run folder
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return argv  # --help, --cfg, another config: Hydra writes no run folder, or not ours
@@ -186,6 +208,8 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
         folder = Path(str(OmegaConf.select(cfg, key)))
     except Exception:  # noqa: BLE001 - Hydra reports bad command lines itself
         return argv
+    if other_rank():  # rank 0 of the launch claims and checks the one shared run folder
+        return [*argv, *other_rank_overrides(hc)]
     if hc.output_subdir is None:
         return argv  # Hydra keeps no records there; the job guards its own outputs
     given = any(o.key_or_group == key for o in parsed)
