@@ -143,7 +143,7 @@ def test_adamp_option_builds_adamp_with_the_groups() -> None:
     tau = next(g for g in opt.param_groups if g["weight_decay"] == 0.0)
     assert [id(p) for p in tau["params"]] == [id(model.loss_fn.scale_param)]
     assert all(g["delta"] == 0.1 and g["wd_ratio"] == 0.1 for g in opt.param_groups)
-    assert out["lr_scheduler"]["scheduler"].milestones == {2: 1}  # demo v2 decays at epoch 2
+    assert out["lr_scheduler"]["scheduler"].milestones == {3: 1}  # the demo decays at epoch 3
     # it trains: one step moves the parameters
     before = [p.detach().clone() for p in model.parameters()]
     batch = {
