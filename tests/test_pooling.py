@@ -454,8 +454,16 @@ def ref_sorted_weighted_sum(x, theta, lengths):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sorted_weighted_sum_large_matches_reference(threads):
-    # Many rows, at 1 and 2 torch threads: same values and exact gradients as torch.sort.
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("block_keys", [None, 600])
+def test_sorted_weighted_sum_large_matches_reference(threads, packed, block_keys, monkeypatch):
+    # Many rows, at 1 and 2 torch threads, both sorts, in one block or one set per block (600
+    # keys < one set's 13 x 512): same values and exact gradients as torch.sort, the gradient
+    # in x's layout.
+    from gpo_lit.pooling import gpo
+
+    if block_keys is not None:
+        monkeypatch.setattr(gpo, "_KEY_BLOCK", block_keys)
     g = torch.Generator().manual_seed(18)
     b, n, d = 8, 13, 512
     x, lengths = make_batch(seed=18, b=b, n=n, d=d)
@@ -466,10 +474,11 @@ def test_sorted_weighted_sum_large_matches_reference(threads):
     torch.set_num_threads(threads)
     try:
         got = [t.clone().requires_grad_(True) for t in (x, theta)]
-        out = sorted_weighted_sum(got[0], got[1], valid)
+        out = sorted_weighted_sum(got[0], got[1], valid, packed)
         out.backward(gout)
     finally:
         torch.set_num_threads(before)
+    assert got[0].grad.is_contiguous()
     want = [t.clone().requires_grad_(True) for t in (x, theta)]
     ref = ref_sorted_weighted_sum(want[0], want[1], lengths)
     ref.backward(gout)

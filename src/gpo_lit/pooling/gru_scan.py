@@ -31,11 +31,25 @@ class _GRUScan(torch.autograd.Function):
         cand = gi.new_empty(steps, s, r, hid)  # n
         gh = gi.new_empty(steps, s, r, h3)  # W_hh h + b_hh
         h = gi.new_zeros(s, r, hid)
+        # Every step's views made up front (one call each): per-step slicing costs as much as the
+        # tiny ops themselves. Same ops on the same values as slicing inside the loop.
+        gi_rz, gi_n = gi[..., : 2 * hid].unbind(0), gi[..., 2 * hid :].unbind(0)
+        gh_all, gh_rz, gh_n = (
+            gh.unbind(0),
+            gh[..., : 2 * hid].unbind(0),
+            gh[..., 2 * hid :].unbind(0),
+        )
+        rz_all, r_all, z_all = (
+            gates.unbind(0),
+            gates[..., :hid].unbind(0),
+            gates[..., hid:].unbind(0),
+        )
+        n_all, h_all = cand.unbind(0), states.unbind(0)
         for t in range(steps):
-            g = torch.baddbmm(bias, h, w_t, out=gh[t])
-            rz = torch.add(gi[t, ..., : 2 * hid], g[..., : 2 * hid], out=gates[t]).sigmoid_()
-            n = torch.addcmul(gi[t, ..., 2 * hid :], rz[..., :hid], g[..., 2 * hid :], out=cand[t])
-            h = torch.lerp(n.tanh_(), h, rz[..., hid:], out=states[t])  # n + z · (h - n)
+            torch.baddbmm(bias, h, w_t, out=gh_all[t])
+            torch.add(gi_rz[t], gh_rz[t], out=rz_all[t]).sigmoid_()
+            torch.addcmul(gi_n[t], r_all[t], gh_n[t], out=n_all[t]).tanh_()
+            h = torch.lerp(n_all[t], h, z_all[t], out=h_all[t])  # n + z · (h - n)
         ctx.save_for_backward(w_hh, states, gates, cand, gh)
         return states
 
@@ -60,15 +74,15 @@ class _GRUScan(torch.autograd.Function):
         buf = states.new_empty(steps, s, r, 4, hid)
         w_rnz = torch.cat([w_hh[:, :hid], w_hh[:, 2 * hid :], w_hh[:, hid : 2 * hid]], dim=1)
         dh = grad[-1]
+        grads, zs, bas, crs = grad.unbind(0), z.unbind(0), ba.unbind(0), cr.unbind(0)
+        zn_all, n_all = buf[:, :, :, 2:].unbind(0), buf[:, :, :, 3:].unbind(0)
+        rh_all = buf[:, :, :, :2].unbind(0)
+        gh_all = buf[:, :, :, :3].view(steps, s, r, 3 * hid).unbind(0)  # views: written below
         for t in range(steps - 1, -1, -1):
-            torch.mul(dh.unsqueeze(-2), ba[t], out=buf[t, :, :, 2:])
-            torch.mul(buf[t, :, :, 3:], cr[t], out=buf[t, :, :, :2])
+            torch.mul(dh.unsqueeze(-2), bas[t], out=zn_all[t])
+            torch.mul(n_all[t], crs[t], out=rh_all[t])
             if t:
-                dh = torch.baddbmm(
-                    torch.addcmul(grad[t - 1], dh, z[t]),
-                    buf[t, :, :, :3].reshape(s, r, 3 * hid),
-                    w_rnz,
-                )
+                dh = torch.baddbmm(torch.addcmul(grads[t - 1], dh, zs[t]), gh_all[t], w_rnz)
         d_r, d_hn, d_z, d_n = buf.unbind(dim=3)
         dgh = torch.cat([d_r, d_z, d_hn], dim=-1)  # [T, S, R, 3H] in nn.GRU's gate order
         dgi = torch.cat([d_r, d_z, d_n], dim=-1)
