@@ -93,6 +93,26 @@ def test_ranks_match_naive_argsort(shard_size: int) -> None:
         np.testing.assert_array_equal(t2i.numpy(), want_t2i)
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_ranks_same_on_a_busy_and_an_idle_machine(monkeypatch: pytest.MonkeyPatch, busy) -> None:
+    # The counting runs on one thread or on two, depending on the load: the same exact ranks.
+    import gpo_lit.threads
+
+    monkeypatch.setattr(gpo_lit.threads, "machine_busy", lambda: busy)
+    img, cap, cap2img = random_data(300, d=8, seed=5)
+    img[7] = img[3]  # exact ties between images
+    sims = img @ cap.T
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for ties in TIES:
+            got = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(cap), cap2img, 64, ties)
+            for g, w in zip(got, naive_ranks(sims, cap2img, ties), strict=True):
+                np.testing.assert_array_equal(g.numpy(), w)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_shard_byte_cap_shrinks_shards_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # A shard holds at most SHARD_BYTES of buffers (float64 similarities + two bool masks per
     # entry = 10 bytes): a cap of 3 rows' worth must give shards of 3 images, ranks unchanged.

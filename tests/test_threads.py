@@ -1,0 +1,49 @@
+"""Intra-op thread control (``gpo_lit.threads``): the busy rule and what ``one_thread`` sets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gpo_lit import threads
+
+
+@pytest.mark.parametrize(
+    ("extra", "busy"), [(-1.0, False), (0.5, False), (1.0, False), (1.01, True), (10.0, True)]
+)
+def test_machine_busy_is_load_above_cores_plus_one(monkeypatch, extra, busy):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (max(0.0, cores + extra), 0.0, 0.0))
+    assert threads.machine_busy() is busy
+
+
+def test_unreadable_load_is_not_busy(monkeypatch):
+    def unreadable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", unreadable)
+    assert threads.machine_busy() is False
+
+
+@pytest.mark.parametrize(
+    ("when_busy", "busy", "inside"),
+    [
+        (False, False, 1),
+        (False, True, 1),
+        (True, True, 1),
+        (True, False, 2),
+    ],
+)
+def test_one_thread_when_busy_only_while_busy(monkeypatch, when_busy, busy, inside):
+    monkeypatch.setattr(threads, "machine_busy", lambda: busy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.one_thread(torch.device("cpu"), when_busy=when_busy):
+            seen = torch.get_num_threads()
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert (seen, after) == (inside, 2)
