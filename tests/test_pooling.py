@@ -488,6 +488,25 @@ def test_sorted_weighted_sum_large_matches_reference(threads, packed, block_keys
     assert (got[0].grad[~valid_mask(lengths, n)] == 0).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_sorted_weighted_sum_input_wider_than_theta(packed):
+    # x [B, N', D] with θ [B, N], N < N': the elements past N are padding (garbage here): the
+    # same output and gradient as on the slice x[:, :N], and a zero gradient past it.
+    g = torch.Generator().manual_seed(21)
+    x, lengths = make_batch(seed=21, b=5, n=9, d=16)
+    valid = valid_mask(lengths.clamp(max=6), 6).unsqueeze(-1)
+    theta = torch.rand(5, 6, generator=g).masked_fill(~valid[..., 0], 0)
+    gout = torch.randn(5, 16, generator=g)
+    wide, cut = x.clone().requires_grad_(True), x[:, :6].clone().requires_grad_(True)
+    out = sorted_weighted_sum(wide, theta, valid, packed)
+    out.backward(gout)
+    want = sorted_weighted_sum(cut, theta, valid, packed)
+    want.backward(gout)
+    assert torch.equal(out, want)
+    assert torch.equal(wide.grad[:, :6], cut.grad)
+    assert (wide.grad[:, 6:] == 0).all()
+
+
 def test_sorted_weighted_sum_beyond_int16_positions():
     # N > 32768: the kept sort positions switch to int32 and stay correct.
     g = torch.Generator().manual_seed(19)

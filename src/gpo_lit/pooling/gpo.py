@@ -135,12 +135,17 @@ class _SortedWeightedSum(torch.autograd.Function):
     θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
     ever flipped. Keeps for backward the sorted values and the sort positions in int16
     (``sort_packed``): 1.5x the bytes of an fp32 input. The backward is one scatter.
+
+    ``x`` may be wider than ``theta`` (``[B, N', D]``, N' >= N): elements past θ's width are
+    padding of every set, never sorted, and their gradient is zero (no slice of ``x`` to undo in
+    the backward).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
         pad = ~valid.transpose(1, 2)  # [B, 1, N]
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.x_width = x.dtype, x.shape[1]
+        x = x[:, : theta.shape[1]]  # a view
         b, n, d = x.shape
         cpu32 = x.device.type == "cpu" and theta.dtype == torch.float32
         if packed and cpu32 and 0 < n <= 2**16 and b * d:
@@ -160,23 +165,25 @@ class _SortedWeightedSum(torch.autograd.Function):
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
             b, d, n = xs.shape
-            grad_x = xs.new_empty(b, n, d, dtype=ctx.x_dtype)  # x's layout: no strided copy later
+            grad_x = xs.new_empty(b, ctx.x_width, d, dtype=ctx.x_dtype)  # x's layout
+            grad_x[:, n:] = 0.0  # past θ's width: padding
             step = _block_rows(b, n * d) if xs.device.type == "cpu" else b
             for b0 in range(0, b, step):  # on the CPU in cache-sized blocks, as sort_packed
                 rows = slice(b0, b0 + step)
                 per_pos = grad[rows].unsqueeze(-1) * theta_rev[rows].unsqueeze(1)  # [b, D, N]
                 # idx is a permutation per (b, d), so the scatter writes every entry.
                 per_x = torch.empty_like(per_pos).scatter_(2, idx[rows].long(), per_pos)
-                grad_x[rows].copy_(per_x.transpose(1, 2))
+                grad_x[rows, :n].copy_(per_x.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             grad_theta = torch.bmm(grad.unsqueeze(1), xs).squeeze(1).flip(-1)  # [B, N]
         return grad_x, grad_theta, None, None
 
 
 def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
-    """GPO's pooling step. ``x [B, N, D]``, ``theta [B, N]`` (zero past each length), ``valid``
-    bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension sorted descending over the valid elements,
-    weighted by ``theta`` per rank. Padding content never reaches the output or the gradients.
+    """GPO's pooling step. ``x [B, N', D]``, ``theta [B, N]`` (N <= N'; zero past each length),
+    ``valid`` bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension
+    sorted descending over the valid elements, weighted by ``theta`` per rank. Padding content
+    (elements past N included) never reaches the output or the gradients.
 
     ``packed``: on the CPU in fp32, :func:`sort_packed` (one values-only sort; ties end up in
     another order than the default argsort's, so gradients among equal values differ).
@@ -388,7 +395,7 @@ class GPO(Pooling):
         every set) of a non-empty batch."""
         theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
         valid = mask.valid[:, :width].unsqueeze(-1)  # [B, width, 1]
-        pooled = sorted_weighted_sum(x[:, :width], theta.to(x.dtype), valid, self.cpu_kernels)
+        pooled = sorted_weighted_sum(x, theta.to(x.dtype), valid, self.cpu_kernels)
         return pooled, theta, width
 
     def pool(self, x: Tensor, mask: SetMask) -> Tensor:
