@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,14 +22,32 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     return res
 
 
+def tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files copied to ``dest``: the build writes its ``build/`` and
+    egg-info there, not into the checkout."""
+    listed = run(["git", "ls-files", "-z"], ROOT).stdout.split("\0")
+    for name in filter(None, listed):
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # src/gpo_lit/conf -> the repository's conf/
+            dst.symlink_to(os.readlink(src))
+        elif src.is_file():  # a file deleted but not yet committed is skipped
+            shutil.copy2(src, dst)
+    return dest
+
+
 @pytest.mark.slow  # builds a wheel and a venv, then trains a few batches (~1 min)
 def test_wheel_in_a_fresh_venv_trains_the_demo_from_an_empty_folder(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
+    in_checkout = [ROOT / "build", ROOT / "src" / "gpo_lit.egg-info"]
+    before = {p for p in in_checkout if p.exists()}
+    tree = tracked_copy(tmp_path / "tree")
     run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(wheels), str(ROOT)],
+        + ["-w", str(wheels), str(tree)],
         cwd=tmp_path,
     )
+    assert {p for p in in_checkout if p.exists()} == before  # the build wrote nothing there
     (wheel,) = wheels.glob("gpo_lit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n.removeprefix("gpo_lit/conf/") for n in names if n.startswith("gpo_lit/conf/")}
