@@ -193,8 +193,7 @@ def ranks_from_prepared(
         s1 = min(s0 + shard_size, n_img)
         sims = torch.mm(img[s0:s1], cap.T, out=sims_buf[: s1 - s0])  # the only similarities
         # Memory-bound counting: on one thread while other processes compete for the cores, else
-        # on every thread (bench/eval_speed.py at 2 threads: idle 1.11x the matmul against 1.26x
-        # on one; beside 10 busy processes 1.39x against 1.24x).
+        # on every thread (measured both ways by bench/eval_speed.py; figures in the README).
         with one_thread(dev, when_busy=True):
             js = order[ptr[s0] : ptr[s1]]
             rows = cap2img[js] - s0

@@ -78,8 +78,8 @@ def sort_rows_(rows: np.ndarray) -> None:
 
 
 # Keys per block and intra-op thread: 4 MiB of float64, about twice a core's L2 here, so a
-# block's passes (pack, sort, unpack; backward: weigh, scatter, transpose) mostly hit cache;
-# 32 MiB blocks ran up to 1.5x slower.
+# block's passes (pack, sort, unpack; backward: weigh, scatter, transpose) mostly hit cache,
+# where 32 MiB blocks went to memory on every pass (bench/pooling_speed.py).
 _KEY_BLOCK = 1 << 19
 
 
