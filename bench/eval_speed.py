@@ -37,6 +37,7 @@ import torch
 
 import gpo_lit
 from gpo_lit.metrics import evaluate, evaluate_protocols, recall_metrics, retrieval_ranks
+from gpo_lit.threads import load_average
 
 MIB = 2**20
 
@@ -232,8 +233,7 @@ def main() -> None:
     print(
         f"data: {n_img} images x {n_cap} captions, d={args.dim}, float32, l2-normalised, "
         f"seed {args.seed}; device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} CPUs"
+        f"{torch.get_num_threads()} threads, {load_average()}"
     )
 
     # (a) and (b), interleaved so that background load hits both alike.
@@ -372,8 +372,8 @@ def main() -> None:
         print(
             f"(e) retrieval_ranks on {5 * n_img} images x {5 * n_cap} "
             f"captions: {r['wall_s']:.1f} s wall, peak {above:.0f} MiB above its "
-            f"{r['input_bytes'] / MIB:.0f} MiB of inputs (target: within 1024 MiB), load average "
-            f"{os.getloadavg()[0]:.1f}"
+            f"{r['input_bytes'] / MIB:.0f} MiB of inputs (target: within 1024 MiB), "
+            f"{load_average()}"
         )
     if not ok64:
         sys.exit(1)

@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from gpo_lit.data.augment import drop_regions, kept_regions
 from gpo_lit.data.collate import pad_sets
 from gpo_lit.data.formats.precomp import PrecompSplit, RegionRead
 from gpo_lit.errors import GpoLitError
+from gpo_lit.threads import load_average
 
 
 class OldRows(Dataset):
@@ -181,8 +181,7 @@ def main() -> None:
         )
         (tmp / "train_caps.txt").write_text("a caption\n" * args.rows)
         order = np.random.default_rng(1).permutation(args.rows)[:n].tolist()
-        load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        print(f"load: {load}")
+        print(load_average())
         print(
             f"{n // args.batch} batches of {args.batch} random rows per pass; a sample is "
             f"{sample / 1e3:.0f} KB ({args.regions} x {args.dim} float32)\n"

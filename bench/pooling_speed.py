@@ -20,13 +20,13 @@ Usage: ``PYTHONPATH=src python bench/pooling_speed.py [--device cuda] [--full] [
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
 from gpo_lit.pooling import create_pooling
+from gpo_lit.threads import load_average
 
 MAX_CELL = 128 * 256  # B*N of the largest cell timed by default (keeps the grid to ~3 minutes)
 
@@ -77,11 +77,6 @@ def device_time(pool, x: torch.Tensor, lengths: torch.Tensor) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
-
-
-def loadavg() -> str:
-    """``os.getloadavg()`` (1, 5, 15 min) as text."""
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def make_batch(b: int, n: int, d: int, keep: float, device: torch.device):
@@ -156,8 +151,7 @@ def main() -> None:
     d = args.dim
     extra = {"max": {}, "gpo": {"cpu_kernels": not args.nn_gru}}
     pools = {n: create_pooling(n, dim=d, **extra[n]).to(device).train() for n in ("max", "gpo")}
-    load = loadavg()
-    print(f"device={device} D={d} keep={args.keep} load average (1, 5, 15 min) at start: {load}")
+    print(f"device={device} D={d} keep={args.keep}; at start: {load_average()}")
     print(
         f"GPO generator: {'nn.GRU' if args.nn_gru else 'pooling.gru_scan + packed sort (cpu_kernels=true)'}"
     )
@@ -171,7 +165,7 @@ def main() -> None:
     worst = worst_cpu = 0.0
     for threads in args.threads:
         torch.set_num_threads(threads)
-        print(f"| {threads} thread(s): load average {loadavg()} |", flush=True)
+        print(f"| {threads} thread(s): {load_average()} |", flush=True)
         for b in args.batches:
             for n in args.regions:
                 if b * n > MAX_CELL and not args.full:
@@ -189,10 +183,9 @@ def main() -> None:
                     f"{r['distinct']:.0f} | {r['repeats']} | {cpu_ratio:.2f}x |",
                     flush=True,
                 )
-    load = loadavg()
     print(
         f"worst gpo/max: {worst:.2f}x wall, {worst_cpu:.2f}x CPU time (target <= 3x); "
-        f"load average at end: {load}"
+        f"at end: {load_average()}"
     )
 
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpo_lit.threads import load_average
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STEPS_PER_EPOCH = 234  # 6,000 scenes x 5 captions // 128
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -113,13 +115,9 @@ json.dump({"wall": n / (t[-1] - t[warmup]), "cpu": n / (c[-1] - c[warmup])}, ope
 def show(who: str, rates: dict[str, float]) -> None:
     print(
         f"{who:8s}{rates['wall']:.3f} steps/s, {rates['cpu']:.3f} steps per CPU second "
-        f"({uptime()})",
+        f"({load_average()})",
         flush=True,
     )
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def fail(message: str) -> None:
@@ -285,7 +283,7 @@ def main() -> None:
         if args.authors is not None:
             code = prepare_authors(args.authors.resolve(), tmp, demo)
             build_vocab_json(demo, tmp / "vocab" / "f30k_precomp_vocab.json")
-        print(f"load before: {uptime()}")
+        print(f"before: {load_average()}")
         runs: dict[str, list[dict[str, float]]] = {"ours": [], "authors": []}
         for _ in range(args.repeats):
             runs["ours"].append(run_ours(tmp, data_dir, total, args.warmup, args.overrides))
@@ -310,7 +308,7 @@ def main() -> None:
                 )
                 ratio = med["ours"][k] / med["authors"][k]
                 print(f"ours / authors, {what}: {ratio:.2f}x (target >= 1.5x; rounds: {rounds})")
-        print(f"load after: {uptime()}")
+        print(f"after: {load_average()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

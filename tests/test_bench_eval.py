@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ENV
+from helpers import ENV, LOAD_AVERAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +26,4 @@ def test_eval_speed_small_with_memory_probe() -> None:
         r"\(e\) retrieval_ranks on 200 images x 1000 captions: .* peak (\d+) MiB", res.stdout
     )
     assert m and 0 <= int(m.group(1)) < 1024, res.stdout[-2000:]
+    assert len(LOAD_AVERAGE.findall(res.stdout)) == 2  # with the data, with (e)

@@ -156,3 +156,36 @@ def test_unknown_compile_backend_is_one_line() -> None:
     err = str(user_error(caught.value))
     assert err.startswith("model.compile_backend: expected one of ") and err.endswith("found warp")
     assert "inductor" in err and "eager" in err and "\n" not in err
+
+
+def test_compiled_gpo_runs_its_cpu_kernels_eagerly() -> None:
+    """Under ``torch.compile`` GPO's CPU kernels (the packed sort, the generator's GRU scan) are
+    not traced: no captured graph holds their ops, and GPO's output and gradients are the eager
+    ones exactly (the kernels run as they are; what is traced is elementwise glue)."""
+    from gpo_lit.pooling import create_pooling
+
+    graphs: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list) -> torch.fx.GraphModule:
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch.manual_seed(0)
+    eager = create_pooling("gpo", dim=8).train()
+    compiled = create_pooling("gpo", dim=8).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(backend=record)
+    torch._dynamo.reset()
+    for n, lengths in ((5, [5, 3, 1]), (7, [2, 7, 4])):
+        x = torch.randn(3, n, 8)
+        outs = []
+        for pool in (eager, compiled):
+            xg = x.clone().requires_grad_(True)
+            out = pool(xg, torch.tensor(lengths))
+            out.square().sum().backward()
+            outs.append((out.detach(), xg.grad, *(p.grad.clone() for p in pool.parameters())))
+            pool.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    assert graphs  # something was compiled
+    traced = "\n".join(graphs)
+    assert "bitwise_or" not in traced and "baddbmm" not in traced and "sort" not in traced

@@ -47,3 +47,18 @@ def test_one_thread_when_busy_only_while_busy(monkeypatch, when_busy, busy, insi
     finally:
         torch.set_num_threads(before)
     assert (seen, after) == (inside, 2)
+
+
+def test_load_average_prints_the_three_figures_and_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.234, 0.5, 12.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert threads.load_average() == "load average 1.23 0.50 12.00 (1, 5, 15 min) on 2 CPUs"
+
+
+def test_unreadable_load_average_says_unknown(monkeypatch):
+    def unreadable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", unreadable)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert threads.load_average() == "load average unknown on 1 CPUs"

@@ -3,8 +3,9 @@
 Each module is compiled in place (:meth:`torch.nn.Module.compile`), so its parameters, its
 ``state_dict`` keys and therefore the checkpoints are those of the eager model; only the forward
 passes run through TorchDynamo and the chosen backend. The loss and the evaluation ranking stay
-eager. Set sizes differ from batch to batch, so expect a few recompilations before shapes are
-marked dynamic.
+eager, and so do GPO's CPU kernels inside a compiled pooling head (``torch.compiler.disable``
+on them: numpy sorts and Python loops that tracing would only split into graphs). Set sizes
+differ from batch to batch, so expect a few recompilations before shapes are marked dynamic.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Intra-op thread control for stretches of small CPU ops (GPO's generator, the ranker's shards)."""
+"""Intra-op thread control for stretches of small CPU ops (GPO's generator, the ranker's shards),
+and the machine's load that decides it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,28 @@ from contextlib import contextmanager
 import torch
 
 
+def _loadavg() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15-minute load averages, or None where this platform has none."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
 def machine_busy() -> bool:
     """Whether other processes compete for this machine's cores: the 1-minute load average is
     above its cores + 1 (this process's own threads count in the load). False where the load is
     unreadable."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
-        return False
-    return load > (os.cpu_count() or 1) + 1
+    load = _loadavg()
+    return load is not None and load[0] > (os.cpu_count() or 1) + 1
+
+
+def load_average() -> str:
+    """This machine's load as every benchmark prints it: ``load average 1.02 0.80 0.45 (1, 5,
+    15 min) on 2 CPUs``, or ``load average unknown on 2 CPUs``."""
+    load = _loadavg()
+    figures = "unknown" if load is None else " ".join(f"{v:.2f}" for v in load) + " (1, 5, 15 min)"
+    return f"load average {figures} on {os.cpu_count() or 1} CPUs"
 
 
 @contextmanager

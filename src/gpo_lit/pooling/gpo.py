@@ -40,6 +40,7 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
+@torch.compiler.disable
 def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
     """Sort ``xt [B, D, N]`` (contiguous) ascending along N, in place on the CPU: the values and
     the positions they came from in ``_index_dtype(N)`` (kept for backward). On the CPU a numpy
@@ -93,6 +94,7 @@ def _block_rows(rows: int, per_row: int) -> int:
 _PAD_KEY = -(2.0**1000)  # below every float32, finite, low bits zero: padding sorts first
 
 
+@torch.compiler.disable
 def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
     over its first ``lengths[b]`` elements, the padding first as 0: the values ``[B, D, N]``
@@ -362,6 +364,7 @@ class GPO(Pooling):
                 return self._cached_table(n)[n - 1, :n]
             return self._theta_rows(torch.tensor([n]), n)[0]
 
+    @torch.compiler.disable  # hundreds of tiny ops on one thread: nothing to fuse, graphs to break
     def _batch_theta(
         self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
     ) -> tuple[Tensor, int]:

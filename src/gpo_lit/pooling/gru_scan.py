@@ -91,6 +91,7 @@ class _GRUScan(torch.autograd.Function):
         return dgi, d_w, dgh.sum(dim=(0, 2))
 
 
+@torch.compiler.disable  # a Python loop of tiny ops: run eagerly under model.compile=true
 def bigru_states(gru: nn.GRU, inp: Tensor) -> Tensor:
     """``gru(inp)[0]`` for a 1-layer bidirectional batch-first ``nn.GRU``: ``inp [R, T, d_in]``
     -> ``[R, T, 2H]`` (forward states, then reverse states), differentiable in the GRU's weights
