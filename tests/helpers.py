@@ -35,9 +35,9 @@ TINY_VIT = "test_vit.r160_in1k"  # patch 16, width 64, 6 blocks, one CLS token
 # --- subprocess runs of the entry points ------------------------------------------------------
 # The environment of every subprocess the tests start; never mutated (a test that needs more
 # passes ``env=`` to ``run``).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
 # What every bench script prints for the machine's load (gpo_lit.threads.load_average).
 LOAD_AVERAGE = re.compile(r"load average (\d+\.\d\d ){3}\(1, 5, 15 min\) on \d+ CPUs")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
 
 
 # ENV with the repository root on the path: ``tests.killer`` callbacks load in the subprocess.

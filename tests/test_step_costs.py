@@ -158,10 +158,12 @@ def test_unknown_compile_backend_is_one_line() -> None:
     assert "inductor" in err and "eager" in err and "\n" not in err
 
 
-def test_compiled_gpo_runs_its_cpu_kernels_eagerly() -> None:
-    """Under ``torch.compile`` GPO's CPU kernels (the packed sort, the generator's GRU scan) are
-    not traced: no captured graph holds their ops, and GPO's output and gradients are the eager
-    ones exactly (the kernels run as they are; what is traced is elementwise glue)."""
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_compiled_gpo_runs_its_cpu_kernels_eagerly(cpu_kernels: bool) -> None:
+    """Under ``torch.compile`` GPO's CPU kernels (the packed sort or the numpy argsort, the
+    generator) are not traced: no captured graph holds their ops, and GPO's output and
+    gradients are the eager ones exactly (the kernels run as they are; what is traced is
+    elementwise glue)."""
     from gpo_lit.pooling import create_pooling
 
     graphs: list[str] = []
@@ -171,8 +173,8 @@ def test_compiled_gpo_runs_its_cpu_kernels_eagerly() -> None:
         return gm.forward
 
     torch.manual_seed(0)
-    eager = create_pooling("gpo", dim=8).train()
-    compiled = create_pooling("gpo", dim=8).train()
+    eager = create_pooling("gpo", dim=8, cpu_kernels=cpu_kernels).train()
+    compiled = create_pooling("gpo", dim=8, cpu_kernels=cpu_kernels).train()
     compiled.load_state_dict(eager.state_dict())
     compiled.compile(backend=record)
     torch._dynamo.reset()

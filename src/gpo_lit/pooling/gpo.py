@@ -40,17 +40,23 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
-@torch.compiler.disable
 def sort_ascending_(xt: Tensor) -> tuple[Tensor, Tensor]:
     """Sort ``xt [B, D, N]`` (contiguous) ascending along N, in place on the CPU: the values and
     the positions they came from in ``_index_dtype(N)`` (kept for backward). On the CPU a numpy
     argsort then an in-place values sort of the same rows (several times faster than
-    ``torch.sort`` on many short rows); elsewhere ``torch.sort``."""
+    ``torch.sort`` on many short rows); elsewhere ``torch.sort`` (traceable by torch.compile)."""
     b, d, n = xt.shape
-    idt = _index_dtype(n)
     if xt.device.type != "cpu" or b * d * n == 0:
         vals, idx = xt.sort(dim=-1)
-        return vals, idx.to(idt)
+        return vals, idx.to(_index_dtype(n))
+    return _sort_ascending_numpy_(xt)
+
+
+@torch.compiler.disable
+def _sort_ascending_numpy_(xt: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`sort_ascending_` on the CPU: numpy, run eagerly under torch.compile."""
+    b, d, n = xt.shape
+    idt = _index_dtype(n)
     idx = torch.empty(b, d, n, dtype=idt)
     rows, where = xt.numpy().reshape(b * d, n), idx.numpy().reshape(b * d, n)
     where[...] = np.argsort(rows, axis=-1)
@@ -364,7 +370,9 @@ class GPO(Pooling):
                 return self._cached_table(n)[n - 1, :n]
             return self._theta_rows(torch.tensor([n]), n)[0]
 
-    @torch.compiler.disable  # hundreds of tiny ops on one thread: nothing to fuse, graphs to break
+    # Run eagerly under torch.compile, on every device: on the CPU hundreds of tiny ops on one
+    # thread (nothing to fuse, graphs to break); on a GPU the generator is a cuDNN GRU call.
+    @torch.compiler.disable
     def _batch_theta(
         self, lengths: Tensor, host: Tensor | None, n: int, device: torch.device
     ) -> tuple[Tensor, int]:
