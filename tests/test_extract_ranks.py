@@ -190,12 +190,16 @@ def test_launched_ranks_resume_after_one_is_killed(tmp_path: Path) -> None:
         "extract.flush_every=1",
         "extract.num_threads=1",
         "extract.progress=false",
-        "extract.rank_wait_s=30",  # rank 0 gives up 30 s after rank 1 stops moving
     ]
+    # Not a setting of the extraction, so it may differ per rank. Rank 0 gives up 12 s after rank
+    # 1 stops moving (the wait this test sits through); rank 1 waits up to 60 s for rank 0 to
+    # start (it never sits through that: rank 0 starts with it).
+    wait_s = {0: 12, 1: 60}
 
     def launch(out: str, rank: int, world: int, run: str) -> subprocess.Popen:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}
-        args = [*common, f"extract.out_dir={tmp_path / out}", f"hydra.run.dir={tmp_path / run}"]
+        args = [*common, f"extract.rank_wait_s={wait_s[rank]}",
+                f"extract.out_dir={tmp_path / out}", f"hydra.run.dir={tmp_path / run}"]  # fmt: skip
         return subprocess.Popen(
             [sys.executable, "-m", "gpo_lit.extract", *args],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

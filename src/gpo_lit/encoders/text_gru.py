@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import _VF, Tensor, nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -17,7 +17,7 @@ def bigru_unpacked(gru: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
 
     Why: on an accelerator ``pack_padded_sequence`` / ``pad_packed_sequence`` need the lengths
     on the host and move the sort order between host and device (a sync every step). Here each
-    direction of each layer is one GRU call over the padded batch (``_VF.gru``, what ``nn.GRU``
+    direction of each layer is one GRU call over the padded batch (``torch.gru``, what ``nn.GRU``
     runs; cuDNN on a GPU): the forward direction reads each sequence from its start, so its
     valid steps never see the padding after them; the reverse direction reads each sequence
     reversed within its own length (a gather with device-side indices; the map is its own
@@ -45,8 +45,9 @@ def bigru_unpacked(gru: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
         at = rev.unsqueeze(-1).expand(-1, -1, out.shape[-1])
         # one layer, one direction: (has_biases, num_layers, dropout, train, bidirectional,
         # batch_first), the arguments nn.GRU passes
-        out_f = _VF.gru(out, h0, fwd, gru.bias, 1, 0.0, gru.training, False, True)[0]
-        out_r = _VF.gru(out.gather(1, at), h0, bwd, gru.bias, 1, 0.0, gru.training, False, True)[0]
+        args = (gru.bias, 1, 0.0, gru.training, False, True)
+        out_f = torch.gru(out, h0, fwd, *args)[0]
+        out_r = torch.gru(out.gather(1, at), h0, bwd, *args)[0]
         out_r = out_r.gather(1, rev.unsqueeze(-1).expand(-1, -1, out_r.shape[-1]))
         out = torch.cat([out_f, out_r], dim=-1)
     return out.masked_fill(~valid.unsqueeze(-1), 0.0)
