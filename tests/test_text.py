@@ -6,11 +6,14 @@ import json
 import pathlib
 
 import pytest
+import torch
 from helpers import OneCaptionSplit, compose_cfg, scan_file
+from hydra.utils import instantiate
 
 from gpo_lit.data.datasets import Augment, PairDataset
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import SPECIALS, Vocabulary, tokenize_words
+from gpo_lit.encoders import HFTextEncoder
 from gpo_lit.errors import GpoLitError
 
 CAPTIONS = [
@@ -267,6 +270,31 @@ def test_hf_tokenizer_real_model():
     multi = [p for p, w in zip(pieces, word_ids, strict=True) if w == 1]
     assert len(multi) >= 2 and "".join(multi).replace("##", "") == "snowboarder"
     assert word_ids[1:-1] == sorted(word_ids[1:-1]) and set(word_ids[1:-1]) == {0, 1, 2, 3}
+
+
+def test_a_pretrained_transformer_is_built_to_train_with_its_dropout():
+    """``from_pretrained`` returns its model in eval mode, and Lightning trains every module in
+    the mode it was built in: the encoder, and the whole model of ``model/text=bert``, must come
+    out of construction in train mode, dropout on (as the paper's code trains BERT)."""
+    enc = HFTextEncoder(str(minilm_dir()), embed_dim=16)
+    assert enc.bert.config.hidden_dropout_prob > 0
+    assert [name for name, m in enc.named_modules() if not m.training] == []
+    ids, lengths = torch.tensor([[101, 1037, 3899, 3216, 1012, 102]]), torch.tensor([6])
+    torch.manual_seed(0)
+    assert not torch.equal(enc(ids, lengths)[0], enc(ids, lengths)[0])  # dropout draws differ
+    enc.eval()
+    assert torch.equal(enc(ids, lengths)[0], enc(ids, lengths)[0])
+
+    cfg = compose_cfg(
+        "train",
+        "experiment=demo",
+        "paths.output_dir=unused",
+        "model/text=bert",
+        f"model.text.encoder.name_or_path={minilm_dir()}",
+        "model.embed_dim=8",
+    )
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=None)
+    assert [name for name, m in model.named_modules() if not m.training] == []
 
 
 def test_hf_tokenizer_truncation_keeps_final_special():

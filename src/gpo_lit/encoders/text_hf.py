@@ -58,7 +58,10 @@ class HFTextEncoder(nn.Module):
         for key, value in (config_overrides or {}).items():
             setattr(config, key, value)
         if pretrained:
-            self.bert = _from_pretrained(name_or_path, config)
+            # from_pretrained hands the model back in eval mode; Lightning trains every module in
+            # the mode it was built in, so without this BERT would fine-tune with its dropout off
+            # (the paper's code puts the text encoder in train mode every epoch).
+            self.bert = _from_pretrained(name_or_path, config).train()
         else:
             self.bert = _from_config(config)
         self.linear = nn.Linear(config.hidden_size, embed_dim)
