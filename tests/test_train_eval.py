@@ -178,6 +178,43 @@ def test_unknown_group_option_is_one_line(tmp_path: Path, module: str, arg: str,
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_unknown_key_is_one_line_naming_the_closest_keys(tmp_path: Path) -> None:
+    """A mistyped key (Hydra: six lines, exit 1) is one line with exit 2, before any run folder."""
+    run_dir = tmp_path / "run"
+    res = run(
+        "gpo_lit.train",
+        "experiment=demo",
+        "trainer.max_epoch=5",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    msg = one_line_error(res)
+    assert msg.startswith("error: trainer.max_epoch=5: expected a key of trainer (max_epochs, ")
+    assert "found 'max_epoch' (did you mean 'max_epochs'? a new key is added with +trainer." in msg
+    assert res.returncode == 2 and not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("arg", "start", "has"),
+    [
+        (
+            "model.pooling.temprature=0.2",
+            "model.pooling.temprature=0.2: expected a key of model.pooling (temperature, ",
+            "found 'temprature' (did you mean 'temperature'?",
+        ),
+        ("nosuch=3", "nosuch=3: expected a top-level key (", "found 'nosuch' (a new key is"),
+        ("+trainer.max_epochs=3", "+trainer.max_epochs=3: ", "already at 'trainer.max_epochs'"),
+        ("~trainer.nosuch", "~trainer.nosuch: ", "'trainer.nosuch' does not exist"),
+        ("data.batch_size", "data.batch_size: ", "missing EQUAL"),
+    ],
+)
+def test_overrides_hydra_refuses_are_one_line(arg: str, start: str, has: str) -> None:
+    err = config_error("train", ["experiment=demo", arg])
+    assert err is not None
+    msg = str(err)
+    assert msg.startswith(start) and has in msg and "\n" not in msg
+
+
 def test_unknown_option_of_an_added_group_is_one_line() -> None:
     arg = "+model/pooling@model.visual_pooling=median"
     err = config_error("train", ["experiment=demo", arg])

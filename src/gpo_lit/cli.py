@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -51,17 +52,23 @@ def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
 
 
 def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
-    """One line for a config group option that does not exist (``model/pooling=foo``) or a value
-    outside :data:`gpo_lit.config_check.RULES` (``data.batch_size=0``), found before Hydra
-    creates or writes into the run folder.
+    """One line for an override that does not compose: a config group option that does not exist
+    (``model/pooling=foo``), a key the config does not have (``trainer.max_epoch=5``), any other
+    override Hydra refuses (``+`` on an existing key, a malformed override), or a value outside
+    :data:`gpo_lit.config_check.RULES` (``data.batch_size=0``), found before Hydra creates or
+    writes into the run folder.
 
-    Hydra reports an unknown option in several lines; composing the command line's overrides
-    first finds it. Anything else (a sweep, other errors) is left to Hydra and to the job itself.
+    Hydra reports these in several lines; composing the command line's overrides first finds
+    them. Anything else (a sweep, other errors) is left to Hydra and to the job itself.
     """
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return None
     from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     from gpo_lit.config_check import check_config
 
@@ -77,6 +84,8 @@ def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
         return GpoLitError(
             f"{arg}: expected one of the options of {group} ({options}), found '{value}'"
         )
+    except (ConfigCompositionException, OverrideParseException) as err:
+        return _override_error(err, overrides)
     except Exception:  # noqa: BLE001 - Hydra and the job report everything else themselves
         return None
     try:
@@ -84,6 +93,34 @@ def config_error(config_name: str, argv: list[str]) -> GpoLitError | None:
     except GpoLitError as err:
         return err
     return None
+
+
+def _override_error(err: Exception, overrides: list[str]) -> GpoLitError:
+    """One line for an override Hydra could not apply: for a key the config does not have, the
+    keys beside it (the closest first) and how to add a new one; else Hydra's own words."""
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = err.__cause__
+    key = cause.full_key if isinstance(cause, OmegaConfBaseException) else None
+    if key:
+        arg = next((a for a in overrides if a.split("=", 1)[0].lstrip("~+") == key), None)
+        arg = arg or next((a for a in overrides if a.lstrip("~+").startswith(f"{key}.")), key)
+        parent, _, name = key.rpartition(".")
+        node = getattr(cause, "parent_node", None)
+        keys = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(name, keys, n=3)
+        listed = close + [k for k in keys if k not in close]
+        shown = ", ".join(listed[:12]) + (", …" if len(listed) > 12 else "")
+        where = f"a key of {parent}" if parent else "a top-level key"
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        return GpoLitError(
+            f"{arg}: expected {where} ({shown or 'none'}), found '{name}' ({hint}a new key is "
+            f"added with +{arg.lstrip('~+')})"
+        )
+    words = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    arg = next((a for a in overrides if a.split("=", 1)[0].lstrip("~+") in words), None)
+    return GpoLitError(f"{arg}: {words}" if arg else words)
 
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
