@@ -342,6 +342,19 @@ def test_resume_refuses_callback_state_naming_files_outside_its_folder(
     assert f"found '{victim}' in callbacks[" in line
 
 
+def test_resume_refuses_a_random_state_that_is_not_generator_states(trained, case, capsys) -> None:
+    """The stored random state is checked with the checkpoint, before any work: torch would
+    stop a wrong-sized state with a traceback at the first resumed step."""
+
+    def edit(c: dict) -> None:
+        c["gpo_lit_random_state"]["ranks"][0]["cpu"] = torch.zeros(7, dtype=torch.uint8)
+
+    hostile = craft(trained["last"], case["dir"] / "hostile.ckpt", edit)
+    line = refusal(capsys, "resume", hostile, trained, case)
+    assert line.startswith(f"error: {hostile}: expected in 'gpo_lit_random_state' the generator")
+    assert line.endswith("found another value")
+
+
 def test_the_recorded_trainer_and_callbacks_are_never_built(trained, case) -> None:
     """What a run records of its trainer, callbacks and logger is not checked (a run with its own
     callbacks stays loadable) because loading never builds it: a payload there stays inert."""

@@ -84,6 +84,44 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, straight) -> No
     assert "ckpt_path=last" in resume  # … and the resume recorded beside it
 
 
+# The visual pooling a Transformer with dropout 0.1: the model draws from the global torch RNG
+# every training step (as dropout in BERT, grid size augmentation, image mixing do).
+DROPOUT = [*SMALL, "+model/pooling@model.visual_pooling=temporal_transformer"]
+
+
+@pytest.fixture(scope="module")
+def straight_dropout(tmp_path_factory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("straight_dropout")
+    data = f"paths.data_dir={tmp / 'data'}"
+    res = run(
+        "gpo_lit.train", *DROPOUT, data, f"hydra.run.dir={tmp / 'run'}", cwd=tmp, env=TESTS_ENV
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "run", data
+
+
+@pytest.mark.slow
+def test_killed_run_drawing_random_numbers_resumes_to_identical_metrics(
+    tmp_path: Path, straight_dropout
+) -> None:
+    """The random state travels in the checkpoint: the steps resumed from step 16 (mid-epoch)
+    draw the dropout masks the uninterrupted run drew."""
+    ref, data = straight_dropout
+    killed = tmp_path / "killed"
+    args = [
+        *DROPOUT,
+        data,
+        "+callbacks.kill._target_=tests.killer.KillAtStep",
+        f"+callbacks.kill.step={KILL_AT}",
+        f"hydra.run.dir={killed}",
+    ]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == -9 and (killed / "checkpoints" / "last.ckpt").is_file()
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(killed, ref)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
     tmp_path: Path, straight

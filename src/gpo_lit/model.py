@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
+from gpo_lit import random_state
 from gpo_lit.data.tokenize import CaptionTokenizer, HFTokenizer, VocabTokenizer
 from gpo_lit.data.vocab import Vocabulary
 from gpo_lit.divergence import LossWatch
@@ -132,6 +133,7 @@ class VSEModel(pl.LightningModule):
         self._step_loss: Tensor | None = None  # the last training step's loss (progress bar)
         self.val_rsum_best = float("-inf")  # the best validation rsum so far
         self._subset_said: set[str] = set()  # stages whose subset evaluation was announced
+        self._random_state: dict[str, Any] | None = None  # to put back at the first resumed batch
 
     # -- embedding -------------------------------------------------------------------------
     def encode_images(self, img: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -187,6 +189,11 @@ class VSEModel(pl.LightningModule):
             value = value if isinstance(value, Tensor) else torch.tensor(float(value))
             self.log(f"train/{key}", value, batch_size=img.shape[0])
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._random_state is not None:  # resumed mid-epoch (gpo_lit.random_state)
+            random_state.restore(self._random_state, self.global_rank, self.trainer.world_size)
+            self._random_state = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # read back where the loggers sync anyway (see gpo_lit.divergence)
@@ -302,9 +309,15 @@ class VSEModel(pl.LightningModule):
         if self.run_config is not None:
             checkpoint["gpo_lit_config"] = self.run_config
         checkpoint["gpo_lit_val_rsum_best"] = self.val_rsum_best
+        checkpoint[random_state.KEY] = random_state.capture(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_rsum_best = float(checkpoint.get("gpo_lit_val_rsum_best", float("-inf")))
+        state = checkpoint.get(random_state.KEY)  # checked with the checkpoint (train.py)
+        if state is not None and state["mid_epoch"]:
+            self._random_state = state
+        elif state is not None:
+            random_state.restore(state, self.global_rank, self.trainer.world_size)
 
 
 # The evaluation settings the model reads. Any other stored key (older checkpoints kept output

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from gpo_lit import random_state
 from gpo_lit.callbacks import output_callbacks
 from gpo_lit.callbacks.outputs import METRICS_FILE
 from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
@@ -181,6 +182,8 @@ def train(cfg: DictConfig) -> TrainResult:
     resume = resume_path(cfg, out_dir)
     # A checkpoint to resume is checked before any work; its weights once the model exists.
     stored = read_checkpoint(resume, RESUME_ENTRIES, mmap=True) if resume else None
+    if resume and stored is not None:
+        random_state.check(resume, stored.get(random_state.KEY))
     pl.seed_everything(choose_seed(cfg, stored, resume), workers=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
