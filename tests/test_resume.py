@@ -104,22 +104,48 @@ def straight_dropout(tmp_path_factory) -> tuple[Path, str]:
 def test_killed_run_drawing_random_numbers_resumes_to_identical_metrics(
     tmp_path: Path, straight_dropout
 ) -> None:
-    """The random state travels in the checkpoint: the steps resumed from step 16 (mid-epoch)
-    draw the dropout masks the uninterrupted run drew."""
+    """The random state travels in the checkpoint: the steps resumed draw the dropout masks the
+    uninterrupted run drew. Every 9 steps on 18-batch epochs, killed at step 20: step 18, the
+    last batch of epoch 0, is no checkpoint (Lightning would resume it without epoch 0's
+    validation and stop there), so the run resumes mid-epoch from step 9."""
     ref, data = straight_dropout
     killed = tmp_path / "killed"
     args = [
         *DROPOUT,
         data,
+        "callbacks.last_checkpoint.every_n_train_steps=9",
         "+callbacks.kill._target_=tests.killer.KillAtStep",
-        f"+callbacks.kill.step={KILL_AT}",
+        "+callbacks.kill.step=20",
         f"hydra.run.dir={killed}",
     ]
     res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
-    assert res.returncode == -9 and (killed / "checkpoints" / "last.ckpt").is_file()
+    assert res.returncode == -9
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 9
     res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(killed, ref)
+
+
+@pytest.mark.slow
+def test_sigterm_at_an_epochs_last_batch_stops_after_the_next_step(tmp_path: Path, straight):
+    """The epoch's validation runs first; the checkpoint after it resumes to identical metrics."""
+    ref, data = straight
+    term = tmp_path / "term"
+    args = [
+        *SMALL,
+        data,
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        "+callbacks.kill.step=18",  # epoch 0's last batch
+        f"hydra.run.dir={term}",
+    ]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 143, res.stderr[-3000:]
+    saved = torch.load(term / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 19
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(term, ref)
 
 
 @pytest.mark.slow

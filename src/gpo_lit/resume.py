@@ -19,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -46,14 +47,32 @@ def slurm_requeues(trainer: pl.Trainer) -> bool:
     return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for ``last.ckpt``, which never saves at an epoch's last
+    training batch: Lightning 2.6 resumes such a checkpoint without that epoch's validation and
+    then stops as if ``max_epochs`` were reached. A save the time interval makes due there comes
+    at the next batch; a step count's multiple falling there is skipped (the next one saves)."""
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not trainer.is_last_batch:  # the same on every rank: no collective is skipped alone
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 class StopOnSigterm(pl.Callback):
     """On SIGTERM: save ``last_path`` at the end of the current training step, then stop.
 
     The checkpoint is taken where Lightning's own step checkpoints are (the end of a training
     batch); the process stops at the next hook, once that step's metrics are logged. A signal
-    during validation stops after the next training step (validation finishes first: a
-    checkpoint taken inside it would resume without it); after the last step it stops before
-    testing. ``last_path`` is also saved when training ends, so a run stopped while testing
+    during validation, or at an epoch's last batch, stops after the next training step
+    (validation finishes first: a checkpoint taken inside it or just before it would resume
+    without it); after the last step it stops before testing. ``last_path`` is also saved when training ends, so a run stopped while testing
     resumes straight to the test. Under DDP every rank stops at the same step (any rank's
     signal counts). The signal goes to the training process (a DataLoader worker receiving it
     dies, and the run with it).
@@ -103,7 +122,8 @@ class StopOnSigterm(pl.Callback):
         self._listen(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not self.stopping and self._agreed(trainer):
+        # Not at an epoch's last batch (see LastCheckpoint): then after the next training step.
+        if not self.stopping and not trainer.is_last_batch and self._agreed(trainer):
             self._save(trainer)
             self.stopping = True
 
