@@ -97,6 +97,7 @@ def test_a_run_shorter_than_the_interval_ends_with_one_last_checkpoint(tmp_path)
     train_here(
         run_dir, "experiment=demo", *TINY_DEMO, "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "logger=csv", "test_after_fit=false",
+        f"paths.data_dir={tmp_path / 'data'}",  # not the working folder's data/
     )  # fmt: skip
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert len(names) == 2 and names[1] == "last.ckpt" and names[0].startswith("best-"), names
