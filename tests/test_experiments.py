@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import compose_cfg
+from helpers import WORDS, compose_cfg
+from hydra.utils import instantiate
+from torch import nn
 
 from gpo_lit.cli import CONF_DIR
 
@@ -135,3 +137,22 @@ def test_bigru_experiments_perturb_start_and_end(name: str) -> None:
     cfg = compose_cfg("train", f"experiment={name}", "paths.output_dir=unused")
     assert cfg.model.text.tokenizer.kind == "vocab"
     assert cfg.data.augment.perturb_specials is None and cfg.data.augment.word_prob == 0.2
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    ["demo", "demo_grid", "demo_grid_features", "demo_video", "demo_clip", "demo_shards"],
+)
+def test_every_module_is_built_in_train_mode(experiment: str) -> None:
+    """Lightning trains every module in the mode it was built in (it never calls ``train()``):
+    only what an encoder freezes on purpose, a frozen backbone's BatchNorm, may be built in eval
+    mode (a tower loaded by ``from_pretrained`` arrives in eval mode, dropout off)."""
+    cfg = compose_cfg("train", f"experiment={experiment}", "paths.output_dir=unused")
+    words = WORDS if cfg.model.text.tokenizer.get("kind") == "vocab" else None
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=words)
+    frozen_bn = getattr(model.visual_encoder, "freeze_bn", False)
+    in_eval = [name for name, m in model.named_modules() if not m.training]
+    assert all(
+        frozen_bn and isinstance(model.get_submodule(name), nn.modules.batchnorm._BatchNorm)
+        for name in in_eval
+    ), in_eval
