@@ -4,10 +4,11 @@ The data's randomness is a function of (seed, epoch, index) and needs none of th
 (dropout, grid size augmentation, image mixing) comes from torch's global generators, which the
 loaders also draw from when they start an epoch or a validation. A checkpoint stores their state
 of every rank as it was when it was written, and a resume puts it back where the uninterrupted
-run stood then: at once for a checkpoint taken at an epoch's last batch or during validation
-(what followed, validation and the next epoch's loaders, happens in the resumed run as well),
-else just before the first resumed batch, after the resumed run has restarted the epoch's loader,
-which the uninterrupted run had done before the checkpoint.
+run stood then: just before the first resumed batch for a checkpoint taken inside a training
+epoch (after the resumed run has restarted the epoch's loader, which the uninterrupted run had
+done before the checkpoint), else at once (one taken during validation or when training ended:
+what followed in the uninterrupted run happens in the resumed one as well). No ``last.ckpt`` is
+taken at an epoch's last batch (:class:`gpo_lit.resume.LastCheckpoint`).
 """
 
 from __future__ import annotations

@@ -72,10 +72,10 @@ class StopOnSigterm(pl.Callback):
     batch); the process stops at the next hook, once that step's metrics are logged. A signal
     during validation, or at an epoch's last batch, stops after the next training step
     (validation finishes first: a checkpoint taken inside it or just before it would resume
-    without it); after the last step it stops before testing. ``last_path`` is also saved when training ends, so a run stopped while testing
-    resumes straight to the test. Under DDP every rank stops at the same step (any rank's
-    signal counts). The signal goes to the training process (a DataLoader worker receiving it
-    dies, and the run with it).
+    without it); after the last step it stops before testing. ``last_path`` is also saved when
+    training ends, so a run stopped while testing resumes straight to the test. Under DDP every
+    rank stops at the same step (any rank's signal counts). The signal goes to the training
+    process (a DataLoader worker receiving it dies, and the run with it).
 
     Every checkpoint save also flushes the loggers, then again once the step's own metrics
     are logged, so the CSV rows up to a checkpoint are on disk whatever happens next.
