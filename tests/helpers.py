@@ -168,6 +168,11 @@ def untrained_rsum(run_dir: Path, *overrides: str) -> float:
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "<mask>", "red", "ball"]
 
 
+def modules_in_eval_mode(module) -> list[str]:
+    """Names of the submodules of ``module`` (itself included, as '') in eval mode."""
+    return [name for name, m in module.named_modules() if not m.training]
+
+
 def compose_cfg(name: str, *overrides: str):
     """``conf/<name>.yaml`` composed with ``overrides``, as the command line would."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import WORDS, compose_cfg
+from helpers import WORDS, compose_cfg, modules_in_eval_mode
 from hydra.utils import instantiate
 from torch import nn
 
@@ -151,7 +151,7 @@ def test_every_module_is_built_in_train_mode(experiment: str) -> None:
     words = WORDS if cfg.model.text.tokenizer.get("kind") == "vocab" else None
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=words)
     frozen_bn = getattr(model.visual_encoder, "freeze_bn", False)
-    in_eval = [name for name, m in model.named_modules() if not m.training]
+    in_eval = modules_in_eval_mode(model)
     assert all(
         frozen_bn and isinstance(model.get_submodule(name), nn.modules.batchnorm._BatchNorm)
         for name in in_eval

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 import torch
-from helpers import OneCaptionSplit, compose_cfg, scan_file
+from helpers import OneCaptionSplit, compose_cfg, modules_in_eval_mode, scan_file
 from hydra.utils import instantiate
 
 from gpo_lit.data.datasets import Augment, PairDataset
@@ -278,7 +278,7 @@ def test_a_pretrained_transformer_is_built_to_train_with_its_dropout():
     out of construction in train mode, dropout on (as the paper's code trains BERT)."""
     enc = HFTextEncoder(str(minilm_dir()), embed_dim=16)
     assert enc.bert.config.hidden_dropout_prob > 0
-    assert [name for name, m in enc.named_modules() if not m.training] == []
+    assert modules_in_eval_mode(enc) == []
     ids, lengths = torch.tensor([[101, 1037, 3899, 3216, 1012, 102]]), torch.tensor([6])
     torch.manual_seed(0)
     assert not torch.equal(enc(ids, lengths)[0], enc(ids, lengths)[0])  # dropout draws differ
@@ -294,7 +294,7 @@ def test_a_pretrained_transformer_is_built_to_train_with_its_dropout():
         "model.embed_dim=8",
     )
     model = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=None)
-    assert [name for name, m in model.named_modules() if not m.training] == []
+    assert modules_in_eval_mode(model) == []
 
 
 def test_hf_tokenizer_truncation_keeps_final_special():

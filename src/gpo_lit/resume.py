@@ -47,11 +47,19 @@ def slurm_requeues(trainer: pl.Trainer) -> bool:
     return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
 
+def resumable_batch_end(trainer: pl.Trainer) -> bool:
+    """Whether the end of this training batch may hold a checkpoint to resume from: not at an
+    epoch's last batch, which Lightning 2.6 resumes without that epoch's validation and then
+    stops as if ``max_epochs`` were reached. The same on every rank (a collective that follows
+    the answer is never skipped by one rank alone)."""
+    return not trainer.is_last_batch
+
+
 class LastCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` for ``last.ckpt``, which never saves at an epoch's last
-    training batch: Lightning 2.6 resumes such a checkpoint without that epoch's validation and
-    then stops as if ``max_epochs`` were reached. A save the time interval makes due there comes
-    at the next batch; a step count's multiple falling there is skipped (the next one saves)."""
+    """Lightning's ``ModelCheckpoint`` for ``last.ckpt``, saving only at a
+    :func:`resumable_batch_end`: a save the time interval makes due at an epoch's last batch
+    comes at the next batch; a step count's multiple falling there is skipped (the next one
+    saves)."""
 
     def on_train_batch_end(
         self,
@@ -61,7 +69,7 @@ class LastCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not trainer.is_last_batch:  # the same on every rank: no collective is skipped alone
+        if resumable_batch_end(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
@@ -122,8 +130,8 @@ class StopOnSigterm(pl.Callback):
         self._listen(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        # Not at an epoch's last batch (see LastCheckpoint): then after the next training step.
-        if not self.stopping and not trainer.is_last_batch and self._agreed(trainer):
+        # At an epoch's last batch, after the next training step instead.
+        if not self.stopping and resumable_batch_end(trainer) and self._agreed(trainer):
             self._save(trainer)
             self.stopping = True
 
