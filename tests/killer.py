@@ -54,3 +54,32 @@ class DiskFullAtStep(Callback):
 
             usage = shutil.disk_usage("/")
             shutil.disk_usage = lambda path: usage._replace(free=1024)
+
+
+class Resubmittable:
+    """A submitit job function that can be requeued (like Hydra's submitit launcher, whose
+    ``checkpoint`` resubmits the same call)."""
+
+    def __call__(self) -> None:  # never run here
+        raise AssertionError("not a real submitit job")
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+class SubmititSignals(Callback):
+    """Install submitit's own signal handlers (SIGUSR2: checkpoint the job function, requeue it
+    with ``scontrol requeue``, exit; SIGTERM: ignored), as submitit's job runner does before the
+    job function starts; its files go to ``folder``."""
+
+    def __init__(self, folder: str) -> None:
+        from submitit.core.utils import DelayedSubmission, JobPaths
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        delayed = DelayedSubmission(Resubmittable())
+        delayed.set_timeout(60, 3)  # minutes, requeues left: as a submitted job has
+        paths = JobPaths(folder, job_id=os.environ["SLURM_JOB_ID"])
+        paths.folder.mkdir(parents=True, exist_ok=True)  # submitit's, made when it submitted
+        SlurmJobEnvironment()._handle_signals(paths, delayed)

@@ -4,14 +4,22 @@ metrics and an identical CSV history, its original run records untouched."""
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import SMALL, TESTS_ENV, one_line_error, run
+from lightning_fabric.plugins.environments import SLURMEnvironment
+
+from gpo_lit.resume import StopOnSignal, TrainingInterrupted, requeue_job
+from gpo_lit.run_dir import requeued_job
 
 ROOT = Path(__file__).resolve().parents[1]
 # 600 pairs / 32 = 18 batches per epoch. Step 26 is epoch 1, batch 8, two steps after the last
@@ -265,23 +273,208 @@ def test_continuing_from_a_checkpoint_file_checks_its_stored_config(
     assert {p.relative_to(ref): p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before
 
 
-def test_sigterm_handling_stays_lightnings_under_slurm_requeue() -> None:
-    """cluster=slurm: SIGUSR2 checkpoints and requeues (Lightning's SLURM path, untouched)."""
-    import signal
-
-    import pytorch_lightning as pl
-    from lightning_fabric.plugins.environments import SLURMEnvironment
-
-    from gpo_lit.resume import StopOnSigterm
-
+def test_sigterm_handling_stays_lightnings_under_its_slurm_auto_requeue() -> None:
+    """A SLURM environment with Lightning's auto_requeue: its handlers, untouched."""
     kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
     requeue = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR2)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
     try:
-        stop = StopOnSigterm("last.ckpt")
+        stop = StopOnSignal("last.ckpt")
         stop.on_train_start(pl.Trainer(plugins=[requeue], **kw), None)
-        assert signal.getsignal(signal.SIGTERM) is previous
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == previous
         stop.on_train_start(pl.Trainer(**kw), None)
         assert signal.getsignal(signal.SIGTERM) == stop._on_signal
+        assert signal.getsignal(signal.SIGUSR2) == previous[1]  # no requeue signal outside SLURM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGUSR2, previous[1])
+
+
+# What SLURM sets in the one task of a one-node job (cluster=slurm's Lightning environment).
+SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "gpo-test",
+    "SLURM_NTASKS": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_JOB_NODELIST": "localhost",
+}
+# cluster=slurm's trainer plugins (its GPU and launcher settings aside).
+SLURM_PLUGINS = (
+    "trainer.plugins=[{_target_:gpo_lit.checkpoint_io.AtomicCheckpointIO},"
+    "{_target_:lightning_fabric.plugins.environments.SLURMEnvironment,auto_requeue:false,"
+    "requeue_signal:{_target_:signal.Signals,_args_:[12]}}]"
+)
+
+
+def fake_scontrol(folder: Path) -> tuple[str, Path]:
+    """A ``PATH`` whose ``scontrol`` appends its arguments to a log (exit status 0), and the log."""
+    bin_dir, log = folder / "bin", folder / "scontrol.log"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(log))}\n')
+    scontrol.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", log
+
+
+def test_requeue_signal_is_listened_to_and_chains_to_the_handler_before_it(monkeypatch) -> None:
+    """cluster=slurm: the requeue signal only sets a flag; at the stop, the handler it had
+    before (submitit's) runs once, its exit caught, and the run stops with 128 + SIGUSR2."""
+    for key, value in SLURM_TASK.items():
+        monkeypatch.setenv(key, value)
+    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    env = SLURMEnvironment(auto_requeue=False, requeue_signal=signal.SIGUSR2)
+    calls = []
+
+    def submitit_like(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)  # what submitit does once it has requeued
+
+    previous = signal.getsignal(signal.SIGTERM), signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        trainer = pl.Trainer(plugins=[env], **kw)
+        stop = StopOnSignal("last.ckpt")
+        stop.on_train_start(trainer, None)
+        stop.on_test_start(trainer, None)  # a second stage: still chains to submitit's
+        assert signal.getsignal(signal.SIGUSR2) == stop._on_signal
+        assert stop.previous is submitit_like and stop._agreed(trainer) is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [] and stop._agreed(trainer) == signal.SIGUSR2
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop._agreed(trainer) == signal.SIGUSR2  # the requeue comes first
+        stop.stopping = stop._agreed(trainer)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            stop._stop(trainer)
+        assert calls == [signal.SIGUSR2] and stopped.value.code == 128 + signal.SIGUSR2
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGUSR2, previous[1])
+
+
+@pytest.mark.parametrize(
+    ("array", "job"),
+    [({}, "4242"), ({"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}, "77_3")],
+)
+def test_requeue_without_submitit_runs_scontrol(tmp_path, monkeypatch, array, job) -> None:
+    path, log = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", path)
+    for key, value in {**SLURM_TASK, **array}.items():
+        monkeypatch.setenv(key, value)
+    requeue_job()
+    assert log.read_text().split() == ["requeue", job]
+
+
+def test_a_failed_requeue_is_one_warning(tmp_path, monkeypatch, caplog) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with caplog.at_level(logging.WARNING, logger="gpo_lit.resume"):
+        requeue_job()
+    assert [r.getMessage() for r in caplog.records] == [
+        "not requeued: scontrol requeue 4242 failed: Invalid job id specified"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "requeued"),
+    [
+        ({"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, True),
+        ({"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}, False),
+        ({"SLURM_JOB_ID": "4242"}, False),
+        ({"SLURM_RESTART_COUNT": "2"}, False),  # not in a SLURM job
+    ],
+)
+def test_requeued_job_is_read_from_slurms_restart_count(monkeypatch, env, requeued) -> None:
+    for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert requeued_job() is requeued
+
+
+def test_any_ranks_signal_stops_every_rank_and_the_requeue_comes_first() -> None:
+    """Under DDP the flags are summed over the ranks in one collective (here: two ranks, the
+    other one's flags added by a stand-in for the strategy's reduce)."""
+    from types import SimpleNamespace
+
+    def trainer_beside(other: list[int]):
+        reduce = lambda t, reduce_op: t + torch.tensor(other, dtype=t.dtype)  # noqa: E731
+        strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
+        return SimpleNamespace(world_size=2, strategy=strategy)
+
+    stop = StopOnSignal("last.ckpt")
+    stop.received[signal.SIGUSR2] = False  # what listening under cluster=slurm adds
+    assert stop._agreed(trainer_beside([0, 0])) is None
+    assert stop._agreed(trainer_beside([0, 1])) == signal.SIGTERM  # order: SIGUSR2, SIGTERM
+    assert stop._agreed(trainer_beside([1, 1])) == signal.SIGUSR2
+    stop.received[signal.SIGTERM] = True
+    assert stop._agreed(trainer_beside([1, 0])) == signal.SIGUSR2
+
+
+def test_a_requeued_job_without_ckpt_path_resumes_from_its_last_checkpoint(
+    tmp_path, monkeypatch
+) -> None:
+    """Under submitit the requeued job is Hydra's task run again (no entry point before it):
+    ckpt_path=null, SLURM_RESTART_COUNT=1: this run's last.ckpt, if it saved one."""
+    from omegaconf import OmegaConf
+
+    from gpo_lit.train import resume_path
+
+    cfg = OmegaConf.create({"ckpt_path": None})
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resume_path(cfg, tmp_path) is None  # requeued before its first save: afresh
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert resume_path(cfg, tmp_path) == str(last)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_path(cfg, tmp_path) is None  # the job's first run: a new run
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
+    tmp_path: Path, straight
+) -> None:
+    """cluster=slurm under submitit, SIGUSR2 at step 26: last.ckpt saved at that step, submitit
+    checkpoints its job and requeues it (scontrol), the run stops; SLURM runs the same command
+    again (SLURM_RESTART_COUNT=1), which resumes to the uninterrupted run's metrics."""
+    ref, data = straight
+    folder = tmp_path / "job"
+    path, log = fake_scontrol(tmp_path)
+    env = {**TESTS_ENV, **SLURM_TASK, "PATH": path}
+    args = [
+        *SMALL,
+        data,
+        SLURM_PLUGINS,
+        "+callbacks.submitit._target_=tests.killer.SubmititSignals",
+        f"+callbacks.submitit.folder={tmp_path / 'submitit'}",
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        f"+callbacks.kill.step={AT}",
+        "+callbacks.kill.signum=SIGUSR2",
+        f"hydra.run.dir={folder}",
+    ]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=env)
+    assert res.returncode == 128 + signal.SIGUSR2, res.stderr[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "submitit" / "4242_submitted.pkl").is_file()  # submitit's own checkpoint
+    last = folder / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == AT and not (folder / "metrics.json").exists()
+    final = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    assert final.startswith(
+        f"stopped by SIGUSR2 (SLURM's requeue signal): {last} saved at step {AT}; "
+    )
+    original = records(folder)
+
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(folder, ref)
+    assert records(folder) == original  # the requeued job's records go to .hydra/resume-1/
+    assert (folder / ".hydra" / "resume-1" / "overrides.yaml").is_file()
+    assert log.read_text().split() == ["requeue", "4242"]  # requeued once

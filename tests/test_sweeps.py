@@ -33,6 +33,14 @@ def test_slurm_job_matches_lightning_devices() -> None:
     plugins = [p._target_ for p in cfg.trainer.plugins]
     assert "lightning_fabric.plugins.environments.SLURMEnvironment" in plugins
     assert "gpo_lit.checkpoint_io.AtomicCheckpointIO" in plugins
+    # The requeue signal is gpo_lit's (StopOnSignal), not Lightning's: submitit asks for SIGUSR2.
+    import signal
+
+    from hydra.utils import instantiate
+
+    node = next(p for p in cfg.trainer.plugins if p._target_.endswith("SLURMEnvironment"))
+    env = instantiate(node)
+    assert not env.auto_requeue and env.requeue_signal == signal.SIGUSR2
 
 
 @pytest.mark.slow  # a subprocess (the train entry point's wiring is test_train_eval's)

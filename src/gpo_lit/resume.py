@@ -1,8 +1,9 @@
 """Stopping and resuming a training run without losing or repeating anything.
 
-- :class:`StopOnSigterm`: ``kill -TERM`` finishes the training step in progress, saves
+- :class:`StopOnSignal`: ``kill -TERM`` finishes the training step in progress, saves
   ``last.ckpt`` (atomically, through the trainer's checkpoint IO) and exits with status 143;
-  :func:`gpo_lit.run_dir.resume_command` is the line that resumes it.
+  :func:`gpo_lit.run_dir.resume_command` is the line that resumes it. SLURM's requeue signal
+  (``cluster=slurm``) does the same, then requeues the job, which resumes from ``last.ckpt``.
 - :class:`ResumableCSVLogger`: a resumed run appends to ``csv/metrics.csv``; rows the
   interrupted run logged after its checkpoint are dropped first (they are logged again).
 """
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -29,22 +34,54 @@ from gpo_lit.config_dict import config_dict
 from gpo_lit.files import write_atomic
 from gpo_lit.run_dir import config_changes, refuse_changes
 
-SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(SystemExit):
-    """Training stopped on SIGTERM after saving its state; the process exits with status 143."""
+    """Training stopped on a signal after saving its state; the process exits with status
+    128 + the signal's number (143 for SIGTERM, as a shell reports a process it ended)."""
 
-    def __init__(self, checkpoint: Path, step: int) -> None:
-        super().__init__(SIGTERM_EXIT)
-        self.checkpoint, self.step = checkpoint, step
+    def __init__(self, checkpoint: Path, step: int, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
+        self.checkpoint, self.step, self.signum = checkpoint, step, signal.Signals(signum)
 
 
 def slurm_requeues(trainer: pl.Trainer) -> bool:
-    """Whether Lightning's SLURM environment owns the signals (``cluster=slurm``: SIGUSR2 saves
-    an hpc checkpoint and requeues the job; that path is left exactly as Lightning has it)."""
+    """Whether Lightning's SLURM environment owns the signals (``auto_requeue=true``: its own
+    SIGUSR handler saves an hpc checkpoint wherever the signal lands and requeues the job; left
+    exactly as Lightning has it)."""
     env = trainer._accelerator_connector.cluster_environment
     return isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+
+def requeue_signal(trainer: pl.Trainer) -> signal.Signals | None:
+    """The signal SLURM sends before the time limit or on preemption, where this run handles
+    it (``cluster=slurm``: Lightning's SLURM environment with ``auto_requeue=false`` and its
+    ``requeue_signal``); None elsewhere."""
+    env = trainer._accelerator_connector.cluster_environment
+    if isinstance(env, SLURMEnvironment) and not env.auto_requeue:
+        return env.requeue_signal
+    return None
+
+
+def requeue_job() -> None:
+    """Put this SLURM job back in the queue (``scontrol requeue <job id>``, an array task as
+    ``<array job>_<task>``); a failure is one warning line (the checkpoint is saved whatever)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID", "")
+    if not job.replace("_", "").isdigit():
+        log.warning("not requeued: expected a SLURM job id in SLURM_JOB_ID, found %r", job)
+        return
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as err:
+        log.warning("not requeued: scontrol requeue %s could not run (%s)", job, err)
+        return
+    if done.returncode != 0:
+        why = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        log.warning("not requeued: scontrol requeue %s failed: %s", job, why)
+    else:
+        log.info("requeued SLURM job %s", job)
 
 
 def resumable_batch_end(trainer: pl.Trainer) -> bool:
@@ -73,8 +110,11 @@ class LastCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-class StopOnSigterm(pl.Callback):
-    """On SIGTERM: save ``last_path`` at the end of the current training step, then stop.
+class StopOnSignal(pl.Callback):
+    """On SIGTERM, or on SLURM's requeue signal (:func:`requeue_signal`): save ``last_path`` at
+    the end of the current training step, then stop; after the requeue signal, requeue the job
+    first, and the requeued job resumes from ``last_path``
+    (:func:`gpo_lit.run_dir.requeued_job`).
 
     The checkpoint is taken where Lightning's own step checkpoints are (the end of a training
     batch); the process stops at the next hook, once that step's metrics are logged. A signal
@@ -85,34 +125,71 @@ class StopOnSigterm(pl.Callback):
     rank stops at the same step (any rank's signal counts). The signal goes to the training
     process (a DataLoader worker receiving it dies, and the run with it).
 
+    The requeue goes through the handler the signal had before (submitit's, under its launcher:
+    it requeues from rank 0 within its own limit of requeues), else ``scontrol requeue`` from
+    rank 0 (:func:`requeue_job`). Lightning's own SLURM handler, which saves wherever the signal
+    lands (mid-step, inside a collective), is never the one used: ``cluster=slurm`` turns it off.
+
     Every checkpoint save also flushes the loggers, then again once the step's own metrics
     are logged, so the CSV rows up to a checkpoint are on disk whatever happens next.
     """
 
     def __init__(self, last_path: str | Path) -> None:
         self.last_path = Path(last_path)
-        self.received = False  # the signal came
-        self.stopping = False  # last_path holds the state to resume from; stop at the next hook
+        self.received = {signal.SIGTERM: False}  # per signal handled: whether it came
+        self.previous: Any = None  # the requeue signal's handler before this one (submitit's)
+        self.stopping: signal.Signals | None = None  # last_path holds the state; the signal
         self.saved_step = -1  # the global step last_path was saved at
         self.flush_pending = False
 
     def _listen(self, trainer: pl.Trainer) -> None:
-        # Lightning installs its own handler right before the stage runs; this replaces it.
+        # Lightning installs its own handlers right before the stage runs; these replace them.
         if slurm_requeues(trainer) or threading.current_thread() is not threading.main_thread():
             return
         signal.signal(signal.SIGTERM, self._on_signal)
+        requeue = requeue_signal(trainer)
+        if requeue is not None and requeue != signal.SIGTERM:
+            before = signal.getsignal(requeue)
+            if before != self._on_signal:  # a second stage (test) keeps the first one's
+                self.previous = before
+            self.received.setdefault(requeue, False)
+            signal.signal(requeue, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.received = True
+        self.received[signal.Signals(signum)] = True
 
-    def _agreed(self, trainer: pl.Trainer) -> bool:
-        if trainer.world_size > 1:
-            return bool(trainer.strategy.reduce_boolean_decision(self.received, all=False))
-        return self.received
+    def _agreed(self, trainer: pl.Trainer) -> signal.Signals | None:
+        """The signal to act on, the same on every rank: the requeue signal before SIGTERM."""
+        names = [s for s in self.received if s != signal.SIGTERM] + [signal.SIGTERM]
+        came = [self.received[s] for s in names]
+        if trainer.world_size > 1:  # one collective for all of them
+            flags = torch.tensor(came, dtype=torch.int32, device=trainer.strategy.root_device)
+            came = [bool(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
+        return next((s for s, c in zip(names, came, strict=True) if c), None)
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.last_path)
         self.saved_step = trainer.global_step
+
+    def _requeue(self, trainer: pl.Trainer) -> None:
+        """Requeue the job: through the signal's previous handler, else scontrol on rank 0."""
+        assert self.stopping is not None
+        if not callable(self.previous):
+            if trainer.is_global_zero:
+                requeue_job()
+            return
+        try:
+            self.previous(int(self.stopping), None)
+        except SystemExit:  # submitit exits once it has requeued; this stops below instead
+            pass
+        except Exception as err:  # noqa: BLE001 - e.g. submitit's "timed-out too many times"
+            log.warning("not requeued: %s", " ".join(str(err).split()))
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        assert self.stopping is not None
+        if self.stopping != signal.SIGTERM:
+            self._requeue(trainer)
+        raise TrainingInterrupted(self.last_path, self.saved_step, self.stopping)
 
     def _after_step(self, trainer: pl.Trainer) -> None:
         """The first hook after a training step's metrics are logged."""
@@ -120,8 +197,8 @@ class StopOnSigterm(pl.Callback):
             self.flush_pending = False
             for logger in trainer.loggers:
                 logger.save()
-        if self.stopping:
-            raise TrainingInterrupted(self.last_path, self.saved_step)
+        if self.stopping is not None:
+            self._stop(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._listen(trainer)
@@ -131,9 +208,11 @@ class StopOnSigterm(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         # At an epoch's last batch, after the next training step instead.
-        if not self.stopping and resumable_batch_end(trainer) and self._agreed(trainer):
-            self._save(trainer)
-            self.stopping = True
+        if self.stopping is None and resumable_batch_end(trainer):
+            came = self._agreed(trainer)
+            if came is not None:
+                self._save(trainer)
+                self.stopping = came
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._after_step(trainer)
@@ -146,14 +225,16 @@ class StopOnSigterm(pl.Callback):
         self._after_step(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.stopping:
+        if self.stopping is None:
             self._save(trainer)
             self.stopping = self._agreed(trainer)
         self._after_step(trainer)
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self._agreed(trainer):
-            raise TrainingInterrupted(self.last_path, self.saved_step)
+        came = self._agreed(trainer)
+        if came is not None:
+            self.stopping = came
+            self._stop(trainer)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -10,13 +10,15 @@ clobbers the records of another:
   (``ckpt_path=last`` or a checkpoint path): then the run's configuration must equal the
   stored one (``.hydra/config.yaml``; ``resume_changes=allow`` accepts the differences) and
   Hydra records the resume in ``.hydra/resume-<n>/`` beside the original, untouched;
-- ``ckpt_path=last`` needs an existing, unfinished run folder;
+- ``ckpt_path=last`` needs an existing, unfinished run folder; a requeued SLURM job
+  (:func:`requeued_job`) running the same command again resumes as if it were given;
 - the other ranks of a distributed launch write no records and no log file there (rank 0 may
   start last and must find the shared folder unused).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -148,11 +150,17 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     refuse_changes(stored_path, "the configuration of the run being resumed", changes, allow)
 
 
+def requeued_job() -> bool:
+    """Whether this process belongs to a SLURM job that was requeued (``SLURM_RESTART_COUNT``
+    >= 1, set by SLURM in every task of a job it runs again): the job that the requeue signal
+    stopped (:class:`gpo_lit.resume.StopOnSignal`), resuming from its last.ckpt."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return bool(os.environ.get("SLURM_JOB_ID")) and count.isdigit() and int(count) > 0
+
+
 def other_rank() -> bool:
     """Whether this process is not the first of a distributed launch (torchrun's ``RANK``,
     SLURM's ``SLURM_PROCID``, Lightning's re-launched ``LOCAL_RANK`` children)."""
-    import os
-
     return any(
         os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")
     )
@@ -214,6 +222,10 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
         return argv  # Hydra keeps no records there; the job guards its own outputs
     given = any(o.key_or_group == key for o in parsed)
     ckpt = cfg.get("ckpt_path")
+    requeued = "ckpt_path" in cfg and given and not multirun and requeued_job()
+    if ckpt is None and requeued and is_used(folder):  # SLURM ran the same command again
+        cfg.ckpt_path = ckpt = "last"  # resume where the requeue signal stopped it
+        argv = [*argv, "ckpt_path=last"]
     where = f"{key}={folder}"
     if multirun:
         expect(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -30,12 +31,12 @@ from gpo_lit.losses import check_loss_node
 from gpo_lit.metrics.table import results_block
 from gpo_lit.resume import (
     ResumableCSVLogger,
-    StopOnSigterm,
+    StopOnSignal,
     TrainingInterrupted,
     check_checkpoint_config,
     logged_step,
 )
-from gpo_lit.run_dir import resume_command
+from gpo_lit.run_dir import requeued_job, resume_command
 from gpo_lit.wandb_utils import instantiate_loggers, log_final_summary
 
 log = logging.getLogger("gpo_lit.train")
@@ -67,14 +68,16 @@ def check_data(cfg: DictConfig, datamodule) -> None:
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt.
+    """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt; in a
+    requeued SLURM job without ``ckpt_path`` (:func:`gpo_lit.resume.requeued_job`: a job that
+    the requeue signal stopped, run again by SLURM with the same command) also last.ckpt.
 
     The entry point has already refused a ``ckpt_path=last`` whose run folder does not exist
     (:mod:`gpo_lit.run_dir`); a folder without a checkpoint yet (a job requeued before its first
     save) starts afresh.
     """
     ckpt = cfg.get("ckpt_path")
-    if ckpt == "last":
+    if ckpt == "last" or (ckpt is None and requeued_job()):
         last = out_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.is_file() else None  # nothing saved yet: start afresh
     if ckpt is not None and not Path(ckpt).is_file():
@@ -220,7 +223,7 @@ def train(cfg: DictConfig) -> TrainResult:
         )
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks.append(StopOnSigterm(out_dir / "checkpoints" / "last.ckpt"))
+    callbacks.append(StopOnSignal(out_dir / "checkpoints" / "last.ckpt"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         try:
@@ -228,8 +231,9 @@ def train(cfg: DictConfig) -> TrainResult:
         except TrainingInterrupted as stop:
             if trainer.is_global_zero:
                 saved = f"saved at step {stop.step}" if stop.step >= 0 else "kept"
+                requeue = "" if stop.signum == signal.SIGTERM else " (SLURM's requeue signal)"
                 print(
-                    f"stopped by SIGTERM: {stop.checkpoint} {saved}; "
+                    f"stopped by {stop.signum.name}{requeue}: {stop.checkpoint} {saved}; "
                     f"resume with: {resume_command(out_dir)}",
                     file=sys.stderr,
                     flush=True,
