@@ -136,6 +136,33 @@ def test_killed_run_drawing_random_numbers_resumes_to_identical_metrics(
 
 
 @pytest.mark.slow
+def test_continuing_from_an_epochs_best_checkpoint_draws_the_same_random_numbers(
+    tmp_path: Path, straight_dropout
+) -> None:
+    """The best checkpoint is written during validation (epoch 0's), its random state with it:
+    continued in a new folder, epoch 1 draws the uninterrupted run's dropout masks."""
+    ref, data = straight_dropout
+    killed, cont = tmp_path / "killed", tmp_path / "cont"
+    kill = ["+callbacks.kill._target_=tests.killer.KillAtStep", "+callbacks.kill.step=19"]
+    res = run(
+        "gpo_lit.train",
+        *DROPOUT,
+        data,
+        *kill,
+        f"hydra.run.dir={killed}",
+        cwd=tmp_path,
+        env=TESTS_ENV,
+    )
+    assert res.returncode == -9
+    best = killed / "checkpoints" / "best-epoch000.ckpt"
+    args = [*DROPOUT, data, f"ckpt_path={best}", "resume_changes=allow", f"hydra.run.dir={cont}"]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)  # allow: no kill callback
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (cont / "metrics.json").read_bytes() == (ref / "metrics.json").read_bytes()
+    assert rows(cont) == [r for r in rows(ref) if int(r["step"]) >= 18]  # from epoch 1 on
+
+
+@pytest.mark.slow
 def test_sigterm_at_an_epochs_last_batch_stops_after_the_next_step(tmp_path: Path, straight):
     """The epoch's validation runs first; the checkpoint after it resumes to identical metrics."""
     ref, data = straight
