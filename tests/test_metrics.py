@@ -522,7 +522,7 @@ def test_cli_table_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_model_takes_ties_from_the_evaluation_config() -> None:
-    from gpo_lit.cli import user_error
+    from gpo_lit.errors import user_error
 
     assert tiny_model().eval_cfg["ties"] == "pessimistic"
     assert tiny_model("evaluation.ties=optimistic").eval_cfg["ties"] == "optimistic"

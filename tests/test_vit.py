@@ -21,9 +21,8 @@ from helpers import (
 )
 
 from gpo_lit.callbacks.backbone import BackboneSchedule
-from gpo_lit.cli import user_error
 from gpo_lit.encoders.vit import ViTEncoder
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, user_error
 
 TINY = TINY_VIT
 KW = {"img_size": 64}  # 4 × 4 = 16 patches

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import gpo_lit.resolvers  # noqa: F401 - registers the config resolvers
-from gpo_lit.errors import GpoLitError, one_line, user_error  # noqa: F401 - re-exported
+from gpo_lit.errors import GpoLitError, one_line, user_error
 from gpo_lit.files import ensure_new
 
 log = logging.getLogger("gpo_lit")
