@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import SMALL, TESTS_ENV, one_line_error, run
+from helpers import SMALL, TESTS_ENV, one_line_error, run, train_here
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from gpo_lit.resume import StopOnSignal, TrainingInterrupted, requeue_job
@@ -466,11 +467,13 @@ def test_a_requeued_job_without_ckpt_path_resumes_from_its_last_checkpoint(
 
 @pytest.mark.slow
 def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
-    tmp_path: Path, straight
+    tmp_path: Path, straight, monkeypatch
 ) -> None:
     """cluster=slurm under submitit, SIGUSR2 at step 26: last.ckpt saved at that step, submitit
-    checkpoints its job and requeues it (scontrol), the run stops; SLURM runs the same command
-    again (SLURM_RESTART_COUNT=1), which resumes to the uninterrupted run's metrics."""
+    checkpoints its job and requeues it (scontrol), the run stops. SLURM runs the job again
+    (SLURM_RESTART_COUNT=1) and it resumes to the uninterrupted run's metrics, both ways: as
+    Hydra's submitit launcher runs it (the training task alone, in this process) and as an
+    sbatch script's command line (the entry point)."""
     ref, data = straight
     folder = tmp_path / "job"
     path, log = fake_scontrol(tmp_path)
@@ -498,7 +501,25 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
         f"stopped by SIGUSR2 (SLURM's requeue signal): {last} saved at step {AT}; "
     )
     original = records(folder)
+    task = tmp_path / "task"
+    shutil.copytree(folder, task)
 
+    # Under the launcher: Hydra's task run again in the same folder, no entry point before it.
+    for key, value in {**SLURM_TASK, "SLURM_RESTART_COUNT": "1", "PATH": path}.items():
+        monkeypatch.setenv(key, value)
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "12910")):
+        monkeypatch.setenv(key, value)  # Lightning's SLURM environment sets them: undone after
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGCONT)}
+    try:
+        overrides = [a.replace(str(folder), str(task)) for a in args if not a.startswith("hydra.")]
+        same = [a.replace("+callbacks", "++callbacks") for a in overrides]
+        train_here(task, *same, "print_config=true")  # as the job ran: the stored config
+    finally:
+        for signum, handler in handlers.items():  # submitit's handlers stay out of pytest
+            signal.signal(signum, handler)
+    assert_same_run(task, ref)
+
+    # An sbatch script's command line: resumed as with ckpt_path=last, the records kept.
     res = run("gpo_lit.train", *args, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(folder, ref)
