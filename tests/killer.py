@@ -13,10 +13,13 @@ from pytorch_lightning import Callback
 
 class SignalAtStep(Callback):
     """Send ``signum`` at the end of the batch of ``stage`` (train, validation, test) at which
-    the trainer's global step is ``step`` (any step for test)."""
+    the trainer's global step is ``step`` (any step for test); to this process, or with
+    ``group`` to its whole process group (run it in a session of its own)."""
 
-    def __init__(self, step: int, signum: str = "SIGTERM", stage: str = "train") -> None:
-        self.step, self.stage = step, stage
+    def __init__(
+        self, step: int, signum: str = "SIGTERM", stage: str = "train", group: bool = False
+    ) -> None:
+        self.step, self.stage, self.group = step, stage, group
         self.signum = getattr(signal, signum)
 
     def _fire(self, trainer, stage: str) -> None:
@@ -24,7 +27,10 @@ class SignalAtStep(Callback):
         due = stage == self.stage and (stage == "test" or trainer.global_step == self.step)
         if due and not marker.exists():
             marker.touch()
-            os.kill(os.getpid(), self.signum)
+            if self.group:  # every process of the run, DataLoader workers too (as SLURM does)
+                os.killpg(os.getpgrp(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
         self._fire(trainer, "train")

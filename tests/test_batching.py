@@ -42,17 +42,24 @@ def test_sampler_is_a_function_of_seed_and_epoch() -> None:
 
 
 def test_loader_settings_follow_workers_and_device() -> None:
-    """Workers persist and prefetch as configured; memory is pinned only for a CUDA trainer."""
+    """Workers persist, prefetch as configured and start with WorkerInit (the trainer's rank);
+    memory is pinned only for a CUDA trainer."""
     from types import SimpleNamespace
 
     import torch
 
     from gpo_lit.data.datamodule import RetrievalDataModule
+    from gpo_lit.data.workers import WorkerInit
 
     def kwargs(workers: int, device: str, prefetch: int | None = None) -> dict:
         dm = RetrievalDataModule("unused", num_workers=workers, prefetch_factor=prefetch)
-        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
-        return dm._loader_kwargs()
+        strategy = SimpleNamespace(root_device=torch.device(device))
+        dm.trainer = SimpleNamespace(strategy=strategy, global_rank=3)
+        got = dm._loader_kwargs()
+        init = got.pop("worker_init_fn", None)
+        assert (init is None) == (workers == 0)
+        assert init is None or (isinstance(init, WorkerInit) and init.rank == 3)  # seeds by rank
+        return got
 
     assert kwargs(0, "cpu") == {"num_workers": 0, "pin_memory": False}
     assert kwargs(0, "cuda") == {"num_workers": 0, "pin_memory": True}

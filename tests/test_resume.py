@@ -241,6 +241,37 @@ def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
 
 
 @pytest.mark.slow
+def test_a_signal_to_every_process_with_loader_workers_still_saves_and_resumes(
+    tmp_path: Path, straight
+) -> None:
+    """scancel and preemptions signal every process of the job, the DataLoader workers too:
+    they ignore it (they used to exit and take the run with them, unsaved), the run saves at
+    the signal and resumes, with its 2 workers, to the uninterrupted run's metrics."""
+    ref, data = straight
+    folder = tmp_path / "group"
+    args = [
+        *SMALL,
+        data,
+        "data.num_workers=2",
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        f"+callbacks.kill.step={AT}",
+        "+callbacks.kill.group=true",
+        f"hydra.run.dir={folder}",
+    ]
+    cmd = [sys.executable, "-m", "gpo_lit.train", *args]
+    res = subprocess.run(
+        cmd, cwd=tmp_path, env=TESTS_ENV, capture_output=True, text=True, timeout=600,
+        start_new_session=True,  # its own process group: the signal reaches nothing else
+    )  # fmt: skip
+    assert res.returncode == 143, res.stderr[-3000:]
+    saved = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == AT
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(folder, ref)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "step", "saved"),
     [

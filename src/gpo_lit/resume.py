@@ -122,8 +122,8 @@ class StopOnSignal(pl.Callback):
     (validation finishes first: a checkpoint taken inside it or just before it would resume
     without it); after the last step it stops before testing. ``last_path`` is also saved when
     training ends, so a run stopped while testing resumes straight to the test. Under DDP every
-    rank stops at the same step (any rank's signal counts). The signal goes to the training
-    process (a DataLoader worker receiving it dies, and the run with it).
+    rank stops at the same step (any rank's signal counts). DataLoader workers ignore these
+    signals (:mod:`gpo_lit.data.workers`): a scheduler signals every process of the job.
 
     The requeue goes through the handler the signal had before (submitit's, under its launcher:
     it requeues from rank 0 within its own limit of requeues), else ``scontrol requeue`` from

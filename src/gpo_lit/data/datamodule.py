@@ -19,6 +19,7 @@ from gpo_lit.data.formats.precomp import PrecompSplit
 from gpo_lit.data.noise import mismatched_fraction, noisy_caption_map
 from gpo_lit.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from gpo_lit.data.tokenize import CaptionTokenizer
+from gpo_lit.data.workers import WorkerInit
 from gpo_lit.errors import GpoLitError, expect
 
 log = logging.getLogger(__name__)
@@ -221,12 +222,15 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self) -> dict:
         """Worker settings of every loader: workers kept alive across epochs and validations (the
-        epoch travels with the sampler's indices, not in the dataset), pinned memory for CUDA."""
+        epoch travels with the sampler's indices, not in the dataset), deaf to the stop signals
+        a scheduler sends every process (:class:`~gpo_lit.data.workers.WorkerInit`), pinned
+        memory for CUDA."""
         trainer = getattr(self, "trainer", None)
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         kwargs: dict = {"num_workers": self.num_workers, "pin_memory": cuda}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = True
+            kwargs["worker_init_fn"] = WorkerInit(trainer.global_rank if trainer else 0)
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = self.prefetch_factor
         return kwargs
