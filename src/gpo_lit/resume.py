@@ -73,8 +73,10 @@ def requeue_job() -> None:
         log.warning("not requeued: expected a SLURM job id in SLURM_JOB_ID, found %r", job)
         return
     try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    except OSError as err:
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
         log.warning("not requeued: scontrol requeue %s could not run (%s)", job, err)
         return
     if done.returncode != 0:
