@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import SMALL, TESTS_ENV, one_line_error, run, train_here
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
 
 from gpo_lit.resume import StopOnSignal, TrainingInterrupted, requeue_job
 from gpo_lit.run_dir import requeued_job
@@ -238,6 +239,30 @@ def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
     run_id = (term / "wandb-run-id").read_text().strip()
     parts = sorted((term / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+
+
+@pytest.mark.slow
+def test_a_seed_null_run_resumes_with_its_own_overrides(tmp_path: Path, straight) -> None:
+    """seed=null draws a seed and stores it; the printed resume command repeats seed=null,
+    which takes that seed again (it used to be refused as a changed configuration)."""
+    _, data = straight
+    folder = tmp_path / "drawn"
+    args = [
+        *SMALL,
+        data,
+        "seed=null",
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        f"+callbacks.kill.step={AT}",
+        f"hydra.run.dir={folder}",
+    ]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert "seed=null" in res.stderr.strip().splitlines()[-1]  # in the resume command
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seed = OmegaConf.load(folder / ".hydra" / "config.yaml").seed
+    last = folder / "checkpoints" / "last.ckpt"
+    assert f"seed=null: seed {seed} (from {last})" in (folder / "train.log").read_text()
 
 
 @pytest.mark.slow

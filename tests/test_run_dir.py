@@ -234,3 +234,12 @@ def test_flags_and_bad_command_lines_are_left_to_hydra(tmp_path: Path, monkeypat
     for argv in (["--cfg", "job"], ["experiment=demo", "seed=0,1"], ["experiment=demo", "seed=[0"]):
         assert prepare("train", argv) == argv
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_new_null_seed_is_the_stored_one_in_a_resumes_config_check() -> None:
+    from gpo_lit.run_dir import config_changes
+
+    stored = {"seed": 458326542, "optim": {"lr": 0.0005}}
+    assert config_changes(stored, {"seed": None, "optim": {"lr": 0.0005}}) == []
+    assert config_changes(stored, {"seed": 3, "optim": {"lr": 0.0005}}) == ["seed (458326542 → 3)"]
+    assert config_changes({"seed": None}, {"seed": 3}) == ["seed (None → 3)"]

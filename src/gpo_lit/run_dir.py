@@ -82,8 +82,12 @@ def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key (old → new)`` for every leaf that differs, but those a resume may always set anew."""
+    """``key (old → new)`` for every leaf that differs, but those a resume may always set anew;
+    a new ``seed`` of null is the stored one (the run drew it, and its resume takes it again:
+    :func:`gpo_lit.train.choose_seed`), so a ``seed=null`` run resumes with its own overrides."""
     old, new = flat(old), flat(new)
+    if new.get("seed", 0) is None and "seed" in old:
+        new["seed"] = old["seed"]
     changes = []
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in IGNORED_CHANGES:
