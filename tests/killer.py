@@ -14,17 +14,24 @@ from pytorch_lightning import Callback
 class SignalAtStep(Callback):
     """Send ``signum`` at the end of the batch of ``stage`` (train, validation, test) at which
     the trainer's global step is ``step`` (any step for test); to this process, or with
-    ``group`` to its whole process group (run it in a session of its own)."""
+    ``group`` to its whole process group (run it in a session of its own); with ``rank``, in
+    that rank's process only."""
 
     def __init__(
-        self, step: int, signum: str = "SIGTERM", stage: str = "train", group: bool = False
+        self,
+        step: int,
+        signum: str = "SIGTERM",
+        stage: str = "train",
+        group: bool = False,
+        rank: int | None = None,
     ) -> None:
-        self.step, self.stage, self.group = step, stage, group
+        self.step, self.stage, self.group, self.rank = step, stage, group, rank
         self.signum = getattr(signal, signum)
 
     def _fire(self, trainer, stage: str) -> None:
         marker = Path(trainer.default_root_dir) / f".{self.signum.name}-sent"
         due = stage == self.stage and (stage == "test" or trainer.global_step == self.step)
+        due = due and self.rank in (None, trainer.global_rank)
         if due and not marker.exists():
             marker.touch()
             if self.group:  # every process of the run, DataLoader workers too (as SLURM does)

@@ -266,6 +266,27 @@ def test_a_seed_null_run_resumes_with_its_own_overrides(tmp_path: Path, straight
 
 
 @pytest.mark.slow
+def test_one_ranks_signal_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """2 gloo ranks (trainer=ddp on the CPU), SIGTERM to rank 1 alone at step 10: both ranks
+    agree (one collective per step), last.ckpt holds step 10, and the resume on 2 ranks ends
+    with the uninterrupted 2-rank run's metrics and CSV."""
+    ddp = [*SMALL, f"paths.data_dir={tmp_path / 'data'}", "trainer=ddp", "trainer.accelerator=cpu"]
+    ddp.append("trainer.devices=2")
+    ref, folder = tmp_path / "straight", tmp_path / "rank1"
+    res = run("gpo_lit.train", *ddp, f"hydra.run.dir={ref}", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kill = ["+callbacks.kill._target_=tests.killer.SignalAtStep", "+callbacks.kill.step=10"]
+    args = [*ddp, *kill, "+callbacks.kill.rank=1", f"hydra.run.dir={folder}"]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 143, res.stderr[-3000:]
+    saved = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 10
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(folder, ref)
+
+
+@pytest.mark.slow
 def test_a_signal_to_every_process_with_loader_workers_still_saves_and_resumes(
     tmp_path: Path, straight
 ) -> None:
