@@ -287,6 +287,40 @@ def test_one_ranks_signal_stops_every_rank_at_the_same_step(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_ctrl_c_says_which_checkpoint_resumes_and_how(tmp_path: Path, straight) -> None:
+    """Ctrl-C (SIGINT) stops at once, as Lightning does (exit status 1), then names the last
+    periodic checkpoint and the resume command; that resume ends as the uninterrupted run."""
+    ref, data = straight
+    folder = tmp_path / "ctrl_c"
+    args = [
+        *SMALL,
+        data,
+        "+callbacks.kill._target_=tests.killer.SignalAtStep",
+        f"+callbacks.kill.step={AT}",
+        "+callbacks.kill.signum=SIGINT",
+        f"hydra.run.dir={folder}",
+    ]
+    res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = folder / "checkpoints" / "last.ckpt"
+    final = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    step = AT - AT % 4  # every 4 steps
+    assert final.startswith(f"interrupted (Ctrl-C): {last} holds step {step}; resume with: make ")
+    assert shlex.split(final)[-2:] == [f"hydra.run.dir={folder}", "ckpt_path=last"]
+    res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(folder, ref)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path) -> None:
+    from gpo_lit.train import interrupted_message
+
+    assert interrupted_message(tmp_path) == (
+        "interrupted (Ctrl-C) before the first checkpoint: nothing to resume"
+    )
+
+
+@pytest.mark.slow
 def test_a_signal_to_every_process_with_loader_workers_still_saves_and_resumes(
     tmp_path: Path, straight
 ) -> None:

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from gpo_lit import random_state
 from gpo_lit.callbacks import output_callbacks
 from gpo_lit.callbacks.outputs import METRICS_FILE
-from gpo_lit.checkpoint_io import check_state_dict, read_checkpoint
+from gpo_lit.checkpoint_io import check_state_dict, load_torch_file, read_checkpoint
 from gpo_lit.cli import entry_point, finish_wandb, instantiate_group
 from gpo_lit.config_check import check_config
 from gpo_lit.config_dict import config_dict
@@ -239,8 +239,22 @@ def train(cfg: DictConfig) -> TrainResult:
                     flush=True,
                 )
             raise
+        except SystemExit:  # Lightning's graceful Ctrl-C shutdown ends with exit status 1
+            if trainer.interrupted and trainer.is_global_zero:
+                print(interrupted_message(out_dir), file=sys.stderr, flush=True)
+            raise
     finally:
         finish_wandb()
+
+
+def interrupted_message(out_dir: Path) -> str:
+    """What a run stopped by Ctrl-C prints last: the checkpoint it can resume from (the last
+    periodic ``last.ckpt``: Ctrl-C stops at once, not at the step's end as SIGTERM does) and how."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "interrupted (Ctrl-C) before the first checkpoint: nothing to resume"
+    step = int(load_torch_file(last, "a gpo_lit checkpoint", mmap=True)["global_step"])
+    return f"interrupted (Ctrl-C): {last} holds step {step}; resume with: {resume_command(out_dir)}"
 
 
 @entry_point("train")
