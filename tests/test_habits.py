@@ -186,7 +186,7 @@ def test_early_stopping_on_val_rsum(tmp_path: Path, data_dir: Path) -> None:
 
 
 # ---- seed=null, tags, the printed config, train.log, warnings ------------------------------------
-NOISE = ("litlogger", "LeafSpec", "multiple `ModelCheckpoint`")
+NOISE = ("litlogger", "LeafSpec", "multiple `ModelCheckpoint`", "`weights_only` was not set")
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ class StopOnSignal(pl.Callback):
         return next((s for s, c in zip(names, came, strict=True) if c), None)
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # a whole state to resume
         self.saved_step = trainer.global_step
 
     def _requeue(self, trainer: pl.Trainer) -> None:
