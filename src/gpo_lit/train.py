@@ -67,9 +67,14 @@ def check_data(cfg: DictConfig, datamodule) -> None:
     )
 
 
+def last_checkpoint(out_dir: Path) -> Path:
+    """A run's ``last.ckpt`` (where ``callbacks.last_checkpoint`` and SIGTERM save it)."""
+    return out_dir / "checkpoints" / "last.ckpt"
+
+
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     """The checkpoint to resume from: ``ckpt_path``, with ``last`` = this run's last.ckpt; in a
-    requeued SLURM job without ``ckpt_path`` (:func:`gpo_lit.resume.requeued_job`: a job that
+    requeued SLURM job without ``ckpt_path`` (:func:`gpo_lit.run_dir.requeued_job`: a job that
     the requeue signal stopped, run again by SLURM with the same command) also last.ckpt.
 
     The entry point has already refused a ``ckpt_path=last`` whose run folder does not exist
@@ -78,7 +83,7 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     """
     ckpt = cfg.get("ckpt_path")
     if ckpt == "last" or (ckpt is None and requeued_job()):
-        last = out_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(out_dir)
         return str(last) if last.is_file() else None  # nothing saved yet: start afresh
     if ckpt is not None and not Path(ckpt).is_file():
         raise GpoLitError(f"ckpt_path: expected a checkpoint file, found no file at {ckpt}")
@@ -223,7 +228,7 @@ def train(cfg: DictConfig) -> TrainResult:
         )
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks.append(StopOnSignal(out_dir / "checkpoints" / "last.ckpt"))
+    callbacks.append(StopOnSignal(last_checkpoint(out_dir)))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         try:
@@ -250,7 +255,7 @@ def train(cfg: DictConfig) -> TrainResult:
 def interrupted_message(out_dir: Path) -> str:
     """What a run stopped by Ctrl-C prints last: the checkpoint it can resume from (the last
     periodic ``last.ckpt``: Ctrl-C stops at once, not at the step's end as SIGTERM does) and how."""
-    last = out_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(out_dir)
     if not last.is_file():
         return "interrupted (Ctrl-C) before the first checkpoint: nothing to resume"
     step = int(load_torch_file(last, "a gpo_lit checkpoint", mmap=True)["global_step"])
