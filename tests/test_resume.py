@@ -36,6 +36,12 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def saved_step(run_dir: Path) -> int:
+    """The global step a run's last.ckpt holds."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+
+
 def records(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")}
 
@@ -130,8 +136,7 @@ def test_killed_run_drawing_random_numbers_resumes_to_identical_metrics(
     ]
     res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == -9
-    last = killed / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 9
+    assert saved_step(killed) == 9
     res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(killed, ref)
@@ -178,8 +183,7 @@ def test_sigterm_at_an_epochs_last_batch_stops_after_the_next_step(tmp_path: Pat
     ]
     res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 143, res.stderr[-3000:]
-    saved = torch.load(term / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] == 19
+    assert saved_step(term) == 19
     res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(term, ref)
@@ -214,8 +218,7 @@ def test_sigterm_saves_at_the_signal_and_prints_the_resume_command(
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 143, res.stderr[-3000:]
     assert not (term / "metrics.json").exists()
-    saved = torch.load(term / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] == AT  # saved at the signal, not at the last step checkpoint
+    assert saved_step(term) == AT  # saved at the signal, not at the last step checkpoint
     last = [line for line in res.stderr.splitlines() if line.strip()][-1]
     prefix = f"stopped by SIGTERM: {term / 'checkpoints' / 'last.ckpt'} saved at step {AT}; "
     assert last.startswith(prefix + "resume with: make train EXP=demo ")
@@ -279,8 +282,7 @@ def test_one_ranks_signal_stops_every_rank_at_the_same_step(tmp_path: Path) -> N
     args = [*ddp, *kill, "+callbacks.kill.rank=1", f"hydra.run.dir={folder}"]
     res = run("gpo_lit.train", *args, cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 143, res.stderr[-3000:]
-    saved = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] == 10
+    assert saved_step(folder) == 10
     res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(folder, ref)
@@ -344,8 +346,7 @@ def test_a_signal_to_every_process_with_loader_workers_still_saves_and_resumes(
         start_new_session=True,  # its own process group: the signal reaches nothing else
     )  # fmt: skip
     assert res.returncode == 143, res.stderr[-3000:]
-    saved = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] == AT
+    assert saved_step(folder) == AT
     res = run("gpo_lit.train", *args, "ckpt_path=last", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(folder, ref)
@@ -374,8 +375,7 @@ def test_sigterm_while_evaluating_stops_at_a_resumable_point(
     res = run("gpo_lit.train", *args, f"hydra.run.dir={folder}", cwd=tmp_path, env=TESTS_ENV)
     assert res.returncode == 143, res.stderr[-3000:]
     assert "resume with: make train EXP=demo" in res.stderr
-    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == saved and not (folder / "metrics.json").exists()
+    assert saved_step(folder) == saved and not (folder / "metrics.json").exists()
     res = run(
         "gpo_lit.train",
         *args,
@@ -605,8 +605,7 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
     assert log.read_text().split() == ["requeue", "4242"]
     assert (tmp_path / "submitit" / "4242_submitted.pkl").is_file()  # submitit's own checkpoint
     last = folder / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=True)
-    assert saved["global_step"] == AT and not (folder / "metrics.json").exists()
+    assert saved_step(folder) == AT and not (folder / "metrics.json").exists()
     final = [line for line in res.stderr.splitlines() if line.strip()][-1]
     assert final.startswith(
         f"stopped by SIGUSR2 (SLURM's requeue signal): {last} saved at step {AT}; "
