@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpo_lit.pooling.gpo import sort_packed
+from gpo_lit.errors import GpoLitError
+from gpo_lit.pooling.gpo import sort_packed, sorted_weighted_sum
 
 
 @pytest.mark.parametrize("n", [1, 2, 36, 257])
@@ -50,3 +51,33 @@ def test_sort_rows_split_over_threads_equals_one_sort(threads, monkeypatch):
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(rows, want)
+
+
+def test_sort_packed_positions_past_int16():
+    # Sets wider than 32768 keep their positions in int32: the key's low bits hold the position,
+    # the bits above it the value's mantissa, which must not leak into the position.
+    g = torch.Generator().manual_seed(5)
+    n = 40_000
+    x = (torch.randperm(2 * n * 3, generator=g).float() / 7).view(2, n, 3)  # no ties
+    lengths = [n, n - 7]
+    values, idx = sort_packed(x, lengths)
+    assert idx.dtype == torch.int32
+    pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]
+    xt = x.transpose(1, 2).masked_fill(pad, 0.0)
+    np.testing.assert_array_equal(
+        np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
+    )
+    np.testing.assert_array_equal(
+        np.take_along_axis(xt.numpy(), idx.long().numpy(), -1), values.numpy()
+    )
+    # Through GPO's pooling step: the packed sort's gradient equals the argsort path's.
+    valid = (~pad).transpose(1, 2)  # [B, N, 1]
+    theta = torch.rand(2, n, generator=g).masked_fill(pad[:, 0], 0.0)
+    grads = []
+    for packed in (True, False):
+        xg = x.clone().requires_grad_(True)
+        sorted_weighted_sum(xg, theta, valid, packed).sum().backward()
+        grads.append(xg.grad)
+    assert torch.equal(grads[0], grads[1])
+    with pytest.raises(GpoLitError, match="sort_packed set width"):
+        sort_packed(torch.zeros(1, 2**16 + 1, 1), [1])

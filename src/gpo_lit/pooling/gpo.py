@@ -111,15 +111,19 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     bits zero) with its position written into those low bits, which moves it by less than half a
     float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
     interchangeable) and carries the positions; rounding a key back to float32 gives the value
-    exactly. A numpy sort of short rows costs a fraction of an argsort, and the whole step is a
+    exactly (positions < 2^28, below half the dropped bits). A numpy sort of short rows costs a fraction of an argsort, and the whole step is a
     handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
     region); the sort itself is split over torch's intra-op threads (:func:`sort_rows_`). A
     non-finite valid value comes back NaN (inf with position bits is NaN).
     """
     b, n, d = x.shape
+    expect(0 < n <= 2**16, "sort_packed set width", "1..65536 elements", n)
     out = torch.empty(b, d, n, dtype=torch.float32)
     idx = torch.empty(b, d, n, dtype=_index_dtype(n))
     pos = torch.arange(n, dtype=torch.int64)
+    # An int16 copy keeps the low 16 bits: the position (n <= 2^15). An int32 one would keep 3
+    # bits of the value's mantissa too: mask them off first.
+    low = None if idx.dtype == torch.int16 else torch.tensor((1 << 29) - 1)
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
         key = torch.empty(min(step, b - b0), d, n, dtype=torch.float64)
@@ -128,7 +132,7 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
             key[i, :, m:] = _PAD_KEY
         bits = key.view(torch.int64).bitwise_or_(pos)
         sort_rows_(key.numpy().reshape(-1, n))  # as float64: ordered by value
-        idx[b0 : b0 + step].copy_(bits)  # the low bits: the position
+        idx[b0 : b0 + step].copy_(bits if low is None else bits & low)  # the low bits
         out[b0 : b0 + step].copy_(key)  # round to nearest: the value; padding -> -inf
         for i, m in enumerate(lengths[b0 : b0 + step]):
             out[b0 + i, :, : n - m] = 0.0  # padding, now in front (0 · -inf would be NaN)
