@@ -8,7 +8,9 @@ same machine state): warm-up, then the minimum over the rounds of the wall-clock
 process-CPU time (synchronised; fewer rounds in large cells): on a shared machine other jobs only
 ever add time, so the minimum is the least disturbed figure. On CUDA also the GPU time with the
 host running ahead. The load average is printed at the start, before each thread count, and at
-the end.
+the end. "worker busy": the CPU time of the intra-op worker threads (OpenMP's, which spin between
+parallel regions) over the wall time of the operator's rounds, read from ``/proc`` (0 elsewhere):
+near 1 at 2 threads means the second core was never free for other threads (GPO's sort bands).
 
 Memory: the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``; each
 storage counted once, parameters included) divided by the input's bytes: what a forward keeps
@@ -20,7 +22,9 @@ Usage: ``PYTHONPATH=src python bench/pooling_speed.py [--device cuda] [--full] [
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -48,6 +52,24 @@ def time_step(
     pool(x, lengths).sum().backward()
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def native_worker_cpu() -> float:
+    """Process-CPU seconds so far of the threads Python did not start, the main thread aside:
+    the intra-op (OpenMP) workers, which spin between parallel regions before they sleep; 0.0
+    where ``/proc`` has no per-thread times."""
+    python = {t.native_id for t in threading.enumerate()}
+    total = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) in python:
+                continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    except OSError:  # no /proc (not Linux), or a thread exited while listed
+        return 0.0
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def saved_bytes(pool, x: torch.Tensor, lengths: torch.Tensor) -> int:
@@ -94,6 +116,7 @@ def run_cell(pools, b: int, n: int, d: int, args, device: torch.device) -> dict[
     times: dict[str, list[float]] = {name: [] for name in pools}
     cpu: dict[str, list[float]] = {name: [] for name in pools}
     dev: dict[str, list[float]] = {name: [] for name in pools}
+    workers = {name: 0.0 for name in pools}  # native worker CPU seconds during the rounds
     distinct = []
     names = list(pools)
     for step in range(warmup + repeats):
@@ -101,14 +124,17 @@ def run_cell(pools, b: int, n: int, d: int, args, device: torch.device) -> dict[
         distinct.append(len(lengths.unique()))
         for name in names if step % 2 else names[::-1]:  # alternate which one goes first
             pool = pools[name]
+            w0 = native_worker_cpu()
             t, c = time_step(pool, x, lengths, device)
             if step >= warmup:
+                workers[name] += native_worker_cpu() - w0
                 times[name].append(t)
                 cpu[name].append(c)
                 if device.type == "cuda":
                     dev[name].append(device_time(pool, x, lengths))
     res = {f"{k}_ms": min(v) * 1e3 for k, v in times.items()}
     res.update({f"{k}_cpu_ms": min(v) * 1e3 for k, v in cpu.items()})
+    res.update({f"{k}_workers": workers[k] / sum(times[k]) for k in pools})
     if device.type == "cuda":
         res.update({f"{k}_gpu_ms": min(v) * 1e3 for k, v in dev.items()})
     in_bytes = x.numel() * x.element_size()
@@ -160,8 +186,9 @@ def main() -> None:
         "| threads | B | N | max ms | gpo ms | gpo/max |"
         + gpu
         + " saved/input max | saved/input gpo | distinct lengths | repeats | gpo/max CPU time |"
+        + " worker busy max | worker busy gpo |"
     )
-    print("|" + "---|" * (11 + (2 if gpu else 0)))
+    print("|" + "---|" * (13 + (2 if gpu else 0)))
     worst = worst_cpu = 0.0
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -180,7 +207,8 @@ def main() -> None:
                 print(
                     f"| {threads} | {b} | {n} | {r['max_ms']:.2f} | {r['gpo_ms']:.2f} | "
                     f"{ratio:.2f}x |{g} {r['max_mem']:.2f} | {r['gpo_mem']:.2f} | "
-                    f"{r['distinct']:.0f} | {r['repeats']} | {cpu_ratio:.2f}x |",
+                    f"{r['distinct']:.0f} | {r['repeats']} | {cpu_ratio:.2f}x | "
+                    f"{r['max_workers']:.2f} | {r['gpo_workers']:.2f} |",
                     flush=True,
                 )
     print(

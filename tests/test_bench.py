@@ -93,7 +93,59 @@ def test_pooling_speed_smoke() -> None:
     assert float(max_ms) > 0 and float(gpo_ms) > 0 and ratio.endswith("x")
     # Saved-for-backward bytes: max keeps about its (masked) input; GPO more than max.
     assert float(max_mem) >= 1.0 and float(gpo_mem) > float(max_mem)
+    busy = [float(c) for c in rows[0][-2:]]  # worker busy, max and gpo: fractions of the wall
+    assert all(0.0 <= f < 5.0 for f in busy), rows[0]
     assert len(LOAD_AVERAGE.findall(res.stdout)) == 3  # at start, per thread count, at end
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread times from /proc")
+def test_native_worker_cpu_counts_intra_op_threads_only() -> None:
+    # The intra-op workers' CPU time grows while a parallel op runs on 2 threads, and not while
+    # the main thread or a Python thread works alone.
+    import importlib.util
+    import threading
+    import time
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pooling_speed", ROOT / "bench/pooling_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    a = torch.randn(2_000_000)
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    try:
+        torch.set_num_threads(2)
+        a.exp()  # workers started
+        time.sleep(0.5)  # and asleep
+        done, release = threading.Event(), threading.Event()
+
+        def python_thread() -> None:
+            spin(0.3)
+            done.set()
+            release.wait()  # still listed when the main thread reads the times
+
+        worker = threading.Thread(target=python_thread)
+        w0 = bench.native_worker_cpu()
+        worker.start()
+        spin(0.3)
+        done.wait()
+        idle = bench.native_worker_cpu() - w0
+        release.set()
+        worker.join()
+        t0, w0 = time.perf_counter(), bench.native_worker_cpu()
+        while time.perf_counter() - t0 < 0.6:
+            a.exp()
+        parallel = bench.native_worker_cpu() - w0
+    finally:
+        torch.set_num_threads(before)
+    assert idle <= 0.05 and parallel >= 0.2, (idle, parallel)
 
 
 @pytest.mark.slow  # one short training run in a subprocess (~30 s on a loaded 2-core machine)
