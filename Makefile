@@ -23,7 +23,7 @@ CKPT_ARG = $(if $(value CKPTS),$(call sq,ckpt=[$(subst $(space),$(comma),$(strip
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo train features eval sweep report wandb-sync test test-fast lint format bench
+.PHONY: install demo train features eval sweep report wandb-sync test test-fast lint format bench device-wheels
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -80,3 +80,8 @@ format:
 bench:  ## speed targets, measured side by side
 	$(PY) bench/pooling_speed.py
 	$(PY) bench/eval_speed.py
+
+# The GPU checks run as one prepared script on a lent GPU machine (bench/device_check.sh), which
+# reaches no package index: these are the wheels its tests need that a GPU image may lack.
+device-wheels:  ## wheels for bench/device_check.sh into .device_wheels/ (carry that folder)
+	$(PY) -m pip wheel -q --no-deps -w .device_wheels hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3

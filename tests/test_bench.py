@@ -206,3 +206,31 @@ def test_train_throughput_patches_match_the_released_bigru_code(tmp_path: Path) 
     assert "import cv2" not in (code / "lib/datasets/image_caption.py").read_text()
     assert (code / "tensorboard_logger.py").is_file() and (code / "driver.py").is_file()
     assert (work / "data/precomp/train_ims.npy").is_symlink()
+
+
+@pytest.mark.slow  # the prepared GPU run in its CPU form (~20 s: a tiny training step included)
+def test_device_check_runs_every_step_and_reports_each(tmp_path: Path) -> None:
+    def check(py: str, out: Path) -> subprocess.CompletedProcess:
+        env = {**ENV, "DEVICE": "cpu", "PY": py, "OUT": str(out)}
+        return subprocess.run(
+            ["bash", str(ROOT / "bench" / "device_check.sh")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    res = check(sys.executable, tmp_path / "ok")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    steps = ["environment", "cuda_tests", "gpu_train_step", "pooling_speed"]
+    summary = (tmp_path / "ok" / "summary.txt").read_text().splitlines()
+    assert summary == [f"{s} rc=0" for s in steps]
+    assert "2 skipped" in (tmp_path / "ok" / "cuda_tests.txt").read_text()  # no CUDA here
+    assert "worst gpo/max" in (tmp_path / "ok" / "pooling_speed.txt").read_text()
+    # A Python that fails everything: each step still runs and is reported, the run fails.
+    res = check("false", tmp_path / "bad")
+    assert res.returncode != 0
+    summary = (tmp_path / "bad" / "summary.txt").read_text().splitlines()
+    assert [ln.split()[0] for ln in summary] == ["environment", "wheels", *steps[1:]]
+    assert all(not ln.endswith(" rc=0") for ln in summary)
