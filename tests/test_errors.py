@@ -120,6 +120,14 @@ def train_error(data: Path, run_dir: Path, capsys, *overrides: str) -> str:
         ("evaluation.test_protocols=[nosuch]", "evaluation.test_protocols: expected", "['nosuch']"),
         ("data.eval_batch_size=0", "data.eval_batch_size: expected a positive integer", "0"),
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches: expected", "found 0"),
+        ("data.prefetch_factor=0", "data.prefetch_factor: expected null or a positive", "0"),
+        ("data.augment.region_keep_prob=0", "data.augment.region_keep_prob: expected", "found 0"),
+        ("data.augment.region_keep_prob=1.5", "data.augment.region_keep_prob: expected", "1.5"),
+        ("data.augment.region_keep_prob=abc", "data.augment.region_keep_prob: expect", "'abc'"),
+        ("data.augment.word_prob=1.5", "data.augment.word_prob: expected a probability", "1.5"),
+        ("data.augment.word_prob=-0.1", "data.augment.word_prob: expected a probability", "-0.1"),
+        ("data.augment.word_mask_prob=0.95", "data.augment.word_random_prob: expected", "0.1"),
+        ("tags=5", "tags: expected a list of labels", "found 5"),
     ],
 )
 def test_bad_config_value_is_one_line(

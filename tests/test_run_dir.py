@@ -209,6 +209,20 @@ def test_config_changes_against_a_stored_config(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("text", ["a: [b: {\n", "- just\n- a list\n"])
+def test_unreadable_stored_config_is_one_line_naming_it(tmp_path: Path, text: str) -> None:
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    stored = folder / ".hydra" / "config.yaml"
+    stored.write_text(text)
+    before = tree_hash(folder)
+    with pytest.raises(GpoLitError) as info:
+        prepare("train", ["experiment=demo", f"hydra.run.dir={folder}", "ckpt_path=last"])
+    msg = str(info.value)
+    assert msg.startswith(f"{stored}: expected the YAML config of the run being resumed")
+    assert "\n" not in msg and tree_hash(folder) == before
+
+
 def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
     done = tmp_path / "done"
     (done / ".hydra").mkdir(parents=True)

@@ -61,6 +61,10 @@ def _protocol_expected() -> str:
     return f"one of the protocols {', '.join(PROTOCOLS)}"
 
 
+def _probability(v: Any) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
 def _max_epochs(v: Any) -> bool:
     return v is None or (_int(v) and (v >= 1 or v == -1))
 
@@ -93,6 +97,21 @@ RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
     "data.eval_batch_size": ("a positive integer", positive_int),
     "data.num_workers": ("a non-negative integer", lambda v: _int(v) and v >= 0),
     "data.val_max_images": ("null or a positive integer", optional(positive_int)),
+    "data.prefetch_factor": ("null or a positive integer", optional(positive_int)),
+    "data.augment.region_keep_prob": (
+        "null (no region dropping) or a keep probability in (0, 1]",
+        optional(lambda v: _number(v) and 0 < v <= 1),
+    ),
+    "data.augment.word_prob": ("a probability in [0, 1]", _probability),
+    "data.augment.word_mask_prob": ("a probability in [0, 1]", _probability),
+    "data.augment.word_random_prob": (
+        "a probability in [0, 1 - data.augment.word_mask_prob]",
+        _probability,
+    ),
+    "tags": (
+        "a list of labels (e.g. tags=[baseline,gpo])",
+        lambda v: isinstance(v, list) and all(isinstance(t, str | int | float) for t in v),
+    ),
     "model.embed_dim": ("a positive integer", positive_int),
     "optim.lr": ("a positive learning rate", lambda v: _number(v) and v > 0),
     "optim.weight_decay": ("a non-negative number", lambda v: _number(v) and v >= 0),
@@ -166,3 +185,13 @@ def check_config(cfg: DictConfig) -> None:
             continue
         words = expected() if callable(expected) else expected
         raise GpoLitError(f"{key}: expected {words}, found {value!r}")
+    # The one rule across keys: a perturbed word is masked, randomised or deleted.
+    mask, rand = (
+        _value(cfg, "data.augment.word_mask_prob"),
+        _value(cfg, "data.augment.word_random_prob"),
+    )
+    if mask is not _ABSENT and rand is not _ABSENT and mask + rand > 1:
+        raise GpoLitError(
+            "data.augment.word_random_prob: expected a probability in "
+            f"[0, 1 - data.augment.word_mask_prob = {1 - mask:g}], found {rand!r}"
+        )

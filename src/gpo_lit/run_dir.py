@@ -149,7 +149,21 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         return
     new = config_dict(cfg, resolve=False)
     new.pop("hydra")
-    stored = config_dict(OmegaConf.load(stored_path), resolve=False)
+    try:
+        loaded = OmegaConf.load(stored_path)
+    except Exception as err:  # noqa: BLE001 - yaml's and OmegaConf's errors alike: one line
+        first = (str(err).splitlines() or [""])[0]
+        raise GpoLitError(
+            f"{stored_path}: expected the YAML config of the run being resumed, found "
+            f"unreadable YAML ({type(err).__name__}: {first})"
+        ) from None
+    expect(
+        isinstance(loaded, DictConfig),
+        stored_path,
+        "the YAML config of the run being resumed (a mapping)",
+        type(loaded).__name__,
+    )
+    stored = config_dict(loaded, resolve=False)
     changes = config_changes(stored, new)  # interpolations compared as written
     refuse_changes(stored_path, "the configuration of the run being resumed", changes, allow)
 
