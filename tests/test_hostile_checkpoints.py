@@ -662,3 +662,30 @@ def test_gpo_eval_command_refuses_a_hostile_checkpoint(trained, case) -> None:
     assert line == f"error: {hostile}: {REFUSED} _target_ 'os.system' at gpo_lit_config.data"
     assert not case["sentinel"].exists()
     assert not (env_dir / "metrics.json").exists()
+
+
+def test_non_finite_weights_are_named_where_the_model_has_none() -> None:
+    # A diverged run's NaN/inf weights are refused when the state dict is checked (before any
+    # split is embedded); a buffer that is -inf in the model too (a mask) is accepted.
+    from gpo_lit.checkpoint_io import check_state_dict
+
+    model = {"w": torch.zeros(2, 3), "mask": torch.tensor([0.0, float("-inf")])}
+    ok = {"w": torch.ones(2, 3), "mask": torch.tensor([0.0, float("-inf")])}
+    check_state_dict("a.ckpt", "its weights", model, ok)
+    for bad in (float("nan"), float("inf")):
+        w = torch.ones(2, 3)
+        w[1, 2] = bad
+        with pytest.raises(
+            GpoLitError, match=r"^a\.ckpt: expected its weights, found NaN/inf in 'w'$"
+        ):
+            check_state_dict("a.ckpt", "its weights", model, {**ok, "w": w})
+
+
+def test_a_folder_or_nothing_in_place_of_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    from gpo_lit.checkpoint_io import load_torch_file
+
+    (tmp_path / "dir.ckpt").mkdir()
+    with pytest.raises(GpoLitError, match=r"dir\.ckpt: expected a checkpoint, found a folder$"):
+        load_torch_file(tmp_path / "dir.ckpt", "a checkpoint")
+    with pytest.raises(GpoLitError, match=r"no\.ckpt: expected a checkpoint, found no such file$"):
+        load_torch_file(tmp_path / "no.ckpt", "a checkpoint")

@@ -45,7 +45,8 @@ def load_torch_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise GpoLitError(f"{path}: expected {expected}, found no such file")
+        found = "a folder" if path.is_dir() else "no such file"
+        raise GpoLitError(f"{path}: expected {expected}, found {found}")
     with open(path, "rb") as f:
         head = f.read(8)
     is_zip = head.startswith(b"PK\x03\x04")
@@ -148,11 +149,16 @@ def _check_callback_paths(path: Path | str, callbacks: Any) -> None:
                 )
 
 
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
 def check_state_dict(
     where: object, expected: str, model_state: Mapping[str, torch.Tensor], stored: Mapping
 ) -> None:
     """Raise one line naming the first differing keys and shapes unless ``stored`` has exactly
-    the keys of ``model_state``, with the same shapes."""
+    the keys of ``model_state``, with the same shapes, and no NaN/inf where the model has none
+    (a diverged run's weights: found here, not after a whole split is embedded)."""
     missing = [k for k in model_state if k not in stored]
     unexpected = [k for k in stored if k not in model_state]
     problems = []
@@ -174,6 +180,8 @@ def check_state_dict(
                 f"{key!r} of shape {list(value.shape)} where the model has "
                 f"{list(model_state[key].shape)}"
             )
+        elif value.is_floating_point() and not _finite(value) and _finite(model_state[key]):
+            problems.append(f"NaN/inf in {key!r}")  # where the model's own value is finite
         if len(problems) >= 3:
             break
     if problems:
