@@ -45,8 +45,8 @@ def load_torch_file(
     """
     path = Path(path)
     if not path.is_file():
-        found = "a folder" if path.is_dir() else "no such file"
-        raise GpoLitError(f"{path}: expected {expected}, found {found}")
+        what = "a folder" if path.is_dir() else "no such file"
+        raise GpoLitError(f"{path}: expected {expected}, found {what}")
     with open(path, "rb") as f:
         head = f.read(8)
     is_zip = head.startswith(b"PK\x03\x04")
