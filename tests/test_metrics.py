@@ -530,3 +530,47 @@ def test_model_takes_ties_from_the_evaluation_config() -> None:
         tiny_model("evaluation.ties=strict")
     msg = str(user_error(info.value))  # what the entry points print (Hydra wraps it)
     assert msg == "ties: expected pessimistic or optimistic, found 'strict'"
+
+
+@pytest.mark.parametrize("members", [2, 3, 5, 7])
+def test_ensemble_of_copies_scores_as_the_model_ties_included(members: int) -> None:
+    # M copies of one model average to that model's similarities exactly: the same ranks, exact
+    # ties (against the query) included, whatever M (1/M is inexact unless M is a power of 2).
+    img = np.array([[0.0, 2.0, 0.0], [2.0, 2.0, 2.0]], np.float32)
+    cap = np.array([[3.0, -1.0, -3.0], [2.0, 3.0, 0.0]], np.float32)  # caption 0: -2 ties -2
+    c2i = np.array([0, 1])
+    one = retrieval_ranks(img, cap, c2i)
+    assert one[1].tolist() == [1, 0]  # the tie counts against caption 0
+    many = retrieval_ranks([img] * members, [cap] * members, c2i)
+    assert [r.tolist() for r in many] == [r.tolist() for r in one]
+
+
+def test_ensemble_ranks_match_a_brute_force_mean_on_tie_heavy_members() -> None:
+    # Three different ±1 models (integer similarities, many exact ties) against the pessimistic
+    # ranks of their mean similarity matrix computed in float64.
+    rng = np.random.default_rng(3)
+    imgs = [rng.choice([-1.0, 1.0], size=(30, 6)).astype(np.float32) for _ in range(3)]
+    caps = [rng.choice([-1.0, 1.0], size=(150, 6)).astype(np.float32) for _ in range(3)]
+    c2i = np.arange(150) // 5
+    mean = (
+        sum(i.astype(np.float64) @ c.astype(np.float64).T for i, c in zip(imgs, caps, strict=True))
+        / 3
+    )
+    t2i = [int((mean[:, j] >= mean[c2i[j], j]).sum()) - 1 for j in range(150)]
+    i2t = []
+    for i in range(30):
+        best = mean[i, c2i == i].max()
+        i2t.append(int((mean[i, c2i != i] >= best).sum()))
+    got = retrieval_ranks(imgs, caps, c2i)
+    assert got[0].tolist() == i2t and got[1].tolist() == t2i
+
+
+def test_embeddings_whose_products_could_overflow_are_one_line() -> None:
+    # Finite embeddings whose negative products overflow (inf - inf = NaN) would never count a
+    # NaN candidate against a query: refused up front. Zero-width embeddings likewise.
+    img = np.array([[1e20, 1e20, 0, 0], [0, 0, 1e20, 1e20]], np.float32)
+    cap = np.array([[1, 1, 1e20, -1e20], [1e20, -1e20, 1, 1]], np.float32)
+    with pytest.raises(GpoLitError, match=r"^img/cap: expected embeddings whose inner products"):
+        evaluate(img, cap, np.array([0, 1]))
+    with pytest.raises(GpoLitError, match=r"^img: expected a 2-D array \[n_img, d\] with d >= 1"):
+        evaluate(np.zeros((3, 0), np.float32), np.zeros((3, 0), np.float32), [0, 1, 2])

@@ -1,8 +1,9 @@
 """Validated retrieval inputs: embeddings (one model or an ensemble), the caption→image map, and
 the tie rule, checked once and put in the one-matmul form the ranker and the top-K lists share.
 
-An ensemble (lists of embeddings) averages the models' similarity matrices, computed as one matmul
-of the concatenated, 1/M-scaled embeddings.
+An ensemble (lists of embeddings) averages the models' similarity matrices: it ranks their sum,
+one matmul of the concatenated embeddings (the mean's order without an inexact 1/M, which could
+split a tie of the mean one rounding step apart, in the query's favour as often as not).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class PreparedEmbeddings:
     """Validated inputs of one (ensemble) evaluation, on one device in one float dtype.
 
     img: [n_img, K] and cap: [n_cap, K] are the models' embeddings concatenated along the width,
-    img pre-scaled by 1/M, so ``img @ cap.T`` is the mean of the M models' similarity matrices.
+    so ``img @ cap.T`` is the sum of the M models' similarity matrices (ranked as their mean).
     cap2img: int64 [n_cap], every image has ≥ 1 caption.
     """
 
@@ -67,7 +68,12 @@ def _as_tensor_list(x: Any, name: str) -> list[Tensor]:
         if isinstance(t, np.ndarray):
             t = torch.from_numpy(t)
         expect(isinstance(t, Tensor), where, "a tensor or numpy array", type(t).__name__)
-        expect(t.dim() == 2, where, f"a 2-D array [n_{name}, d]", f"shape {tuple(t.shape)}")
+        expect(
+            t.dim() == 2 and t.shape[1] >= 1,
+            where,
+            f"a 2-D array [n_{name}, d] with d >= 1",
+            f"shape {tuple(t.shape)}",
+        )
         expect(
             t.is_floating_point() and not t.is_complex(),
             where,
@@ -162,8 +168,27 @@ def prepare_embeddings(
         _check_finite(im, f"img{sfx}")
         _check_finite(ca, f"cap{sfx}")
     if many:
-        img_cat = torch.cat(imgs, dim=1).mul_(1.0 / len(imgs))
+        img_cat = torch.cat(imgs, dim=1)
         cap_cat = torch.cat(caps, dim=1)
     else:
         img_cat, cap_cat = imgs[0], caps[0]
+    _check_no_overflow(img_cat, cap_cat)
     return PreparedEmbeddings(img_cat, cap_cat, cap2img, len(imgs))
+
+
+def _check_no_overflow(img: Tensor, cap: Tensor) -> None:
+    """Refuse embeddings whose inner products could overflow: an overflowing product of finite
+    embeddings is inf or NaN (inf - inf), and a NaN similarity would never count against a query.
+    Every partial sum of ⟨a, b⟩ is at most d·max|a|·max|b| (no copy: max and min only)."""
+
+    def top(t: Tensor) -> float:
+        return max(float(t.amax()), -float(t.amin()))
+
+    a, b, d = top(img), top(cap), img.shape[1]
+    limit = torch.finfo(img.dtype).max / 4  # room for the matmul's rounding
+    if a * b * d > limit:
+        raise GpoLitError(
+            f"img/cap: expected embeddings whose inner products cannot overflow {img.dtype} "
+            f"(d·max|img|·max|cap| <= {limit:.3g}), found max|img| = {a:.3g}, max|cap| = "
+            f"{b:.3g} at d = {d} (normalise them)"
+        )
