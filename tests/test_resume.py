@@ -636,3 +636,26 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
     assert records(folder) == original  # the requeued job's records go to .hydra/resume-1/
     assert (folder / ".hydra" / "resume-1" / "overrides.yaml").is_file()
     assert log.read_text().split() == ["requeue", "4242"]  # requeued once
+
+
+@pytest.mark.slow
+def test_a_copied_run_folder_resumes_and_tests_its_own_best_checkpoint(
+    tmp_path: Path, straight
+) -> None:
+    # A run folder copied (or moved: the old one gone) and resumed: its last.ckpt names the old
+    # folder's best checkpoint; the test step takes the copy's own.
+    run_dir, data = straight
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "metrics.json").unlink()  # as if killed while testing
+    res = run(
+        "gpo_lit.train", *SMALL, data, f"hydra.run.dir={copy}", "ckpt_path=last",
+        cwd=tmp_path, env=TESTS_ENV,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    best = sorted((copy / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    assert f"Test metrics of {best[0]}" in res.stdout
+    assert f"checkpoint path at {run_dir}" not in res.stdout + res.stderr  # not the old one
+    # The same weights: the original run's metrics.
+    assert (copy / "metrics.json").read_bytes() == (run_dir / "metrics.json").read_bytes()

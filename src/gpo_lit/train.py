@@ -131,6 +131,20 @@ def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     return None
 
 
+def best_in_run_folder(cb: ModelCheckpoint) -> str:
+    """``cb.best_model_path``, in this run's checkpoint folder. A run folder moved or copied, then
+    resumed, restores the best path its last.ckpt stored (Lightning keeps it when the folder
+    changed): the old folder's file, gone after a move, another run's after a copy; the same file
+    here is the one this run tests."""
+    best = cb.best_model_path
+    if best and cb.dirpath and Path(best).parent != Path(cb.dirpath):
+        here = Path(cb.dirpath) / Path(best).name
+        if here.is_file():
+            log.info("best checkpoint %s: this run folder's copy of %s", here, best)
+            return str(here)
+    return best
+
+
 class TrainResult(NamedTuple):
     """What a training job gives back: the test metrics per protocol (empty if not tested) and
     the best validation rsum over its epochs (None without validation), what sweeps optimise."""
@@ -163,7 +177,7 @@ def fit_and_test(
     if cfg.test_after_fit:
         results_path = Path(cfg.paths.output_dir) / METRICS_FILE  # callbacks.WriteEvaluation
         best_cb = best_checkpoint_callback(trainer)
-        best = best_cb.best_model_path if best_cb is not None else ""
+        best = best_in_run_folder(best_cb) if best_cb is not None else ""
         if not best:  # fast_dev_run, or no val/rsum checkpoint configured
             log.warning("no best checkpoint by val/rsum: testing the weights at the end of fit")
         trainer.test(
