@@ -108,3 +108,19 @@ def test_unknown_image_demo_setting_is_one_line(tmp_path: Path) -> None:
                        r"n_val"):  # fmt: skip
         shards.generate_demo_shards(tmp_path, n_val=3)
     assert not tmp_path.joinpath(shards.META_FILE).exists()
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_a_folder_in_place_of_a_demo_file_is_one_line_and_nothing_is_rewritten(
+    tmp_path: Path, name: str
+) -> None:
+    generate, meta_file, kw = GENERATORS[name]
+    root = generate(tmp_path / "demo", **kw)
+    victim = sorted(p for p in root.rglob("*") if p.is_file() and p.name != meta_file)[0]
+    victim.unlink()
+    victim.mkdir()
+    before = contents(root)
+    with pytest.raises(GpoLitError) as e:
+        generate(root, **kw)
+    assert str(e.value) == f"{victim}: expected a file (or none yet), found a folder"
+    assert contents(root) == before  # the meta included

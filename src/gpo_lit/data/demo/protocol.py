@@ -114,6 +114,8 @@ class DemoFolder:
         else is in the way, write the meta marked incomplete, remove the ``stale`` files of an
         older demo when ``overwrite``, and return True: the caller writes every file (each
         atomically) and then calls :meth:`finish`."""
+        for path in self.files:  # before the meta is touched: nothing could replace a folder
+            expect(not path.exists() or path.is_file(), path, "a file (or none yet)", "a folder")
         if not overwrite:
             clash = self.foreign()  # before the meta: a concurrent writer writes its meta first
             old = _read_meta(self.meta_path)
