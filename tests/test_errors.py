@@ -137,6 +137,19 @@ def test_bad_config_value_is_one_line(
     assert msg.startswith(f"error: {start}") and msg.endswith(found)
 
 
+@pytest.mark.parametrize(
+    ("override", "found"),
+    [("trainer.devices=0", "devices=0"), ("trainer.precision=13", "Precision 13 is invalid")],
+)
+def test_a_trainer_setting_lightning_refuses_is_one_line(
+    data, tmp_path, capsys, no_fit, override: str, found: str
+) -> None:
+    fresh = tmp_path / "fresh_run"
+    msg = task_error(train, compose_cfg("train", *train_overrides(data, fresh), override), capsys)
+    assert msg.startswith("error: trainer: expected settings Lightning's Trainer accepts, found ")
+    assert found in msg
+
+
 def test_bad_value_on_the_command_line_leaves_the_run_folder_alone(
     data, run_dir, capsys, monkeypatch
 ) -> None:

@@ -25,7 +25,7 @@ from gpo_lit.config_check import check_config
 from gpo_lit.config_dict import config_dict
 from gpo_lit.console import quiet_known_noise
 from gpo_lit.data.vocab import Vocabulary
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, first_line, user_error
 from gpo_lit.eval_checks import check_evaluation
 from gpo_lit.losses import check_loss_node
 from gpo_lit.metrics.table import results_block
@@ -243,7 +243,15 @@ def train(cfg: DictConfig) -> TrainResult:
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(StopOnSignal(last_checkpoint(out_dir)))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    try:
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    except Exception as err:  # noqa: BLE001 - a value Lightning refuses (devices=0, precision=13)
+        if user_error(err) is not None:
+            raise
+        cause = err.__cause__ or err
+        raise GpoLitError(
+            f"trainer: expected settings Lightning's Trainer accepts, found {first_line(cause)}"
+        ) from None
     try:
         try:
             return fit_and_test(cfg, trainer, model, datamodule, resume)
