@@ -473,7 +473,14 @@ def test_npz_round_trip_and_file_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "obj.npz", img=img, cap=cap, cap2img=np.array([object()] * len(cap2img)))
     assert "obj.npz" in _err(load_embeddings, tmp_path / "obj.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    assert "junk.npz" in _err(load_embeddings, tmp_path / "junk.npz")
+    assert _err(load_embeddings, tmp_path / "junk.npz").endswith(
+        "junk.npz: expected an embeddings .npz archive, found a file that is not a zip archive "
+        "(it starts with b'not ')"
+    )  # not "pickled data": numpy's guess for any file that is neither .npy nor zip
+    (tmp_path / "empty.npz").write_bytes(b"")
+    assert _err(load_embeddings, tmp_path / "empty.npz").endswith("found an empty file")
+    (tmp_path / "dir.npz").mkdir()
+    assert _err(load_embeddings, tmp_path / "dir.npz").endswith("found a folder")
     np.savez(tmp_path / "shape.npz", img=img, cap=cap[:, :4], cap2img=cap2img)
     assert "shape.npz: cap: expected embedding width 8" in _err(
         load_embeddings, tmp_path / "shape.npz"

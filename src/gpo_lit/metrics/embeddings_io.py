@@ -50,7 +50,17 @@ def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor]:
     """(img float32 [n_img, d], cap float32 [n_cap, d], cap2img int64 [n_cap]) as CPU tensors."""
     path = Path(path)
     if not path.is_file():
-        raise GpoLitError(f"{path}: expected an embeddings .npz file, found no such file")
+        what = "a folder" if path.is_dir() else "no such file"
+        raise GpoLitError(f"{path}: expected an embeddings .npz file, found {what}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # numpy would take any other file for a pickle
+        what = (
+            f"a file that is not a zip archive (it starts with {head!r})"
+            if head
+            else "an empty file"
+        )
+        raise GpoLitError(f"{path}: expected an embeddings .npz archive, found {what}")
     try:
         with np.load(path, allow_pickle=False) as z:
             found = sorted(z.files)
