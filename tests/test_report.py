@@ -321,3 +321,35 @@ def test_rsum_plot_starts_at_zero_has_a_legend_and_no_error_bar_for_one_seed(swe
     segments = [seg for coll in ax.collections for seg in coll.get_segments()]
     half_widths = sorted(float(seg[1][0] - seg[0][0]) / 2 for seg in segments)
     assert half_widths == pytest.approx(spread)
+
+
+def test_a_row_counts_each_seed_once_and_only_seeds_with_every_metric() -> None:
+    # A job folder copied twice (same configuration, same seed) is not a third seed; a job whose
+    # metrics.json lacks a metric, or holds NaN / text, is unfinished (listed), never averaged
+    # under a row's n it does not belong to.
+    over = ["experiment=demo", "model/pooling=gpo"]
+
+    def job(num: int, seed: int, metrics: dict) -> rp.Job:
+        cfg = OmegaConf.create({"seed": seed, "name": "demo"})
+        return rp.Job(Path(str(num)), str(num), (*over, f"seed={seed}"), cfg, {"full": metrics})
+
+    a, b = metrics_for(10), metrics_for(20)
+    lacking = {k: v for k, v in metrics_for(30).items() if k != "rsum"}
+    jobs = [
+        job(0, 0, a),
+        job(1, 1, b),
+        job(2, 0, a),  # a copy of job 0
+        job(3, 2, lacking),
+        job(4, 3, {**metrics_for(40), "rsum": math.nan}),
+        job(5, 4, {**metrics_for(50), "i2t_r1": "abc"}),
+    ]
+    _, rows = rp.aggregate(jobs, "full")
+    (row,) = rows
+    assert row.n == 2 and sorted(row.seeds) == [0, 1]
+    assert row.mean["rsum"] == statistics.fmean([a["rsum"], b["rsum"]])
+    assert row.std["rsum"] == statistics.stdev([a["rsum"], b["rsum"]])
+    problems = {j.name: j.problem for j in row.missing}
+    assert problems["2"] == "repeats 0 (the same configuration and seed)"
+    assert problems["3"] == "metrics.json lacks rsum"
+    assert problems["4"] == "metrics.json: rsum is nan, not a number"
+    assert problems["5"] == "metrics.json: i2t_r1 is 'abc', not a number"

@@ -72,30 +72,67 @@ def aggregate(
     jobs = list(jobs)
     for i, job in enumerate(jobs):
         if job.metrics is not None and protocol not in job.metrics:
-            jobs[i] = Job(
-                job.path,
-                job.name,
-                job.overrides,
-                job.config,
-                None,
-                f"metrics.json has no protocol {protocol!r} (has {sorted(job.metrics)})",
+            jobs[i] = _unfinished(
+                job, f"metrics.json has no protocol {protocol!r} (has {sorted(job.metrics)})"
             )
+        elif job.metrics is not None:
+            bad = [m for m, v in job.metrics[protocol].items() if not _finite_number(v)]
+            if bad:
+                value = job.metrics[protocol][bad[0]]
+                jobs[i] = _unfinished(job, f"metrics.json: {bad[0]} is {value!r}, not a number")
     configs = describe(jobs, set_sizes)
     members: dict[tuple[str, ...], list[Job]] = {}
     for job in jobs:
         members.setdefault(job.key, []).append(job)
     rows = []
     for key, group in members.items():
+        group = _one_per_seed(group)
+        # Every seed of a row has every metric of the row, or the metric's mean would rest on
+        # fewer seeds than the row's n says: a job missing one counts as unfinished.
+        have = {m for j in group if j.metrics is not None for m in j.metrics[protocol]}
+        group = [
+            _unfinished(
+                j, f"metrics.json lacks {', '.join(sorted(have - set(j.metrics[protocol])))}"
+            )
+            if j.metrics is not None and have - set(j.metrics[protocol])
+            else j
+            for j in group
+        ]
         done = [j.metrics[protocol] for j in group if j.metrics is not None]
         names = [m for m in KNOWN_METRICS if any(m in d for d in done)]
         names += sorted({m for d in done for m in d} - set(names))
         mean, std = {}, {}
         for m in names:
-            mean[m], std[m] = mean_std([float(d[m]) for d in done if m in d])
+            mean[m], std[m] = mean_std([float(d[m]) for d in done])
         rows.append(Row(configs[key], group, mean, std, len(done)))
     cols = table_metrics(rows)
     rows.sort(key=lambda r: math.inf if math.isnan(_score(r, cols)) else -_score(r, cols))
     return protocol, rows
+
+
+def _unfinished(job: Job, problem: str) -> Job:
+    """``job`` counted as not finished, for ``problem``."""
+    return Job(job.path, job.name, job.overrides, job.config, None, problem)
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _one_per_seed(group: list[Job]) -> list[Job]:
+    """A configuration's jobs with each seed counted once: a second finished job of the same
+    seed (a job folder copied twice) would add a seed that was never run."""
+    seen: dict[str, str] = {}
+    out = []
+    for job in group:
+        if job.metrics is not None and job.seed is not None:
+            seed = repr(job.seed)
+            if seed in seen:
+                job = _unfinished(job, f"repeats {seen[seed]} (the same configuration and seed)")
+            else:
+                seen[seed] = job.name
+        out.append(job)
+    return out
 
 
 def rsum(row: Row) -> float:
