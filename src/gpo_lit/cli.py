@@ -42,6 +42,9 @@ def report_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
             print_config_tree(cfg)
             return task(cfg)
         except Exception as err:
+            from gpo_lit.data.workers import end_workers
+
+            end_workers()  # they ignore the SIGTERM that would end them at exit
             found = user_error(err)
             if found is None:
                 raise

@@ -11,6 +11,8 @@ their queues; an orphaned worker notices its parent is gone and exits).
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 
@@ -35,3 +37,22 @@ class WorkerInit:
             signal.signal(signum, signal.SIG_IGN)
         if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning's own init would do
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def end_workers() -> None:
+    """Kill this process's daemonic children (DataLoader workers) before it exits on an error.
+
+    At exit, multiprocessing ends daemonic children with SIGTERM and waits for them; these
+    ignore it, so a run that fails while persistent workers are alive (a bad validation item
+    read in a worker) would print its error and never exit. A worker holds nothing to save.
+    PyTorch's SIGCHLD handler (which raises when a worker dies) is reset first: the process is
+    on its way out."""
+    workers = [c for c in multiprocessing.active_children() if c.daemon]
+    if not workers:
+        return
+    with contextlib.suppress(ValueError):  # signal handlers are the main thread's to set
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=10)
