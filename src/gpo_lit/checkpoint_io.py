@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from gpo_lit.errors import GpoLitError, first_line
+from gpo_lit.errors import GpoLitError, first_line, require_file
 from gpo_lit.files import check_free_space, write_atomic
 
 # ModelCheckpoint state entries naming files that Lightning may delete or load after a resume.
@@ -44,9 +44,7 @@ def load_torch_file(
     files); ``safe_globals`` are the classes besides tensors and plain values the file may hold.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "no such file"
-        raise GpoLitError(f"{path}: expected {expected}, found {what}")
+    require_file(path, expected)
     with open(path, "rb") as f:
         head = f.read(8)
     is_zip = head.startswith(b"PK\x03\x04")

@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.config_dict import config_dict
-from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.errors import GpoLitError, expect, first_line
 
 IGNORED_CHANGES = ("ckpt_path", "resume_changes")  # what a resume may always set anew
 SAFE = re.compile(r"[\w./:@+-]+")
@@ -152,10 +152,9 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     try:
         loaded = OmegaConf.load(stored_path)
     except Exception as err:  # noqa: BLE001 - yaml's and OmegaConf's errors alike: one line
-        first = (str(err).splitlines() or [""])[0]
         raise GpoLitError(
             f"{stored_path}: expected the YAML config of the run being resumed, found "
-            f"unreadable YAML ({type(err).__name__}: {first})"
+            f"unreadable YAML ({first_line(err)})"
         ) from None
     expect(
         isinstance(loaded, DictConfig),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpo_lit.errors import GpoLitError, first_line
+from gpo_lit.errors import GpoLitError, first_line, require_file
 from gpo_lit.files import ensure_new, write_atomic
 from gpo_lit.metrics.prepared import prepare_embeddings
 
@@ -49,9 +49,7 @@ def save_embeddings(path: str | os.PathLike, img: Any, cap: Any, cap2img: Any) -
 def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor]:
     """(img float32 [n_img, d], cap float32 [n_cap, d], cap2img int64 [n_cap]) as CPU tensors."""
     path = Path(path)
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "no such file"
-        raise GpoLitError(f"{path}: expected an embeddings .npz file, found {what}")
+    require_file(path, "an embeddings .npz file")
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":  # numpy would take any other file for a pickle

@@ -111,8 +111,8 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     bits zero) with its position written into those low bits, which moves it by less than half a
     float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
     interchangeable) and carries the positions; rounding a key back to float32 gives the value
-    exactly (positions < 2^28, below half the dropped bits). A numpy sort of short rows costs a fraction of an argsort, and the whole step is a
-    handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
+    exactly (positions < 2^28, below half the dropped bits). A numpy sort of short rows costs a
+    fraction of an argsort, and the whole step is a handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
     region); the sort itself is split over torch's intra-op threads (:func:`sort_rows_`). A
     non-finite valid value comes back NaN (inf with position bits is NaN).
     """
@@ -123,7 +123,7 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     pos = torch.arange(n, dtype=torch.int64)
     # An int16 copy keeps the low 16 bits: the position (n <= 2^15). An int32 one would keep 3
     # bits of the value's mantissa too: mask them off first.
-    low = None if idx.dtype == torch.int16 else torch.tensor((1 << 29) - 1)
+    low = None if idx.dtype == torch.int16 else (1 << 29) - 1
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
         key = torch.empty(min(step, b - b0), d, n, dtype=torch.float64)

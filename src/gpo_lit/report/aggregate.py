@@ -90,14 +90,10 @@ def aggregate(
         # Every seed of a row has every metric of the row, or the metric's mean would rest on
         # fewer seeds than the row's n says: a job missing one counts as unfinished.
         have = {m for j in group if j.metrics is not None for m in j.metrics[protocol]}
-        group = [
-            _unfinished(
-                j, f"metrics.json lacks {', '.join(sorted(have - set(j.metrics[protocol])))}"
-            )
-            if j.metrics is not None and have - set(j.metrics[protocol])
-            else j
-            for j in group
-        ]
+        for i, job in enumerate(group):
+            lacks = sorted(have - set(job.metrics[protocol])) if job.metrics is not None else []
+            if lacks:
+                group[i] = _unfinished(job, f"metrics.json lacks {', '.join(lacks)}")
         done = [j.metrics[protocol] for j in group if j.metrics is not None]
         names = [m for m in KNOWN_METRICS if any(m in d for d in done)]
         names += sorted({m for d in done for m in d} - set(names))
