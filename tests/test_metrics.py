@@ -114,11 +114,11 @@ def test_ranks_same_on_a_busy_and_an_idle_machine(monkeypatch: pytest.MonkeyPatc
 
 
 def test_shard_byte_cap_shrinks_shards_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A shard holds at most SHARD_BYTES of buffers (float64 similarities + two bool masks per
-    # entry = 10 bytes): a cap of 3 rows' worth must give shards of 3 images, ranks unchanged.
+    # A shard holds at most SHARD_BYTES of buffers (on the CPU its float64 similarities, 8 bytes
+    # an entry): a cap of 3 rows' worth must give shards of 3 images, ranks unchanged.
     img, cap, cap2img = random_data(37)
     want = naive_ranks(img @ cap.T, cap2img)
-    monkeypatch.setattr(ranks_mod, "SHARD_BYTES", 3 * len(cap2img) * 10)
+    monkeypatch.setattr(ranks_mod, "SHARD_BYTES", 3 * len(cap2img) * 8 + 7)
     shapes: list[int] = []
     real_mm = torch.mm
     monkeypatch.setattr(
@@ -128,6 +128,74 @@ def test_shard_byte_cap_shrinks_shards_and_stays_exact(monkeypatch: pytest.Monke
     np.testing.assert_array_equal(i2t.numpy(), want[0])
     np.testing.assert_array_equal(t2i.numpy(), want[1])
     assert max(shapes) == 3 and len(shapes) >= 13
+
+
+@pytest.mark.parametrize("tile_rows", [1, 3, 1000])
+@pytest.mark.parametrize("count_limit", [2**24, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiles_and_count_types_give_the_same_exact_ranks(
+    monkeypatch: pytest.MonkeyPatch, tile_rows: int, count_limit: int, dtype
+) -> None:
+    # The comparisons run over tiles of whole rows (TILE_BYTES) and count in the similarities'
+    # float type, or float64 where float32 sums could pass 2**24: tiles of 1, 3 and all rows of a
+    # shard, each count type, ties (duplicate images and captions) included, both tie rules.
+    img, cap, cap2img = random_data(41, d=8, seed=6, dtype=dtype)
+    img[9] = img[2]
+    cap[5] = cap[11]
+    sims = img.astype(np.float64) @ cap.astype(np.float64).T
+    itemsize = 8 if count_limit == 2 else np.dtype(dtype).itemsize
+    monkeypatch.setattr(ranks_mod, "TILE_BYTES", tile_rows * len(cap2img) * itemsize)
+    monkeypatch.setattr(ranks_mod, "FLOAT32_COUNTS", count_limit)
+    made: list[tuple[int, torch.dtype]] = []
+    real_tiles = ranks_mod._Tiles
+
+    class Spy(real_tiles):  # type: ignore[misc,valid-type]
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append((self.rows, self.buf.dtype))
+
+    monkeypatch.setattr(ranks_mod, "_Tiles", Spy)
+    for ties in TIES:
+        for shard_size in (5, 41):
+            got = retrieval_ranks(img, cap, cap2img, shard_size, ties=ties)
+            for g, w in zip(got, naive_ranks(sims, cap2img, ties), strict=True):
+                np.testing.assert_array_equal(g.numpy(), w, err_msg=f"{ties} {shard_size}")
+    want_dtype = torch.float64 if (count_limit == 2 or dtype == np.float64) else torch.float32
+    assert {d for _, d in made} == {want_dtype}
+    assert min(r for r, _ in made) == min(tile_rows, 5)
+
+
+def test_band_entries_gathered_in_chunks_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Near-ties: the estimate's band is widened (by 0.05 against similarities of spread ~3) so
+    # shards hold entries in it other than their GT, fetched a column at a time
+    # (BAND_GATHER_BYTES = 1) and compared with the exact GT at the end; no recount.
+    calls = _spy_recount(monkeypatch)
+    img, cap, cap2img = random_data(30, d=8, seed=7)
+    cap[8] = cap[3]  # exact ties too (between captions of different images)
+    want = naive_ranks(img @ cap.T, cap2img)
+    real = ranks_mod._gt_estimate
+    monkeypatch.setattr(ranks_mod, "BAND_GATHER_BYTES", 1)
+    spans: list[int] = []
+    real_band = ranks_mod._band_entries
+
+    def band(sims, s0, cols, *a):
+        spans.append(cols.numel())
+        return real_band(sims, s0, cols, *a)
+
+    monkeypatch.setattr(ranks_mod, "_band_entries", band)
+    retrieval_ranks(img, cap, cap2img, 7, ties="pessimistic")
+    # Only entries other than the GT's own call for a gather: with the estimate's narrow band
+    # on tie-free columns, none; the GT entries (always in the band) are taken out of its count.
+    assert spans == []
+    monkeypatch.setattr(
+        ranks_mod, "_gt_estimate", lambda p, u: (real(p, u)[0], real(p, u)[1] + 0.05)
+    )
+    for ties in TIES:
+        got = retrieval_ranks(img, cap, cap2img, 7, ties=ties)
+        for g, w in zip(got, naive_ranks(img @ cap.T, cap2img, ties), strict=True):
+            np.testing.assert_array_equal(g.numpy(), w)
+    assert spans and max(spans) > 1 and not calls
+    assert [g.tolist() for g in retrieval_ranks(img, cap, cap2img, 7)] == [w.tolist() for w in want]
 
 
 def test_ranks_float32_and_numpy_inputs() -> None:
@@ -270,21 +338,6 @@ def test_identical_embeddings_rank_last(monkeypatch: pytest.MonkeyPatch) -> None
     assert evaluate(img, cap, cap2img)["rsum"] == 0.0
     m = evaluate(img, cap, cap2img, ties="optimistic")
     assert m["rsum"] == 600.0 and m["i2t_medr"] == 1.0 and m["t2i_meanr"] == 1.0
-
-
-def test_flat_nonzero_indices_and_its_limit() -> None:
-    # The band extraction against torch.nonzero, sizes around its 8-entry words; past ``limit``
-    # set entries (counted in whole words) it gives up, so a dense band costs no index tensors.
-    gen = torch.Generator().manual_seed(0)
-    for n in (1, 7, 8, 9, 1000, 4097):
-        for p in (0.0, 0.01, 0.5, 1.0):
-            mask = (torch.rand(n, generator=gen) < p).to(torch.uint8)
-            got = ranks_mod._flat_nonzero(mask, n)
-            assert got is not None and torch.equal(got, mask.nonzero().squeeze(1)), (n, p)
-            in_words = int(mask[: n // 8 * 8].sum())
-            assert ranks_mod._flat_nonzero(mask, in_words) is not None
-            if in_words:
-                assert ranks_mod._flat_nonzero(mask, in_words - 1) is None
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,7 +44,20 @@ from gpo_lit.metrics.prepared import (  # re-exported: the ranker's inputs
 )
 from gpo_lit.threads import one_thread
 
-SHARD_BYTES = 256 * 2**20  # cap on one shard's buffers (similarities + two bool masks)
+SHARD_BYTES = (
+    256 * 2**20
+)  # cap on one shard's buffers: its similarities (+ its 0/1 tile off the CPU)
+# On the CPU the comparisons run over tiles of whole rows of this many bytes, written as 0/1 in
+# the similarities' float type into a tile-sized buffer: a tile stays in the core's cache between
+# its three comparisons and their counts, and torch's comparisons into bool are not vectorised
+# (figures in the README, bench/eval_speed.py).
+TILE_BYTES = 512 * 2**10
+# Entries in a column's band (rare) are fetched per group of tiles of about this many bytes of
+# similarities, right after they were counted, from those columns only: a column gather from a
+# whole shard misses the cache at every entry.
+GROUP_BYTES = 8 * 2**20
+FLOAT32_COUNTS = 2**24  # 0/1 sums in float32 are exact below this; float64 above it
+BAND_GATHER_BYTES = 16 * 2**20  # columns with band entries are gathered this much at a time
 
 __all__ = [
     "TIES",
@@ -92,51 +106,50 @@ def _gt_estimate(p: PreparedEmbeddings, unit: float) -> tuple[Tensor, Tensor]:
     return g, absdot.mul_(factor).add_(4.0 * k * torch.finfo(p.img.dtype).tiny)
 
 
-def _count_true_(mask: Tensor, dim: int) -> Tensor:
-    """Number of True along ``dim`` (0 or 1) of mask [r, n] → [n] or [r]; may overwrite ``mask``.
+def _spans(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges covering [start, stop), ``step`` at a time."""
+    for a in range(start, stop, step):
+        yield a, min(a + step, stop)
 
-    Up to 5 in-place halvings with uint8 adds (an entry then counts ≤ 2**5, no overflow), then a
-    sum over the remaining 1/32. ``mask.sum()`` would first copy the whole mask to int64 (8 bytes
-    per entry, on CPU and CUDA alike) and cost several times the comparison that made it.
+
+def _rows_per(n_bytes: int, row_bytes: int, max_rows: int, device: torch.device) -> int:
+    """Whole rows in ``n_bytes`` (at least one) on the CPU; elsewhere all ``max_rows`` at once
+    (there each op is a kernel launch, and memory bandwidth is plentiful)."""
+    return min(max(1, n_bytes // row_bytes) if device.type == "cpu" else max_rows, max_rows)
+
+
+class _Tiles:
+    """Row tiles of a shard and a reused 0/1 buffer for comparisons over them.
+
+    A comparison writes 1/0 (not bool) into the buffer in ``dtype``; its row sums and column sums
+    (a product with ones) are then exact counts. Whole rows, ``rows`` per tile: on the CPU as many
+    as fit :data:`TILE_BYTES`, elsewhere the whole shard in one tile.
     """
-    m = mask.view(torch.uint8)
-    rest: list[Tensor] = []  # odd leftovers, each counting ≤ 2**level
-    for _ in range(5):
-        w = m.shape[dim]
-        if w < 2:
-            break
-        h = w // 2
-        if w % 2:
-            rest.append(m.narrow(dim, w - 1, 1).sum(dim=dim, dtype=torch.int32))
-        m = m.narrow(dim, 0, h).add_(m.narrow(dim, h, h))
-    total = m.sum(dim=dim, dtype=torch.int32)
-    for r in rest:
-        total += r
-    return total
+
+    def __init__(self, max_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device):
+        self.rows = _rows_per(TILE_BYTES, n_cols * torch.finfo(dtype).bits // 8, max_rows, device)
+        self.buf = torch.empty(self.rows, n_cols, dtype=dtype, device=device)
+        self.ones = torch.ones(self.rows, dtype=dtype, device=device)
+
+    def spans(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Row ranges [a, b) of tiles covering rows [start, stop)."""
+        return _spans(start, stop, self.rows)
+
+    def compare(self, op: Any, tile: Tensor, other: Tensor) -> Tensor:
+        """``op(tile, other)`` as 0/1 in the buffer: [b − a, n_cols]."""
+        return op(tile, other, out=self.buf[: tile.shape[0]])
+
+    def add_column_counts_(self, acc: Tensor, mask: Tensor) -> None:
+        """acc [n_cols] += the column sums of a 0/1 tile [r, n_cols] (one matrix-vector product)."""
+        acc.addmv_(mask.T, self.ones[: mask.shape[0]])
 
 
-def _flat_nonzero(mask: Tensor, limit: int) -> Tensor | None:
-    """Flat indices (int64, ascending) of the entries of a contiguous 0/1 uint8 tensor that are 1,
-    or None when more than ``limit`` of the 8-aligned ones are.
-
-    Scans 8 entries at a time through an int64 view first: for sparse masks that is several
-    times faster than ``nonzero`` over every byte. The early None spares a dense mask (a collapsed
-    model: every entry ties) index tensors of 24 bytes per entry.
-    """
-    flat = mask.reshape(-1)
-    n8 = flat.numel() // 8 * 8
-    words = flat[:n8].view(torch.int64)
-    hit = words.nonzero().squeeze(1)  # words holding at least one set byte
-    if hit.numel() > limit:
-        return None
-    hit_bytes = words[hit].view(torch.uint8)  # 0/1 each: their sum is the count
-    if int(hit_bytes.sum()) > limit:
-        return None
-    wb = hit_bytes.view(-1, 8).nonzero()  # (word, byte) pairs, memory order
-    pos = hit[wb[:, 0]] * 8 + wb[:, 1]
-    if n8 == flat.numel():
-        return pos
-    return torch.cat([pos, flat[n8:].nonzero().squeeze(1) + n8])
+def _count_dtype(p: PreparedEmbeddings, rows: int) -> torch.dtype:
+    """The float type of the 0/1 counts: the similarities', or float64 where float32 sums of up
+    to ``n_cap`` (a row) or ``rows`` (a column of a shard) ones would not be exact."""
+    if p.img.dtype == torch.float32 and max(p.n_cap, rows) >= FLOAT32_COUNTS:
+        return torch.float64
+    return p.img.dtype
 
 
 @torch.inference_mode()
@@ -154,12 +167,15 @@ def ranks_from_prepared(
     )
     shard_size = int(shard_size)
     expect(shard_size >= 1, "shard_size", "a positive integer", shard_size)
-    # Fewer rows when a shard's buffers (similarities + two masks) would pass SHARD_BYTES, so
-    # 25K images x 125K captions stay well within 1 GB above the embeddings.
-    per_row = p.n_cap * (p.img.element_size() + 2)
-    shard_size = max(1, min(shard_size, SHARD_BYTES // per_row))
     img, cap, cap2img = p.img, p.cap, p.cap2img
     n_img, n_cap, dev = p.n_img, p.n_cap, img.device
+    # Fewer rows when a shard's buffers would pass SHARD_BYTES, so 25K images x 125K captions stay
+    # well within 1 GB above the embeddings: its similarities, and off the CPU its one 0/1 tile.
+    count_dtype = _count_dtype(p, min(shard_size, n_img))
+    per_row = n_cap * img.element_size()
+    if dev.type != "cpu":
+        per_row += n_cap * torch.finfo(count_dtype).bits // 8
+    shard_size = max(1, min(shard_size, SHARD_BYTES // per_row, n_img))
     unit = _unit_roundoff(img.dtype)
     single_pass = img.shape[1] * unit < 0.01  # else the band would hold nearly everything
 
@@ -183,10 +199,11 @@ def ranks_from_prepared(
     n_pend, budget = 0, max(4 * n_cap, shard_size * n_cap // 4)
 
     # Buffers reused by every shard: fresh multi-MB tensors cost a page fault per 4 KiB on CPU.
-    rows_max = min(shard_size, n_img)
-    sims_buf = torch.empty(rows_max, n_cap, dtype=img.dtype, device=dev)
-    mask_a = torch.empty(rows_max, n_cap, dtype=torch.bool, device=dev)
-    mask_b = torch.empty_like(mask_a) if single_pass else mask_a
+    sims_buf = torch.empty(shard_size, n_cap, dtype=img.dtype, device=dev)
+    tiles = _Tiles(shard_size, n_cap, count_dtype, dev)
+    group_rows = _rows_per(GROUP_BYTES, n_cap * img.element_size(), shard_size, dev)
+    row_counts = torch.empty(shard_size, dtype=count_dtype, device=dev)
+    col_counts = torch.empty(2, n_cap, dtype=count_dtype, device=dev)
 
     for s0 in range(0, n_img, shard_size):
         s1 = min(s0 + shard_size, n_img)
@@ -198,31 +215,44 @@ def ranks_from_prepared(
             rows = cap2img[js] - s0
             gt_vals = sims[rows, js]
             g[js] = gt_vals
-            best = torch.full((s1 - s0,), -torch.inf, dtype=img.dtype, device=dev)
-            best.scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT caption per image
-            i2t[s0:s1] = _count_true_(beats(sims, best[:, None], out=mask_a[: s1 - s0]), dim=1)
+            best = torch.full((s1 - s0, 1), -torch.inf, dtype=img.dtype, device=dev)
+            best.view(-1).scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT per image
+            # Groups of row tiles: each tile stays in cache through its comparisons and counts.
+            for g0, g1 in _spans(0, s1 - s0, group_rows):
+                col_counts.zero_()  # [above hi, at least lo] over the group's rows
+                for a, b in tiles.spans(g0, g1):
+                    tile = sims[a:b]
+                    torch.sum(tiles.compare(beats, tile, best[a:b]), dim=1, out=row_counts[a:b])
+                    if single_pass:
+                        # Entries above the band beat g under either tie rule, those below it
+                        # neither; the band lo ≤ s ≤ hi is counted, then its entries fetched.
+                        tiles.add_column_counts_(col_counts[0], tiles.compare(torch.gt, tile, hi))
+                        tiles.add_column_counts_(
+                            col_counts[1], tiles.compare(torch.gt, tile, lo_open)
+                        )
+                if not single_pass:
+                    continue
+                t2i += col_counts[0].long()
+                # The GT entries themselves are in the band by design, never counted against
+                # themselves: taken out of the band's count.
+                band = col_counts[1].sub_(col_counts[0])
+                jg = order[ptr[s0 + g0] : ptr[s0 + g1]]
+                gt_in_band = (g[jg] > lo_open[jg]) & (g[jg] <= hi[jg])
+                band.index_add_(0, jg, gt_in_band.to(count_dtype), alpha=-1)
+                n_band = int(band.sum())
+                if n_pend + n_band > budget:
+                    # Massive near-ties (a collapsed model): bound the memory, recount them later.
+                    recount |= band > 0
+                elif n_band:
+                    band_cols = band.nonzero().squeeze(1)
+                    cols, vals = _band_entries(sims[g0:g1], s0 + g0, band_cols, p, lo_open, hi)
+                    pend_cols.append(cols)
+                    pend_vals.append(vals)
+                    n_pend += n_band
+            i2t[s0:s1] = row_counts[: s1 - s0].long()
             if beats is torch.ge:  # the image's GT captions equal to its best are not against it
-                at_best = (gt_vals == best[rows]).long()
-                i2t[s0:s1] -= torch.zeros_like(best, dtype=torch.int64).index_add_(0, rows, at_best)
-            if not single_pass:
-                continue
-
-            above = torch.gt(sims, hi, out=mask_a[: s1 - s0])
-            # Band lo ≤ s ≤ hi as uint8 0/1 (above ⊂ {s ≥ lo} since δ ≥ 0), less the GT entries
-            # themselves (in the band by design, never counted against themselves); rare, kept as
-            # (col, value). Entries above it beat g under either tie rule, those below it neither.
-            band = torch.gt(sims, lo_open, out=mask_b[: s1 - s0]).view(torch.uint8)
-            band.sub_(above.view(torch.uint8))
-            band.view(-1)[rows * n_cap + js] = 0
-            t2i += _count_true_(above, dim=0)
-            flat = _flat_nonzero(band, budget - n_pend)
-            if flat is None or n_pend + flat.numel() > budget:
-                # Massive near-ties: bound the memory, recount those columns later.
-                recount |= band.view(torch.bool).any(dim=0)
-            elif flat.numel():
-                pend_cols.append(flat % n_cap)
-                pend_vals.append(sims.view(-1)[flat])
-                n_pend += flat.numel()
+                at_best = (gt_vals == best.view(-1)[rows]).long()
+                i2t[s0:s1] -= torch.zeros_like(i2t[s0:s1]).index_add_(0, rows, at_best)
 
     if single_pass:
         if pend_cols:
@@ -233,15 +263,38 @@ def ranks_from_prepared(
         recount |= (g > hi) | (g <= lo_open)
     else:
         recount[:] = True
-    del sims_buf, mask_a, mask_b  # the second pass allocates its own shard
+    del sims_buf, tiles  # the second pass allocates its own shard
     if bool(recount.any()):
-        _recount(p, shard_size, g, recount, t2i, beats, order, ptr)
+        _recount(p, shard_size, count_dtype, g, recount, t2i, beats, order, ptr)
     return i2t, t2i
+
+
+def _band_entries(
+    sims: Tensor, s0: int, cols: Tensor, p: PreparedEmbeddings, lo_open: Tensor, hi: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The (column, value) pairs of a shard's entries in the band lo ≤ s ≤ hi of their column,
+    GT entries excluded, for the band ``cols`` only; gathered a few MiB of columns at a time."""
+    out_cols: list[Tensor] = []
+    out_vals: list[Tensor] = []
+    n_rows = sims.shape[0]
+    step = max(1, BAND_GATHER_BYTES // (n_rows * sims.element_size()))
+    for c0 in range(0, cols.numel(), step):
+        cc = cols[c0 : c0 + step]
+        sub = sims[:, cc]  # [n_rows, k]
+        in_band = (sub > lo_open[cc]) & ~(sub > hi[cc])  # the same tests as the counts
+        gt_row = p.cap2img[cc] - s0
+        own = (gt_row >= 0) & (gt_row < n_rows)
+        in_band[gt_row[own], own.nonzero().squeeze(1)] = False
+        r, k = in_band.nonzero().unbind(1)
+        out_cols.append(cc[k])
+        out_vals.append(sub[r, k])
+    return torch.cat(out_cols), torch.cat(out_vals)
 
 
 def _recount(
     p: PreparedEmbeddings,
     shard_size: int,
+    count_dtype: torch.dtype,
     g: Tensor,
     recount: Tensor,
     t2i: Tensor,
@@ -258,7 +311,9 @@ def _recount(
     whole = cols.numel() == p.n_cap
     g_cols = g if whole else g[cols]
     t2i[cols] = 0
-    sims_buf = torch.empty(min(shard_size, p.n_img), p.n_cap, dtype=g.dtype, device=g.device)
+    sims_buf = torch.empty(shard_size, p.n_cap, dtype=g.dtype, device=g.device)
+    tiles = _Tiles(shard_size, cols.numel(), count_dtype, g.device)
+    counts = torch.empty(cols.numel(), dtype=count_dtype, device=g.device)
     for s0 in range(0, p.n_img, shard_size):
         s1 = min(s0 + shard_size, p.n_img)
         sims = torch.mm(p.img[s0:s1], p.cap.T, out=sims_buf[: s1 - s0])  # as in the first pass
@@ -268,7 +323,10 @@ def _recount(
         own = beats(sims[p.cap2img[js] - s0, js], g[js]) & recount[js]
         if not whole:
             sims = sims[:, cols]
-        t2i[cols] += _count_true_(beats(sims, g_cols), dim=0)
+        counts.zero_()
+        for a, b in tiles.spans(0, s1 - s0):
+            tiles.add_column_counts_(counts, tiles.compare(beats, sims[a:b], g_cols))
+        t2i[cols] += counts.long()
         t2i.index_add_(0, js, own.long(), alpha=-1)
 
 
