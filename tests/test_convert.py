@@ -118,6 +118,26 @@ def test_refuses_arbitrary_pickles(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_checkpoint_without_the_tensors_sizes_are_read_off_is_one_line(tmp_path: Path) -> None:
+    """The model's size comes from the image fc and the word embedding: their absence is named."""
+    good = authors_layout(tiny_model())
+    img, txt = good["model"]
+    cases = [
+        ([{}, txt], "a 2-d tensor fc.weight in the image encoder, found none"),
+        ([{**img, "fc.weight": torch.zeros(8)}, txt],
+         "a 2-d tensor fc.weight in the image encoder, found one of shape (8,)"),
+        ([img, {k: v for k, v in txt.items() if k != "embed.weight"}],
+         "a 2-d tensor embed.weight in the text encoder, found none"),
+    ]  # fmt: skip
+    for i, (model, found) in enumerate(cases):
+        src = tmp_path / f"bad{i}.pth"
+        torch.save({**good, "model": model}, src)
+        with pytest.raises(GpoLitError) as info:
+            convert(src, tmp_path / f"out{i}.ckpt", data_root=str(tmp_path), vocab=None)
+        assert str(info.value) == f"{src}: expected {found}"
+        assert not (tmp_path / f"out{i}.ckpt").exists()
+
+
 @pytest.mark.slow
 def test_converted_and_native_checkpoints_evaluate_identically(tmp_path: Path) -> None:
     from gpo_lit.data.demo.regions import generate_demo

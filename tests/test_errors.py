@@ -170,6 +170,53 @@ def test_bad_value_on_the_command_line_leaves_the_run_folder_alone(
     assert snapshot(run_dir) == before and not (run_dir / ".hydra").exists()
 
 
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("gpo_lit.train", ["experiment=demo", "hydra.run.dir={file}/run"]),
+        ("gpo_lit.report", ["sweep_dir={file}"]),  # the report folder: <sweep_dir>/report
+        ("gpo_lit.report", ["sweep_dir={tmp}", "out_dir={file}"]),
+    ],
+)
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path: Path, capsys, monkeypatch,
+                                                 module: str, args: list[str]) -> None:  # fmt: skip
+    """Hydra would make the folder with a traceback; the entry point refuses it first."""
+    import importlib
+
+    file = tmp_path / "file"
+    file.write_text("mine")
+    argv = [a.format(file=file, tmp=tmp_path) for a in args]
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: hydra.run.dir: expected a folder, found a file, {file}\n"
+    assert file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [file]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("set_sizes.visual=abc", "set_sizes.visual: expected null or a set size (a positive "
+                                 "integer), found 'abc'"),
+        ("theta_sizes.text=0", "theta_sizes.text: expected null or a set size (a positive "
+                               "integer), found 0"),
+        ("overwrite=maybe", "overwrite: expected true or false, found 'maybe'"),
+    ],
+)  # fmt: skip
+def test_bad_report_values_are_one_line(tmp_path: Path, capsys, monkeypatch, override: str,
+                                        expected: str) -> None:  # fmt: skip
+    from gpo_lit import report
+
+    monkeypatch.setattr(sys, "argv", ["gpo-report", f"sweep_dir={tmp_path}", override])
+    with pytest.raises(SystemExit) as info:
+        report.main()
+    assert info.value.code == 2 and capsys.readouterr().err == f"error: {expected}\n"
+    assert list(tmp_path.iterdir()) == []  # no report folder made
+
+
 @pytest.mark.slow  # a subprocess: the interpolations resolve inside the Hydra job only
 def test_unresolvable_interpolation_is_one_line(tmp_path: Path) -> None:
     res = run(

@@ -69,10 +69,11 @@ def test_interrupted_extraction_resumes_where_it_stopped(
     ]
 
 
-def test_resume_with_other_settings_and_finished_files_are_refused(
-    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+def interrupted_after_the_probe(
+    encoder: GridEncoder, split: ImageSplit, out: Path, settings: dict
 ) -> None:
-    out = tmp_path / "out"
+    """An extraction into ``out`` stopped by Ctrl-C after its one-image probe, before any batch:
+    the partial file and its first progress record are left."""
     grid = encoder.grid
 
     def dies_after_the_probe(x, pool_grid=None):
@@ -81,9 +82,18 @@ def test_resume_with_other_settings_and_finished_files_are_refused(
         return grid(x, pool_grid)
 
     encoder.grid = dies_after_the_probe
-    with pytest.raises(KeyboardInterrupt):
-        extract_split(encoder, tree_split, out, settings={"pool_grid": None}, progress=False)
-    encoder.grid = grid
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_split(encoder, split, out, settings=settings, progress=False)
+    finally:
+        encoder.grid = grid
+
+
+def test_resume_with_other_settings_and_finished_files_are_refused(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    out = tmp_path / "out"
+    interrupted_after_the_probe(encoder, tree_split, out, {"pool_grid": None})
     with pytest.raises(GpoLitError, match=r"test_ims\.partial\.npy: expected an interrupted"):
         extract_split(encoder, tree_split, out, settings={"pool_grid": 2}, progress=False)
 
@@ -106,6 +116,85 @@ def test_pool_grid_averages_blocks_of_cells(
     assert full.shape[1] == 16 and pooled.shape == (n, 4, c)
     blocks = full.reshape(n, 2, 2, 2, 2, c).mean(axis=(2, 4)).reshape(n, 4, c)  # row-major
     np.testing.assert_allclose(pooled, blocks, rtol=1e-5, atol=1e-6)
+
+
+def test_damaged_resume_files_are_one_line_errors(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    """A torn or edited progress record vouches for nothing; a truncated partial file is named."""
+    out = tmp_path / "out"
+    interrupted_after_the_probe(encoder, tree_split, out, {})
+    record, partial = out / "test_ims.progress.json", out / "test_ims.partial.npy"
+    good = record.read_text()
+    for damaged in ("[1, 2]", '{"done": "abc"}', good[:-5], "\xff"):
+        record.write_text(damaged)
+        with pytest.raises(GpoLitError, match=r"test_ims\.partial\.npy: expected an interrupted"):
+            extract_split(encoder, tree_split, out, settings={}, progress=False)
+    record.write_text(good)
+    partial.write_bytes(partial.read_bytes()[:200])
+    with pytest.raises(GpoLitError) as info:
+        extract_split(encoder, tree_split, out, settings={}, progress=False)
+    msg = str(info.value)
+    assert msg.startswith(f"{partial}: expected the interrupted extraction's 9 images") and (
+        "found 200 bytes" in msg and "\n" not in msg
+    )
+    assert partial.stat().st_size == 200 and record.read_text() == good  # left as they were
+
+
+def test_pool_grid_larger_than_the_feature_map_is_refused(
+    tmp_path: Path, tree_split: ImageSplit, encoder: GridEncoder
+) -> None:
+    """Adaptive pooling to more cells than the map has would repeat cells, not pool them."""
+    side = int(np.sqrt(np.load(extract_split(encoder, tree_split, tmp_path / "a", settings={},
+                                             progress=False)).shape[1]))  # fmt: skip
+    extract_split(encoder, tree_split, tmp_path / "b", settings={}, pool_grid=side, progress=False)
+    with pytest.raises(GpoLitError, match=f"extract.pool_grid: expected at most {side} .*found "
+                                          f"{side + 1}$"):  # fmt: skip
+        extract_split(encoder, tree_split, tmp_path / "c", settings={}, pool_grid=side + 1,
+                      progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("extract.device=foo", "extract.device: expected auto, cpu, cuda or cuda:<index>, found 'foo'"),
+        ("extract.bf16=maybe", "extract.bf16: expected true or false, found 'maybe'"),
+        ("extract.num_threads=-3", "extract.num_threads: expected null or a positive integer, found -3"),
+        ("extract.splits=[]", "extract.splits: expected a list of distinct split names"),
+        ("extract.splits=[test,test]", "extract.splits: expected a list of distinct split names"),
+        ("extract.progress=2", "extract.progress: expected true or false, found 2"),
+    ],
+)  # fmt: skip
+def test_bad_extract_values_are_one_line_before_any_work(
+    tmp_path: Path, capsys, override: str, expected: str
+) -> None:
+    cfg = compose_cfg("extract", "experiment=demo_grid", override,
+                      f"paths.data_dir={tmp_path / 'd'}")  # fmt: skip
+    assert task_error(extract, cfg, capsys).startswith(f"error: {expected}")
+    assert not (tmp_path / "d").exists()
+
+
+def test_feature_folder_that_is_a_file_or_a_damaged_record_is_one_line(
+    tmp_path: Path, capsys
+) -> None:
+    data = tmp_path / "d"
+    args = ("extract", "experiment=demo_grid", f"paths.data_dir={data}", "extract.splits=[test]",
+            "extract.max_images=4", "extract.progress=false")  # fmt: skip
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        msg = task_error(extract, compose_cfg(*args, f"extract.out_dir={out}"), capsys)
+        assert msg == f"error: extract.out_dir: expected a folder, found a " \
+            f"file, {tmp_path / 'file'}"  # fmt: skip
+        assert not data.exists()  # refused before the demo images are rendered
+    assert (tmp_path / "file").read_text() == "mine"
+    out = tmp_path / "feats"
+    out.mkdir()
+    for record, found in (("{", "found JSONDecodeError: "), ("[]", "found a list")):
+        (out / "features_meta.json").write_text(record)
+        msg = task_error(extract, compose_cfg(*args, f"extract.out_dir={out}"), capsys, alone=False)
+        assert msg.startswith(f"error: {out / 'features_meta.json'}: expected the JSON record")
+        assert found in msg and (out / "features_meta.json").read_text() == record
+        assert sorted(p.name for p in out.iterdir()) == ["features_meta.json"]
 
 
 def test_extracting_a_region_experiment_is_a_one_line_error(tmp_path: Path, capsys) -> None:

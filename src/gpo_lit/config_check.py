@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpo_lit.errors import GpoLitError
+from gpo_lit.modalities import MODALITIES
 
 _ABSENT = object()
 
@@ -77,6 +78,33 @@ def _limit_batches(v: Any) -> bool:
 
 def _epoch_list(v: Any) -> bool:
     return v is None or (isinstance(v, list | ListConfig) and all(_int(e) and e >= 0 for e in v))
+
+
+def _split_names(v: Any) -> bool:
+    return (
+        isinstance(v, list | ListConfig)
+        and len(v) > 0
+        and all(isinstance(s, str) and s != "" for s in v)
+        and len(set(v)) == len(v)
+    )
+
+
+def _device(v: Any) -> bool:
+    import torch
+
+    if not isinstance(v, str):
+        return False
+    if v == "auto":
+        return True
+    try:
+        torch.device(v)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _path(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
 
 
 def _lr_mults(v: Any) -> bool:
@@ -140,7 +168,21 @@ RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
     "protocols": (lambda: "null or " + _protocols_expected(), optional(_protocol_names)),
     "num_workers": ("a non-negative integer", lambda v: _int(v) and v >= 0),
     "split": ("null or a split name", optional(lambda v: isinstance(v, str) and v != "")),
+    # gpo-report
+    **{
+        f"{group}.{m}": ("null or a set size (a positive integer)", optional(positive_int))
+        for group in ("theta_sizes", "set_sizes")
+        for m in MODALITIES
+    },
+    "overwrite": ("true or false", lambda v: isinstance(v, bool)),
     # gpo-extract
+    "extract.splits": ("a list of distinct split names (e.g. [train, dev, test])", _split_names),
+    "extract.out_dir": ("null (<data.root>/features/<backbone>) or a folder path", optional(_path)),
+    "extract.ckpt": ("null or a gpo_lit checkpoint path", optional(_path)),
+    "extract.device": ("auto, cpu, cuda or cuda:<index>", _device),
+    "extract.bf16": ("true or false", lambda v: isinstance(v, bool)),
+    "extract.progress": ("true or false", lambda v: isinstance(v, bool)),
+    "extract.num_threads": ("null or a positive integer", optional(positive_int)),
     "extract.batch_size": ("a positive integer", positive_int),
     "extract.num_workers": ("a non-negative integer", lambda v: _int(v) and v >= 0),
     "extract.pool_grid": ("null or a grid side >= 1", optional(positive_int)),

@@ -203,17 +203,32 @@ def compose_recipe(experiment: str, text_kind: str) -> DictConfig:
         ) from None
 
 
+def matrix_shape(state: dict[str, Tensor], key: str, where: str) -> tuple[int, int]:
+    """The shape of the 2-d tensor ``state[key]`` that a converted model's size is read off."""
+    t = state.get(key)
+    tower, name = key.split(".", 1)
+    expect(
+        isinstance(t, Tensor) and t.ndim == 2,
+        where,
+        f"a 2-d tensor {name} in the {'image' if tower == 'visual_encoder' else 'text'} encoder",
+        "none" if t is None else f"one of shape {tuple(t.shape)}",
+    )
+    assert t is not None  # expect() raised otherwise
+    return int(t.shape[0]), int(t.shape[1])
+
+
 def fit_to_tensors(
     cfg: DictConfig,
     state: dict[str, Tensor],
     text_kind: str,
     bert: str | None,
     grid: dict[str, Any] | None = None,
+    where: str = "checkpoint",
 ) -> None:
     """Set into the composed recipe what the tensors say (dimensions) and what a converted model
     needs (no pretrained weights: every tensor comes from the checkpoint); ``grid``: the
     :class:`GridEncoder` kwargs of a grid checkpoint (backbone, backbone_kwargs, caffe_stride)."""
-    embed_dim, in_dim = state["visual_encoder.fc.weight"].shape
+    embed_dim, in_dim = matrix_shape(state, "visual_encoder.fc.weight", where)
     model = cfg.model
     model.embed_dim = int(embed_dim)
     if grid is not None:
@@ -232,7 +247,7 @@ def fit_to_tensors(
         model.text.encoder.name_or_path = bert
         model.text.encoder.pretrained = False
     else:
-        model.text.encoder.word_dim = int(state["text_encoder.embed.weight"].shape[1])
+        model.text.encoder.word_dim = matrix_shape(state, "text_encoder.embed.weight", where)[1]
     mults = cfg.optim.lr_mults
     if mults:  # a swapped text tower: no multiplier for the one the model lacks
         kept = {p: m for p, m in mults.items() if any(k.startswith(f"{p}.") for k in state)}
@@ -292,7 +307,7 @@ def convert(
         }
     experiment = experiment or experiment_for(opt, image, text_kind)
     cfg = compose_recipe(experiment, text_kind)
-    fit_to_tensors(cfg, state, text_kind, bert, grid)
+    fit_to_tensors(cfg, state, text_kind, bert, grid, str(src))
     if image_kind == "grid" and image_size is not None:
         cfg.data.reader.image_size = int(image_size)
     cfg.evaluation.test_protocols = list(protocols or ["full"])

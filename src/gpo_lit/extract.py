@@ -39,8 +39,9 @@ from gpo_lit.config_check import check_config
 from gpo_lit.config_dict import config_dict
 from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
-from gpo_lit.errors import GpoLitError, expect, one_line
+from gpo_lit.errors import GpoLitError, expect, first_line, one_line
 from gpo_lit.feature_writer import extract_split, write_json
+from gpo_lit.files import require_folder
 
 log = logging.getLogger("gpo_lit.extract")
 
@@ -78,6 +79,23 @@ def default_out_dir(cfg: DictConfig, encoder: BackboneEncoder) -> Path:
         digest = hashlib.sha1(str(Path(cfg.extract.ckpt).resolve()).encode()).hexdigest()[:8]
         name += f"-ckpt-{digest}"
     return Path(cfg.data.root) / "features" / name
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """An existing ``features_meta.json`` (what :func:`extract` wrote), or one line saying why not."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GpoLitError(
+            f"{path}: expected the JSON record of an earlier extraction, found {first_line(err)}"
+        ) from None
+    expect(
+        isinstance(meta, dict) and isinstance(meta.get("splits", {}), dict),
+        path,
+        "the JSON record of an earlier extraction (an object with its settings and splits)",
+        f"a {type(meta).__name__}" if not isinstance(meta, dict) else "splits that are no object",
+    )
+    return meta
 
 
 def launcher_ranks() -> tuple[int, int, int]:
@@ -143,6 +161,8 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     device = ex.device if ex.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"
+    if ex.out_dir:
+        require_folder(ex.out_dir, "extract.out_dir")
     if ex.ckpt:  # checked before the demo images are rendered or a split is opened
         from gpo_lit.checkpoint_io import read_checkpoint
 
@@ -168,9 +188,10 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     }
     written: dict[str, Path] = {}
     meta: dict[str, Any] = {**settings, "splits": {}}
+    require_folder(out_dir, "extract.out_dir")
     meta_path = out_dir / "features_meta.json"
     if meta_path.exists():  # more splits of the same extraction may join; others may not
-        old = json.loads(meta_path.read_text())
+        old = read_meta(meta_path)
         meta["splits"] = old.get("splits", {})
         expect(
             {k: v for k, v in old.items() if k != "splits"} == settings,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gpo_lit.errors import GpoLitError, expect
+from gpo_lit.errors import GpoLitError, expect, first_line
 from gpo_lit.files import check_free_space, ensure_new, reserve, write_atomic
 
 log = logging.getLogger("gpo_lit.extract")
@@ -65,10 +65,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A progress record, or ``{}`` where there is none or it is not one (a torn or edited file
+    vouches for no rows)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    done = state.get("done") if isinstance(state, dict) else None
+    return state if isinstance(done, int) and not isinstance(done, bool) else {}
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -200,8 +204,23 @@ def extract_split(
         log.info("%s: rank %d resuming at image %d of %d…%d", partial, rank, start, lo, hi)
     else:
         check_free_space(partial, size - 512 * partial.stat().st_blocks, f"the rest of {what}")
-    mm = np.lib.format.open_memmap(partial, mode="r+")
-    expect(mm.shape == shape, partial, f"shape {shape}", mm.shape)
+    try:
+        # Read-only first: a file shorter than its header says fails there, where "r+" would
+        # extend it with zeros that its progress record vouches for.
+        np.lib.format.open_memmap(partial, mode="r")
+        mm = np.lib.format.open_memmap(partial, mode="r+")
+    except (OSError, ValueError) as err:  # truncated, or not an .npy file at all
+        raise GpoLitError(
+            f"{partial}: expected the interrupted extraction's {what}, found "
+            f"{partial.stat().st_size} bytes that do not read as them ({first_line(err)}); "
+            "remove it and its progress file to start again"
+        ) from None
+    expect(
+        mm.shape == shape and mm.dtype == np.float32,
+        partial,
+        f"float32 features of shape {shape}",
+        f"{mm.dtype} of shape {mm.shape}",
+    )
 
     others = [progress_path(out_dir, name, r, world) for r in range(1, world)]
     shares = [share(shape[0], batch_size, r, world) for r in range(1, world)]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gpo_lit.errors import GpoLitError
+from gpo_lit.errors import GpoLitError, expect
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -31,6 +31,15 @@ def ensure_new(path: str | Path, hint: str = "") -> None:
         raise GpoLitError(
             f"{path}: expected a new file, found an existing one (not overwritten{more})"
         )
+
+
+def require_folder(path: str | Path, where: object) -> None:
+    """Refuse, in one line, a folder to write into that is a file or lies under one (before any
+    work: ``mkdir`` would fail only at the first write)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            expect(p.is_dir(), where, "a folder", f"a file, {p}")
+            return
 
 
 def free_space(path: str | Path) -> int:

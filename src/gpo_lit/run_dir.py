@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpo_lit.config_dict import config_dict
 from gpo_lit.errors import GpoLitError, expect, first_line
+from gpo_lit.files import require_folder
 
 IGNORED_CHANGES = ("ckpt_path", "resume_changes")  # what a resume may always set anew
 SAFE = re.compile(r"[\w./:@+-]+")
@@ -233,6 +234,7 @@ def prepare(config_name: str, argv: list[str]) -> list[str]:
         folder = Path(str(OmegaConf.select(cfg, key)))
     except Exception:  # noqa: BLE001 - Hydra reports bad command lines itself
         return argv
+    require_folder(folder, key)  # Hydra would make it with a traceback
     if other_rank():  # rank 0 of the launch claims and checks the one shared run folder
         return [*argv, *other_rank_overrides(hc)]
     if hc.output_subdir is None:

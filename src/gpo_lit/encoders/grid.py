@@ -238,11 +238,18 @@ class GridEncoder(GridCellEncoder):
         if fmap.ndim == 3:  # token models: already a set
             if pool_grid is not None:
                 raise GpoLitError(
-                    f"pool_grid: expected a CNN feature map [B, C, H, W] to pool, found tokens "
-                    f"{tuple(fmap.shape)} from '{self.backbone_name}'"
+                    f"extract.pool_grid: expected a CNN feature map [B, C, H, W] to pool, found "
+                    f"tokens {tuple(fmap.shape)} from '{self.backbone_name}'"
                 )
             return fmap
         if pool_grid is not None:
+            side = min(fmap.shape[-2:])
+            if pool_grid > side:  # adaptive pooling would repeat cells, not pool them
+                raise GpoLitError(
+                    f"extract.pool_grid: expected at most {side} (the side of "
+                    f"'{self.backbone_name}''s {fmap.shape[-2]}×{fmap.shape[-1]} feature map), "
+                    f"found {pool_grid}"
+                )
             fmap = nn.functional.adaptive_avg_pool2d(fmap, pool_grid)
         return fmap.flatten(2).transpose(1, 2)
 
