@@ -165,6 +165,25 @@ def test_tiles_and_count_types_give_the_same_exact_ranks(
     assert min(r for r, _ in made) == min(tile_rows, 5)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 10**6])
+def test_gt_estimate_in_chunks_is_the_rowwise_dot(monkeypatch: pytest.MonkeyPatch, chunk) -> None:
+    # The estimate gathers each caption's image row into one reused buffer, GT_CHUNK_BYTES at a
+    # time: chunks of 1 and 7 captions (the last one short) give the plain row-wise dot and
+    # Σ|a_i b_i| that a chunk holding every caption gives, and the ranks stay exact.
+    img, cap, cap2img = random_data(30, d=8, seed=8)
+    monkeypatch.setattr(ranks_mod, "GT_CHUNK_BYTES", chunk * 8 * 8)  # d = 8, float64
+    p = ranks_mod.prepare_embeddings(torch.from_numpy(img), torch.from_numpy(cap), cap2img)
+    g, delta = ranks_mod._gt_estimate(p, 2.0**-53)
+    prod = torch.from_numpy(img)[torch.as_tensor(cap2img)] * torch.from_numpy(cap)
+    torch.testing.assert_close(g, prod.sum(dim=1), rtol=0, atol=1e-6)
+    ratio = delta / prod.abs().sum(dim=1)
+    assert float(ratio.max() - ratio.min()) < 1e-6 * float(ratio.max())  # one factor for all
+    want = naive_ranks(img @ cap.T, cap2img)
+    got = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(cap), cap2img, 7)
+    for gg, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(gg.numpy(), w)
+
+
 def test_band_entries_gathered_in_chunks_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # Near-ties: the estimate's band is widened (by 0.05 against similarities of spread ~3) so
     # shards hold entries in it other than their GT, fetched a column at a time

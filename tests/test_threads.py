@@ -10,11 +10,30 @@ import torch
 from gpo_lit import threads
 
 
+@pytest.mark.parametrize(("extra", "busy"), [(-1, False), (0, False), (1, True), (10, True)])
+def test_machine_busy_is_more_tasks_runnable_now_than_cores(monkeypatch, extra, busy):
+    """The instant count decides, whatever the (lagging) load average says."""
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(threads, "_runnable_now", lambda: max(1, cores + extra))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0 if busy else 100.0, 0.0, 0.0))
+    assert threads.machine_busy() is busy
+
+
+def test_runnable_now_reads_proc_loadavg():
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg here")
+    with open("/proc/loadavg") as f:
+        total = int(f.read().split()[3].split("/")[1])
+    now = threads._runnable_now()
+    assert now is not None and 1 <= now <= total + 64  # this thread is running as it reads
+
+
 @pytest.mark.parametrize(
     ("extra", "busy"), [(-1.0, False), (0.5, False), (1.0, False), (1.01, True), (10.0, True)]
 )
-def test_machine_busy_is_load_above_cores_plus_one(monkeypatch, extra, busy):
+def test_without_proc_machine_busy_is_load_above_cores_plus_one(monkeypatch, extra, busy):
     cores = os.cpu_count() or 1
+    monkeypatch.setattr(threads, "_runnable_now", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (max(0.0, cores + extra), 0.0, 0.0))
     assert threads.machine_busy() is busy
 
@@ -23,6 +42,7 @@ def test_unreadable_load_is_not_busy(monkeypatch):
     def unreadable():
         raise OSError("no load average here")
 
+    monkeypatch.setattr(threads, "_runnable_now", lambda: None)
     monkeypatch.setattr(os, "getloadavg", unreadable)
     assert threads.machine_busy() is False
 

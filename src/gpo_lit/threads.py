@@ -18,12 +18,28 @@ def _loadavg() -> tuple[float, float, float] | None:
         return None
 
 
+def _runnable_now() -> int | None:
+    """Tasks (threads) runnable on this machine at this instant, this one included, from
+    ``/proc/loadavg``'s ``running/total`` field; None where there is no such file."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_busy() -> bool:
-    """Whether other processes compete for this machine's cores: the 1-minute load average is
-    above its cores + 1 (this process's own threads count in the load). False where the load is
-    unreadable."""
+    """Whether other processes compete for this machine's cores now: more tasks runnable at this
+    instant than there are cores (this process's own threads count: right after a parallel region
+    its workers are still spinning). Without ``/proc``, the 1-minute load average above the cores
+    + 1; False where neither is readable. The instant count, not the load average: the average
+    takes a minute to rise when other jobs start and minutes to fall after they end."""
+    cores = os.cpu_count() or 1
+    runnable = _runnable_now()
+    if runnable is not None:
+        return runnable > cores
     load = _loadavg()
-    return load is not None and load[0] > (os.cpu_count() or 1) + 1
+    return load is not None and load[0] > cores + 1
 
 
 def load_average() -> str:

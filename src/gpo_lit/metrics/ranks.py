@@ -58,6 +58,7 @@ TILE_BYTES = 512 * 2**10
 GROUP_BYTES = 8 * 2**20
 FLOAT32_COUNTS = 2**24  # 0/1 sums in float32 are exact below this; float64 above it
 BAND_GATHER_BYTES = 16 * 2**20  # columns with band entries are gathered this much at a time
+GT_CHUNK_BYTES = 16 * 2**20  # image rows gathered per caption chunk for the GT estimate
 
 __all__ = [
     "TIES",
@@ -96,9 +97,12 @@ def _gt_estimate(p: PreparedEmbeddings, unit: float) -> tuple[Tensor, Tensor]:
     factor = min(2.02 * gamma, 4.0 * math.sqrt(k) * unit)
     g = torch.empty(p.n_cap, dtype=p.img.dtype, device=p.img.device)
     absdot = torch.empty_like(g)
-    chunk = max(1, (1 << 22) // k)  # gathered rows [chunk, K]: 16 MiB in float32, cache-sized
+    chunk = min(p.n_cap, max(1, GT_CHUNK_BYTES // (k * p.img.element_size())))
+    # One buffer for every chunk: a fresh multi-MB tensor per chunk costs a page fault per 4 KiB.
+    buf = p.img.new_empty(chunk, k)
     for c0 in range(0, p.n_cap, chunk):
-        prod = torch.index_select(p.img, 0, p.cap2img[c0 : c0 + chunk])
+        prod = buf[: min(chunk, p.n_cap - c0)]
+        torch.index_select(p.img, 0, p.cap2img[c0 : c0 + chunk], out=prod)
         prod.mul_(p.cap[c0 : c0 + chunk])
         g[c0 : c0 + chunk] = prod.sum(dim=1)
         absdot[c0 : c0 + chunk] = prod.abs_().sum(dim=1)
