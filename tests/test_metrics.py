@@ -94,23 +94,45 @@ def test_ranks_match_naive_argsort(shard_size: int) -> None:
 
 
 @pytest.mark.parametrize("busy", [False, True])
-def test_ranks_same_on_a_busy_and_an_idle_machine(monkeypatch: pytest.MonkeyPatch, busy) -> None:
-    # The counting runs on one thread or on two, depending on the load: the same exact ranks.
-    import gpo_lit.threads
-
-    monkeypatch.setattr(gpo_lit.threads, "machine_busy", lambda: busy)
+@pytest.mark.parametrize("band", [0.0, 0.05])
+def test_ranks_same_on_a_busy_and_an_idle_machine(
+    monkeypatch: pytest.MonkeyPatch, busy: bool, band: float
+) -> None:
+    # Idle: each shard's groups are counted in turn on every intra-op thread; busy: one Python
+    # thread per intra-op thread takes the next group as it finishes (groups of 5 rows, tiles of
+    # 2 here, so every shard has several). The same exact ranks, ties included, with band entries
+    # gathered by both threads (band widened by 0.05) and, for identical embeddings, the band's
+    # budget overflowing into the recount from both threads.
+    monkeypatch.setattr(ranks_mod, "machine_busy", lambda: busy)
     img, cap, cap2img = random_data(300, d=8, seed=5)
     img[7] = img[3]  # exact ties between images
-    sims = img @ cap.T
+    n_cap = len(cap2img)
+    monkeypatch.setattr(ranks_mod, "GROUP_BYTES", 5 * n_cap * 8)
+    monkeypatch.setattr(ranks_mod, "TILE_BYTES", 2 * n_cap * 8)
+    real = ranks_mod._gt_estimate
+    monkeypatch.setattr(
+        ranks_mod, "_gt_estimate", lambda p, u: (real(p, u)[0], real(p, u)[1] + band)
+    )
+    shared: list[int] = []
+    real_share = ranks_mod._share
+    monkeypatch.setattr(
+        ranks_mod, "_share", lambda items, *a: (shared.append(len(items)), real_share(items, *a))
+    )
+    calls = _spy_recount(monkeypatch)
+    same = (np.full_like(img, 0.5), np.full_like(cap, 0.5))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for ties in TIES:
-            got = retrieval_ranks(torch.from_numpy(img), torch.from_numpy(cap), cap2img, 64, ties)
-            for g, w in zip(got, naive_ranks(sims, cap2img, ties), strict=True):
-                np.testing.assert_array_equal(g.numpy(), w)
+        for data in ((img, cap), same):
+            sims = data[0] @ data[1].T
+            for ties in TIES:
+                got = retrieval_ranks(*map(torch.from_numpy, data), cap2img, 64, ties)
+                for g, w in zip(got, naive_ranks(sims, cap2img, ties), strict=True):
+                    np.testing.assert_array_equal(g.numpy(), w)
     finally:
         torch.set_num_threads(before)
+    assert shared == ([13] * 4 + [9]) * 4 if busy else shared == []  # 4 shards of 64, one of 44
+    assert calls  # identical embeddings: the band outgrew its budget
 
 
 def test_shard_byte_cap_shrinks_shards_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ from gpo_lit.metrics.prepared import (  # re-exported: the ranker's inputs
     check_ties,
     prepare_embeddings,
 )
-from gpo_lit.threads import one_thread
+from gpo_lit.threads import machine_busy, one_thread
 
 SHARD_BYTES = (
     256 * 2**20
@@ -148,6 +151,40 @@ class _Tiles:
         acc.addmv_(mask.T, self.ones[: mask.shape[0]])
 
 
+class _Counter:
+    """What one counting thread owns: its tiles' 0/1 buffer, the column counts of its current
+    group ``cols [2, n_cap]`` and its share of the text→image ranks ``t2i [n_cap]`` (int64)."""
+
+    def __init__(self, max_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device):
+        self.tiles = _Tiles(max_rows, n_cols, dtype, device)
+        self.cols = torch.empty(2, n_cols, dtype=dtype, device=device)
+        self.t2i = torch.zeros(n_cols, dtype=torch.int64, device=device)
+
+
+def _share(items: list[tuple], counters: list[_Counter], work: Callable[..., None]) -> None:
+    """``work(counter, *item)`` for every item, on one thread per counter (this one included),
+    each taking the next item when it is done with its last: a thread that the scheduler sets
+    aside takes fewer items instead of holding the others up."""
+    pending = iter(items)
+    lock = threading.Lock()
+    inference = torch.is_inference_mode_enabled()  # thread-local: the helpers take this one's
+
+    def run(c: _Counter) -> None:
+        with torch.inference_mode(inference):
+            while True:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                work(c, *item)
+
+    with ThreadPoolExecutor(len(counters) - 1, "gpo-ranks") as pool:
+        helpers = [pool.submit(run, c) for c in counters[1:]]
+        run(counters[0])
+        for h in helpers:
+            h.result()  # re-raises a helper's error
+
+
 def _count_dtype(p: PreparedEmbeddings, rows: int) -> torch.dtype:
     """The float type of the 0/1 counts: the similarities', or float64 where float32 sums of up
     to ``n_cap`` (a row) or ``rows`` (a column of a shard) ones would not be exact."""
@@ -201,20 +238,60 @@ def ranks_from_prepared(
     pend_cols: list[Tensor] = []  # band entries (column, value), compared with g at the end
     pend_vals: list[Tensor] = []
     n_pend, budget = 0, max(4 * n_cap, shard_size * n_cap // 4)
+    lock = threading.Lock()  # guards the four above and ``recount`` when counters share a shard
 
     # Buffers reused by every shard: fresh multi-MB tensors cost a page fault per 4 KiB on CPU.
     sims_buf = torch.empty(shard_size, n_cap, dtype=img.dtype, device=dev)
-    tiles = _Tiles(shard_size, n_cap, count_dtype, dev)
+    n_counters = torch.get_num_threads() if dev.type == "cpu" else 1
+    counters = [_Counter(shard_size, n_cap, count_dtype, dev) for _ in range(n_counters)]
     group_rows = _rows_per(GROUP_BYTES, n_cap * img.element_size(), shard_size, dev)
     row_counts = torch.empty(shard_size, dtype=count_dtype, device=dev)
-    col_counts = torch.empty(2, n_cap, dtype=count_dtype, device=dev)
+
+    def count_group(c: _Counter, s0: int, g0: int, g1: int, sims: Tensor, best: Tensor) -> None:
+        """Count rows [g0, g1) of the shard at ``s0``: their rows' counts into ``row_counts``,
+        their columns' into ``c.t2i``; their band entries kept (or their columns recounted)."""
+        nonlocal n_pend
+        c.cols.zero_()  # [above hi, at least lo] over the group's rows
+        for a, b in c.tiles.spans(g0, g1):
+            tile = sims[a:b]
+            torch.sum(c.tiles.compare(beats, tile, best[a:b]), dim=1, out=row_counts[a:b])
+            if single_pass:
+                # Entries above the band beat g under either tie rule, those below it neither;
+                # the band lo ≤ s ≤ hi is counted, then its entries fetched.
+                c.tiles.add_column_counts_(c.cols[0], c.tiles.compare(torch.gt, tile, hi))
+                c.tiles.add_column_counts_(c.cols[1], c.tiles.compare(torch.gt, tile, lo_open))
+        if not single_pass:
+            return
+        c.t2i += c.cols[0].long()
+        # The GT entries themselves are in the band by design, never counted against themselves:
+        # taken out of the band's count.
+        band = c.cols[1].sub_(c.cols[0])
+        jg = order[ptr[s0 + g0] : ptr[s0 + g1]]
+        gt_in_band = (g[jg] > lo_open[jg]) & (g[jg] <= hi[jg])
+        band.index_add_(0, jg, gt_in_band.to(count_dtype), alpha=-1)
+        n_band = int(band.sum())
+        with lock:
+            fetch = n_band and n_pend + n_band <= budget
+            if fetch:
+                n_pend += n_band
+            elif n_band:  # massive near-ties (a collapsed model): bound the memory, recount later
+                recount.logical_or_(band > 0)
+        if fetch:
+            band_cols = band.nonzero().squeeze(1)
+            cols, vals = _band_entries(sims[g0:g1], s0 + g0, band_cols, p, lo_open, hi)
+            with lock:
+                pend_cols.append(cols)
+                pend_vals.append(vals)
 
     for s0 in range(0, n_img, shard_size):
         s1 = min(s0 + shard_size, n_img)
         sims = torch.mm(img[s0:s1], cap.T, out=sims_buf[: s1 - s0])  # the only similarities
-        # Memory-bound counting: on one thread while other processes compete for the cores, else
-        # on every thread (measured both ways by bench/eval_speed.py; figures in the README).
-        with one_thread(dev, when_busy=True):
+        # Memory-bound counting: on a busy machine (other processes compete for the cores) in
+        # one Python thread per intra-op thread, each on its own groups with ops on one thread
+        # (no parallel region that waits for a descheduled thread); else on every intra-op
+        # thread (measured both ways by bench/eval_speed.py; figures in the README).
+        split = n_counters > 1 and machine_busy()
+        with one_thread(dev) if split else nullcontext():
             js = order[ptr[s0] : ptr[s1]]
             rows = cap2img[js] - s0
             gt_vals = sims[rows, js]
@@ -222,41 +299,18 @@ def ranks_from_prepared(
             best = torch.full((s1 - s0, 1), -torch.inf, dtype=img.dtype, device=dev)
             best.view(-1).scatter_reduce_(0, rows, gt_vals, reduce="amax")  # best GT per image
             # Groups of row tiles: each tile stays in cache through its comparisons and counts.
-            for g0, g1 in _spans(0, s1 - s0, group_rows):
-                col_counts.zero_()  # [above hi, at least lo] over the group's rows
-                for a, b in tiles.spans(g0, g1):
-                    tile = sims[a:b]
-                    torch.sum(tiles.compare(beats, tile, best[a:b]), dim=1, out=row_counts[a:b])
-                    if single_pass:
-                        # Entries above the band beat g under either tie rule, those below it
-                        # neither; the band lo ≤ s ≤ hi is counted, then its entries fetched.
-                        tiles.add_column_counts_(col_counts[0], tiles.compare(torch.gt, tile, hi))
-                        tiles.add_column_counts_(
-                            col_counts[1], tiles.compare(torch.gt, tile, lo_open)
-                        )
-                if not single_pass:
-                    continue
-                t2i += col_counts[0].long()
-                # The GT entries themselves are in the band by design, never counted against
-                # themselves: taken out of the band's count.
-                band = col_counts[1].sub_(col_counts[0])
-                jg = order[ptr[s0 + g0] : ptr[s0 + g1]]
-                gt_in_band = (g[jg] > lo_open[jg]) & (g[jg] <= hi[jg])
-                band.index_add_(0, jg, gt_in_band.to(count_dtype), alpha=-1)
-                n_band = int(band.sum())
-                if n_pend + n_band > budget:
-                    # Massive near-ties (a collapsed model): bound the memory, recount them later.
-                    recount |= band > 0
-                elif n_band:
-                    band_cols = band.nonzero().squeeze(1)
-                    cols, vals = _band_entries(sims[g0:g1], s0 + g0, band_cols, p, lo_open, hi)
-                    pend_cols.append(cols)
-                    pend_vals.append(vals)
-                    n_pend += n_band
+            groups = [(s0, g0, g1, sims, best) for g0, g1 in _spans(0, s1 - s0, group_rows)]
+            if split and len(groups) > 1:
+                _share(groups, counters, count_group)
+            else:
+                for args in groups:
+                    count_group(counters[0], *args)
             i2t[s0:s1] = row_counts[: s1 - s0].long()
             if beats is torch.ge:  # the image's GT captions equal to its best are not against it
                 at_best = (gt_vals == best.view(-1)[rows]).long()
                 i2t[s0:s1] -= torch.zeros_like(i2t[s0:s1]).index_add_(0, rows, at_best)
+    for c in counters:
+        t2i += c.t2i
 
     if single_pass:
         if pend_cols:
@@ -267,7 +321,7 @@ def ranks_from_prepared(
         recount |= (g > hi) | (g <= lo_open)
     else:
         recount[:] = True
-    del sims_buf, tiles  # the second pass allocates its own shard
+    del sims_buf, counters  # the second pass allocates its own shard
     if bool(recount.any()):
         _recount(p, shard_size, count_dtype, g, recount, t2i, beats, order, ptr)
     return i2t, t2i
