@@ -98,6 +98,27 @@ def test_reads_what_webdataset_writes_and_skips_bad_samples(tmp_path: Path, capl
         np.testing.assert_allclose(x.mean(axis=(1, 2)), np.array(colour) / 255, atol=0.03)
 
 
+def test_non_string_captions_are_no_captions_and_repeated_keys_are_refused(
+    tmp_path: Path,
+) -> None:
+    """``"captions": [null]`` is not the caption "None"; a key in two shards (a shard copied
+    under another name) would make one image two candidates of every query."""
+    with wds.TarWriter(str(tmp_path / "test-000000.tar")) as w:
+        w.write({"__key__": "a", "jpg": jpeg((10, 20, 30)), "json": {"captions": ["a cat", None]}})
+        w.write({"__key__": "b", "jpg": jpeg((30, 20, 10)), "json": {"captions": [7]}})
+        w.write({"__key__": "c", "jpg": jpeg((90, 90, 90)), "txt": "a dog"})
+    split = ShardSplit(tmp_path, "test", image_size=16)
+    assert split.image_ids == ["c"] and split.captions == ["a dog"]
+    assert split.skipped.no_caption == 2
+    (tmp_path / "test-000001.tar").write_bytes((tmp_path / "test-000000.tar").read_bytes())
+    with pytest.raises(GpoLitError) as info:
+        ShardSplit(tmp_path, "test", image_size=16)
+    assert str(info.value) == (
+        f"{tmp_path / 'test-000001.tar'}: expected sample keys unique across the split's shards, "
+        f"found key 'c' again (first in {tmp_path / 'test-000000.tar'})"
+    )
+
+
 def test_demo_shards_hold_the_demo_images_and_captions(tmp_path: Path, demo_shards) -> None:
     small = {k: v for k, v in SMALL.items() if k != "samples_per_shard"}
     images = generate_demo_images(tmp_path / "images", **small)

@@ -89,7 +89,8 @@ def _captions_of(members: dict[str, bytes], where: str, skips: SkipCounts) -> li
             return None
     caps: list[str] | None = None
     if isinstance(meta, dict) and isinstance(meta.get("captions"), list):
-        caps = [str(c).strip() for c in meta["captions"]]
+        # a non-string entry (null, a number) is no caption: never its str()
+        caps = [c.strip() if isinstance(c, str) else "" for c in meta["captions"]]
     elif "txt" in members:
         caps = [members["txt"].decode("utf-8", errors="replace").strip()]
     elif isinstance(meta, dict) and isinstance(meta.get("caption"), str):
@@ -162,12 +163,22 @@ class ShardSplit(ImageSplit):
         where: list[tuple[int, int, int]] = []
         keys: list[str] = []
         captions: list[list[str]] = []
+        first_shard: dict[str, int] = {}  # key → the shard it came from
         for s, shard in enumerate(self.shards):
             if max_images is not None and len(keys) >= max_images:
                 break  # the rest is not indexed
             for key, (off, size), caps in self._index(shard, check_headers):
                 if max_images is not None and len(keys) >= max_images:
                     break
+                # The same key twice (a shard copied under another name, a tar appended to
+                # itself) would make one image two candidates of every query.
+                seen = first_shard.setdefault(key, s)
+                expect(
+                    seen == s,
+                    shard,
+                    "sample keys unique across the split's shards",
+                    f"key {key!r} again (first in {self.shards[seen]})",
+                )
                 captions.append(caps)
                 keys.append(key)
                 where.append((s, off, size))
