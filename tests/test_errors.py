@@ -334,7 +334,7 @@ def fake_checkpoint(data: Path, tmp_path: Path) -> Path:
         ),
         (
             "protocols=[coco_1k]",
-            "expected 5000 images (5 folds × 1000), found 80 in the test split",
+            "protocol coco_1k: expected 5000 images (5 folds × 1000), found 80 in split 'test' of",
         ),
     ],
 )

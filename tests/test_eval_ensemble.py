@@ -18,8 +18,11 @@ from helpers import (
 )
 
 from gpo_lit.data.demo.regions import generate_demo
+from gpo_lit.errors import GpoLitError
 from gpo_lit.eval import evaluate_checkpoint
 from gpo_lit.metrics import load_embeddings
+from gpo_lit.metrics.embeddings_io import save_embeddings
+from gpo_lit.metrics.ensemble import load_members
 
 
 @pytest.mark.slow
@@ -61,9 +64,18 @@ def test_two_model_ensemble_averages_similarities(tmp_path: Path, capsys) -> Non
     other = generate_demo(tmp_path / "demo2", n_train=40, n_dev=20, n_test=30, feat_dim=6)
     odd = save_native(spread_model(3), tmp_path / "odd.ckpt", other)
     cfg = compose_cfg("eval", f"ckpt=[{ckpts[0]},{odd}]", f"paths.output_dir={tmp_path / 'bad'}")
-    err = task_error(evaluate_checkpoint, cfg, capsys, alone=False)
-    assert "member1/embeddings.npz: expected the same split as" in err
-    assert not (tmp_path / "bad" / "metrics.json").exists()
+    err = task_error(evaluate_checkpoint, cfg, capsys)
+    assert err == (
+        f"error: {odd}: expected the same split as {ckpts[0]} (60 images, 300 captions, the same "
+        "caption → image map), found 30 images, 150 captions"
+    )
+    assert not (tmp_path / "bad").exists()  # refused before either member was embedded
+    # The saved members' check (python -m gpo_lit.metrics a.npz b.npz) is the same rule.
+    npz = tmp_path / "odd.npz"
+    img, cap, c2i = members[1]
+    save_embeddings(npz, img, cap, c2i.flip(0))  # same sizes, another caption → image map
+    with pytest.raises(GpoLitError, match="found 60 images, 300 captions and another caption"):
+        load_members([out / "member0" / "embeddings.npz", npz])
 
 
 def collapsed_model():

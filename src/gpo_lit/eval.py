@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, ListConfig
+from torch import Tensor
 
 from gpo_lit.checkpoint_io import read_checkpoint
 from gpo_lit.cli import entry_point, write_metrics
@@ -28,6 +29,7 @@ from gpo_lit.config_check import check_config
 from gpo_lit.errors import GpoLitError, expect
 from gpo_lit.files import ensure_new
 from gpo_lit.metrics import check_ties
+from gpo_lit.metrics.ensemble import check_same_split
 from gpo_lit.metrics.table import results_block
 
 if TYPE_CHECKING:
@@ -69,9 +71,10 @@ def eval_config(hparams_eval: dict, cfg: DictConfig) -> dict:
     return eval_cfg
 
 
-def precheck(ckpt: str, cfg: DictConfig, out_dir: Path) -> None:
+def precheck(ckpt: str, cfg: DictConfig, out_dir: Path) -> tuple[int, Tensor]:
     """Fail fast, before the model is built: new output files, the test split's size against
-    every protocol, COCO ids for eccv / cxc (the checkpoint's stored config; headers only)."""
+    every protocol, COCO ids for eccv / cxc (the checkpoint's stored config; headers only).
+    Returns the split as ``(n_images, cap2img)``, for an ensemble's members to be compared."""
     from hydra.utils import instantiate
 
     from gpo_lit.data.formats.base import open_split
@@ -89,6 +92,7 @@ def precheck(ckpt: str, cfg: DictConfig, out_dir: Path) -> None:
     split = open_split(reader, data_cfg["root"], name, None, data_cfg.get("source_hint", ""))
     eval_cfg = eval_config(stored["hyper_parameters"].get("evaluation") or {}, cfg)
     check_protocols(eval_cfg, "test", split, name, data_cfg["root"])
+    return split.n_images, torch.as_tensor(split.cap2img)
 
 
 def evaluate_one(
@@ -175,8 +179,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
     check_ties(cfg.ties)  # before any checkpoint is loaded
     out_dir = Path(cfg.paths.output_dir)
     ckpts = checkpoints(cfg)
-    for ckpt in ckpts:  # every member is checked before any is evaluated
-        read_checkpoint(ckpt, mmap=True)
+    ensure_new(out_dir / "metrics.json")
+    splits = [  # every member is checked before any is evaluated, its split against the first's
+        precheck(ckpt, cfg, out_dir if len(ckpts) == 1 else out_dir / f"member{i}")
+        for i, ckpt in enumerate(ckpts)
+    ]
+    for ckpt, member in zip(ckpts[1:], splits[1:], strict=True):
+        check_same_split(ckpt, ckpts[0], splits[0], member)
     if len(ckpts) == 1:
         results, split, _ = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
         print(results_block(f"Test metrics of {ckpts[0]} on split '{split}'", results))
@@ -231,10 +240,6 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
     fresh = holds_only_hydra_files(out_dir)  # Hydra made it for this run, or it holds nothing
     try:
-        ckpts = checkpoints(cfg)
-        ensure_new(out_dir / "metrics.json")
-        for i, ckpt in enumerate(ckpts):
-            precheck(ckpt, cfg, out_dir if len(ckpts) == 1 else out_dir / f"member{i}")
         evaluate_checkpoint(cfg)
     except BaseException:
         # Hydra creates the run folder before the job runs: a failed evaluation that wrote

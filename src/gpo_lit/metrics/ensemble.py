@@ -20,12 +20,21 @@ def load_members(paths: Sequence[str | os.PathLike]) -> tuple[list[Tensor], list
     ``cap2img`` ``[n_cap]``; one line naming the first member of another split (an ensemble
     ranks one split)."""
     loaded = [load_embeddings(p) for p in paths]
-    img0, cap0, cap2img = loaded[0]
-    for path, (img, cap, c2i) in zip(paths[1:], loaded[1:], strict=True):
-        if img.shape[0] != img0.shape[0] or not torch.equal(c2i, cap2img):
-            raise GpoLitError(
-                f"{path}: expected the same split as {paths[0]} ({img0.shape[0]} images, "
-                f"{cap0.shape[0]} captions, the same caption → image map), found "
-                f"{img.shape[0]} images, {cap.shape[0]} captions or another caption → image map"
-            )
+    img0, _, cap2img = loaded[0]
+    for path, (img, _, c2i) in zip(paths[1:], loaded[1:], strict=True):
+        check_same_split(path, paths[0], (img0.shape[0], cap2img), (img.shape[0], c2i))
     return [img for img, _, _ in loaded], [cap for _, cap, _ in loaded], cap2img
+
+
+def check_same_split(
+    where: object, first: object, split0: tuple[int, Tensor], split: tuple[int, Tensor]
+) -> None:
+    """One line naming ``where`` unless its split ``(n_images, cap2img [n_cap])`` is that of the
+    ensemble's first member ``first``: the same images, captions and caption → image map."""
+    (n0, c0), (n, c) = split0, split
+    if n != n0 or not torch.equal(torch.as_tensor(c), torch.as_tensor(c0)):
+        raise GpoLitError(
+            f"{where}: expected the same split as {first} ({n0} images, {len(c0)} captions, "
+            f"the same caption → image map), found {n} images, {len(c)} captions"
+            + (" and another caption → image map" if n == n0 and len(c) == len(c0) else "")
+        )
