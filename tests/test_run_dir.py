@@ -223,6 +223,26 @@ def test_unreadable_stored_config_is_one_line_naming_it(tmp_path: Path, text: st
     assert "\n" not in msg and tree_hash(folder) == before
 
 
+def test_a_resume_with_no_stored_config_to_compare_is_refused_unless_allowed(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    before = tree_hash(folder)
+    args = ["experiment=demo", f"hydra.run.dir={folder}", "ckpt_path=last"]
+    with pytest.raises(GpoLitError) as info:
+        prepare("train", args)
+    assert str(info.value) == (
+        f"{folder / '.hydra' / 'config.yaml'}: expected the config of the run being resumed, to "
+        "compare this resume's with (resume_changes=allow resumes without the comparison), "
+        "found no such file"
+    )
+    assert tree_hash(folder) == before
+    argv = prepare("train", [*args, "resume_changes=allow"])
+    assert "hydra.output_subdir=.hydra/resume-1" in argv
+
+
 def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
     done = tmp_path / "done"
     (done / ".hydra").mkdir(parents=True)

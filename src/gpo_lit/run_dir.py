@@ -99,10 +99,15 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
+def changes_allowed(allow: object) -> bool:
+    """``resume_changes``: ``allow`` → True, ``refuse`` → False, anything else one line."""
+    expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
+    return allow == "allow"
+
+
 def refuse_changes(where: object, expected: str, changes: list[str], allow: object) -> None:
     """One line naming the changed keys, unless ``resume_changes=allow``."""
-    expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
-    if changes and allow != "allow":
+    if not changes_allowed(allow) and changes:
         raise GpoLitError(
             f"{where}: expected {expected}, found changes in {'; '.join(changes)}; repeat the "
             "run's overrides, or add resume_changes=allow to resume with these changes "
@@ -146,7 +151,14 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     stored_path = run_dir / str(cfg.hydra.output_subdir) / "config.yaml"
     allow = cfg.get("resume_changes", "refuse")
     if not stored_path.is_file():
-        expect(allow in ("refuse", "allow"), "resume_changes", "refuse or allow", allow)
+        # Nothing to compare this resume's config with: only where the user says so.
+        expect(
+            changes_allowed(allow),
+            stored_path,
+            "the config of the run being resumed, to compare this resume's with "
+            "(resume_changes=allow resumes without the comparison)",
+            "no such file",
+        )
         return
     new = config_dict(cfg, resolve=False)
     new.pop("hydra")
