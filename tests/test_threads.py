@@ -47,21 +47,12 @@ def test_unreadable_load_is_not_busy(monkeypatch):
     assert threads.machine_busy() is False
 
 
-@pytest.mark.parametrize(
-    ("when_busy", "busy", "inside"),
-    [
-        (False, False, 1),
-        (False, True, 1),
-        (True, True, 1),
-        (True, False, 2),
-    ],
-)
-def test_one_thread_when_busy_only_while_busy(monkeypatch, when_busy, busy, inside):
-    monkeypatch.setattr(threads, "machine_busy", lambda: busy)
+@pytest.mark.parametrize(("when", "inside"), [(True, 1), (False, 2)])
+def test_one_thread_only_when_asked_and_restores_the_threads(when, inside):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with threads.one_thread(torch.device("cpu"), when_busy=when_busy):
+        with threads.one_thread(torch.device("cpu"), when=when):
             seen = torch.get_num_threads()
         after = torch.get_num_threads()
     finally:

@@ -80,11 +80,16 @@ def _epoch_list(v: Any) -> bool:
     return v is None or (isinstance(v, list | ListConfig) and all(_int(e) and e >= 0 for e in v))
 
 
+def _name(v: Any) -> bool:
+    """A non-empty string (a split name, a path)."""
+    return isinstance(v, str) and v != ""
+
+
 def _split_names(v: Any) -> bool:
     return (
         isinstance(v, list | ListConfig)
         and len(v) > 0
-        and all(isinstance(s, str) and s != "" for s in v)
+        and all(_name(s) for s in v)
         and len(set(v)) == len(v)
     )
 
@@ -101,10 +106,6 @@ def _device(v: Any) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
-
-
-def _path(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
 
 
 def _lr_mults(v: Any) -> bool:
@@ -167,7 +168,7 @@ RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
     # gpo-eval
     "protocols": (lambda: "null or " + _protocols_expected(), optional(_protocol_names)),
     "num_workers": ("a non-negative integer", lambda v: _int(v) and v >= 0),
-    "split": ("null or a split name", optional(lambda v: isinstance(v, str) and v != "")),
+    "split": ("null or a split name", optional(_name)),
     # gpo-report
     **{
         f"{group}.{m}": ("null or a set size (a positive integer)", optional(positive_int))
@@ -177,8 +178,8 @@ RULES: dict[str, tuple[str | Callable[[], str], Callable[[Any], bool]]] = {
     "overwrite": ("true or false", lambda v: isinstance(v, bool)),
     # gpo-extract
     "extract.splits": ("a list of distinct split names (e.g. [train, dev, test])", _split_names),
-    "extract.out_dir": ("null (<data.root>/features/<backbone>) or a folder path", optional(_path)),
-    "extract.ckpt": ("null or a gpo_lit checkpoint path", optional(_path)),
+    "extract.out_dir": ("null (<data.root>/features/<backbone>) or a folder path", optional(_name)),
+    "extract.ckpt": ("null or a gpo_lit checkpoint path", optional(_name)),
     "extract.device": ("auto, cpu, cuda or cuda:<index>", _device),
     "extract.bf16": ("true or false", lambda v: isinstance(v, bool)),
     "extract.progress": ("true or false", lambda v: isinstance(v, bool)),

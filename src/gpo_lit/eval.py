@@ -190,7 +190,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> Results:
         results, split, _ = evaluate_one(ckpts[0], cfg, out_dir, bool(cfg.save_embeddings))
         print(results_block(f"Test metrics of {ckpts[0]} on split '{split}'", results))
         return results
-    ensure_new(out_dir / "metrics.json")
     member_files = []
     for i, ckpt in enumerate(ckpts):
         member_dir = out_dir / f"member{i}"

@@ -188,7 +188,8 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     }
     written: dict[str, Path] = {}
     meta: dict[str, Any] = {**settings, "splits": {}}
-    require_folder(out_dir, "extract.out_dir")
+    if not ex.out_dir:  # the default folder (a given one is checked above)
+        require_folder(out_dir, "extract.out_dir")
     meta_path = out_dir / "features_meta.json"
     if meta_path.exists():  # more splits of the same extraction may join; others may not
         old = read_meta(meta_path)

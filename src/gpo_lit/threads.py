@@ -51,18 +51,17 @@ def load_average() -> str:
 
 
 @contextmanager
-def one_thread(device: torch.device, when_busy: bool = False) -> Iterator[None]:
+def one_thread(device: torch.device, when: bool = True) -> Iterator[None]:
     """Run a stretch of small CPU ops on one intra-op thread. Each multi-threaded call (even a
     32x96 matmul goes to the BLAS's threads) is a parallel region whose threads must all be
     scheduled; on a busy machine that costs milliseconds per call, often more than the work
     (GPO's generator makes hundreds of tiny calls; the ranker's per-shard counting dozens of
     memory-bound ones beside one big matmul). A no-op off the CPU or at one thread already.
 
-    ``when_busy``: only while :func:`machine_busy`, for big memory-bound passes: on idle cores
-    they run faster on every thread, on a busy machine slower (each region waits for its slowest,
-    descheduled thread)."""
+    ``when``: False leaves the threads as they are (the ranker's memory-bound passes run on every
+    thread on idle cores and on one only while :func:`machine_busy`)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or (when_busy and not machine_busy()):
+    if device.type != "cpu" or threads == 1 or not when:
         yield
         return
     torch.set_num_threads(1)

@@ -32,7 +32,7 @@ def check_same_split(
     """One line naming ``where`` unless its split ``(n_images, cap2img [n_cap])`` is that of the
     ensemble's first member ``first``: the same images, captions and caption → image map."""
     (n0, c0), (n, c) = split0, split
-    if n != n0 or not torch.equal(torch.as_tensor(c), torch.as_tensor(c0)):
+    if n != n0 or not torch.equal(c, c0):
         raise GpoLitError(
             f"{where}: expected the same split as {first} ({n0} images, {len(c0)} captions, "
             f"the same caption → image map), found {n} images, {len(c)} captions"

@@ -31,7 +31,6 @@ import numbers
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -291,7 +290,7 @@ def ranks_from_prepared(
         # (no parallel region that waits for a descheduled thread); else on every intra-op
         # thread (measured both ways by bench/eval_speed.py; figures in the README).
         split = n_counters > 1 and machine_busy()
-        with one_thread(dev) if split else nullcontext():
+        with one_thread(dev, when=split):
             js = order[ptr[s0] : ptr[s1]]
             rows = cap2img[js] - s0
             gt_vals = sims[rows, js]
