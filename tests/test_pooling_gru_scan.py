@@ -28,7 +28,13 @@ def test_bigru_states_and_gradients_equal_nn_gru(dtype, steps):
 def test_scan_gradcheck():
     g = torch.Generator().manual_seed(1)
     for steps in (1, 5):
-        gi = torch.randn(steps, 2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(_GRUScan.apply, (gi, w, b))
+        x = torch.randn(steps, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        w_ih, w_hh = (
+            torch.randn(2, 9, k, generator=g, dtype=torch.float64, requires_grad=True)
+            for k in (4, 3)
+        )
+        b_ih, b_hh = (
+            torch.randn(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2)
+        )
+        assert torch.autograd.gradcheck(_GRUScan.apply, (x, w_ih, b_ih, w_hh, b_hh))

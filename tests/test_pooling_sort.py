@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.pooling.gpo import sort_packed, sorted_weighted_sum
+from gpo_lit.pooling.gpo import packed_positions, packed_values, sort_packed, sorted_weighted_sum
 
 
 @pytest.mark.parametrize("n", [1, 2, 36, 257])
@@ -25,8 +25,9 @@ def test_sort_packed_values_positions_and_padding(n):
         x[0, -1] = float("nan")  # padding of set 0
     pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]  # [B, 1, N]
     xt = x.transpose(1, 2).masked_fill(pad, float("-inf"))
-    values, idx = sort_packed(x, lengths)
-    assert values.dtype == torch.float32 and idx.dtype == torch.int16
+    keys = sort_packed(x, lengths)
+    values, idx = packed_values(keys, lengths), packed_positions(keys)
+    assert keys.dtype == torch.float64 and values.dtype == torch.float32
     assert torch.equal(values, xt.sort(dim=-1).values.masked_fill(pad.flip(-1), 0.0))
     np.testing.assert_array_equal(
         np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
@@ -54,14 +55,14 @@ def test_sort_rows_split_over_threads_equals_one_sort(threads, monkeypatch):
 
 
 def test_sort_packed_positions_past_int16():
-    # Sets wider than 32768 keep their positions in int32: the key's low bits hold the position,
-    # the bits above it the value's mantissa, which must not leak into the position.
+    # Sets wider than 32768: the key's low 16 bits hold the position, the bits above it the
+    # value's mantissa, which must not leak into the position.
     g = torch.Generator().manual_seed(5)
     n = 40_000
     x = (torch.randperm(2 * n * 3, generator=g).float() / 7).view(2, n, 3)  # no ties
     lengths = [n, n - 7]
-    values, idx = sort_packed(x, lengths)
-    assert idx.dtype == torch.int32
+    keys = sort_packed(x, lengths)
+    values, idx = packed_values(keys, lengths), packed_positions(keys)
     pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]
     xt = x.transpose(1, 2).masked_fill(pad, 0.0)
     np.testing.assert_array_equal(
@@ -81,3 +82,38 @@ def test_sort_packed_positions_past_int16():
     assert torch.equal(grads[0], grads[1])
     with pytest.raises(GpoLitError, match="sort_packed set width"):
         sort_packed(torch.zeros(1, 2**16 + 1, 1), [1])
+
+
+def test_kept_keys_equal_unpacked_values_and_keep_padding_out():
+    # The packed step keeps the float64 keys (value + position bits) and weighs them as they are;
+    # against the unpacked values + positions: the same x gradient bit for bit, the output and
+    # θ's gradient to float32 rounding, against a float64 reference. θ that is NOT zero on the
+    # padding, garbage padding and a gradient of 1e30 (times a key of -2^1000 that would be
+    # inf, then 0 · inf = NaN in a softmax backward): the padding reaches nothing.
+    g = torch.Generator().manual_seed(7)
+    b, n, d = 6, 11, 300
+    lengths = torch.tensor([11, 1, 4, 7, 11, 2])
+    valid = (torch.arange(n)[None] < lengths[:, None]).unsqueeze(-1)  # [B, N, 1]
+    x = torch.randn(b, n, d, generator=g).masked_fill(~valid, 3e38)
+    theta = torch.rand(b, n, generator=g)  # nonzero everywhere, padding included
+    gout = torch.randn(b, d, generator=g) * 1e30
+    runs = []
+    for keep in (True, False):
+        xg, tg = x.clone().requires_grad_(True), theta.clone().requires_grad_(True)
+        out = sorted_weighted_sum(xg, tg, valid, True, keep)
+        out.backward(gout)
+        runs.append((out, xg.grad, tg.grad))
+    (o1, gx1, gt1), (o2, gx2, gt2) = runs
+    assert torch.equal(gx1, gx2) and (gx1[~valid.expand(-1, -1, d)] == 0).all()
+    ref = torch.zeros(b, d, dtype=torch.float64)
+    ref_gt = torch.zeros(b, n, dtype=torch.float64)
+    for i, m in enumerate(lengths.tolist()):
+        desc = x[i, :m].double().sort(dim=0, descending=True).values  # [m, D]
+        ref[i] = theta[i, :m].double() @ desc
+        ref_gt[i, :m] = desc @ gout[i].double()
+    torch.testing.assert_close(o1.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(gt1).all() and (gt1[~valid[..., 0]] == 0).all()
+    scale = 1e-5 * gout.abs().sum(dim=1, keepdim=True).double()  # fp32 sums over D = 300
+    assert ((gt1.double() - ref_gt).abs() <= scale).all()
+    assert ((gt2.double() - ref_gt).abs() <= scale).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -97,46 +98,73 @@ def _block_rows(rows: int, per_row: int) -> int:
     return max(1, -(-rows // blocks))
 
 
+_workspace = threading.local()
+
+
+def scratch(*parts: tuple[tuple[int, ...], torch.dtype]) -> list[Tensor]:
+    """Uninitialised CPU tensors of the given (shape, dtype), carved from one buffer kept per
+    thread and grown as needed: GPO's per-block temporaries are megabytes each, and a fresh one
+    is fresh pages (glibc hands large blocks back to the OS on free), thousands of page faults
+    per step. Valid until the thread's next call: for temporaries only, never saved or returned."""
+    sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in parts]
+    aligned = [-(-n // 64) * 64 for n in sizes]
+    buf: Tensor | None = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < sum(aligned):
+        buf = _workspace.buf = torch.empty(sum(aligned), dtype=torch.uint8)
+    out, at = [], 0
+    for (shape, dt), n, step in zip(parts, sizes, aligned, strict=True):
+        out.append(buf[at : at + n].view(dt).view(shape))
+        at += step
+    return out
+
+
 _PAD_KEY = -(2.0**1000)  # below every float32, finite, low bits zero: padding sorts first
+_POS_BITS = (1 << 16) - 1  # a key's position bits (sets of at most 2^16 elements)
 
 
 @torch.compiler.disable
-def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
+def sort_packed(x: Tensor, lengths: list[int]) -> Tensor:
     """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
-    over its first ``lengths[b]`` elements, the padding first as 0: the values ``[B, D, N]``
-    float32 and the positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (int16 up to
-    N = 32768, kept for backward).
+    over its first ``lengths[b]`` elements, the padding first: ``[B, D, N]`` float64 keys, each
+    a value with the position it came from in its low bits (:func:`packed_positions`), the
+    padding ``_PAD_KEY`` with its position (:func:`packed_values` gives the float32 values).
 
     ONE values-only sort, no argsort: each value becomes a float64 key (exact, its low 29 mantissa
     bits zero) with its position written into those low bits, which moves it by less than half a
     float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
     interchangeable) and carries the positions; rounding a key back to float32 gives the value
-    exactly (positions < 2^28, below half the dropped bits). A numpy sort of short rows costs a
-    fraction of an argsort, and the whole step is a handful of passes (each one parallel region: multi-threaded ops on a loaded machine pay per
-    region); the sort itself is split over torch's intra-op threads (:func:`sort_rows_`). A
-    non-finite valid value comes back NaN (inf with position bits is NaN).
+    exactly (positions < 2^16, below half the dropped bits). A numpy sort of short rows costs a
+    fraction of an argsort, and the keys are what GPO keeps for backward (no unpacking pass);
+    the sort itself is split over torch's intra-op threads (:func:`sort_rows_`). A non-finite
+    valid value comes back NaN (inf with position bits is NaN).
     """
     b, n, d = x.shape
     expect(0 < n <= 2**16, "sort_packed set width", "1..65536 elements", n)
-    out = torch.empty(b, d, n, dtype=torch.float32)
-    idx = torch.empty(b, d, n, dtype=_index_dtype(n))
+    keys = torch.empty(b, d, n, dtype=torch.float64)
     pos = torch.arange(n, dtype=torch.int64)
-    # An int16 copy keeps the low 16 bits: the position (n <= 2^15). An int32 one would keep 3
-    # bits of the value's mantissa too: mask them off first.
-    low = None if idx.dtype == torch.int16 else (1 << 29) - 1
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
-        key = torch.empty(min(step, b - b0), d, n, dtype=torch.float64)
+        key = keys[b0 : b0 + step]
         key.copy_(x[b0 : b0 + step].transpose(1, 2))  # transpose + widen in one pass
         for i, m in enumerate(lengths[b0 : b0 + step]):  # padding is a tail: slices, no mask
             key[i, :, m:] = _PAD_KEY
-        bits = key.view(torch.int64).bitwise_or_(pos)
+        key.view(torch.int64).bitwise_or_(pos)
         sort_rows_(key.numpy().reshape(-1, n))  # as float64: ordered by value
-        idx[b0 : b0 + step].copy_(bits if low is None else bits & low)  # the low bits
-        out[b0 : b0 + step].copy_(key)  # round to nearest: the value; padding -> -inf
-        for i, m in enumerate(lengths[b0 : b0 + step]):
-            out[b0 + i, :, : n - m] = 0.0  # padding, now in front (0 · -inf would be NaN)
-    return out, idx
+    return keys
+
+
+def packed_positions(keys: Tensor, out: Tensor | None = None) -> Tensor:
+    """The positions carried by :func:`sort_packed`'s keys: int64, same shape (into ``out``)."""
+    return torch.bitwise_and(keys.view(torch.int64), _POS_BITS, out=out)
+
+
+def packed_values(keys: Tensor, lengths: list[int]) -> Tensor:
+    """The float32 values of :func:`sort_packed`'s keys ``[B, D, N]``, the padding (the first
+    ``N - lengths[b]`` of each row) as 0."""
+    values = keys.to(torch.float32)  # round to nearest: the value
+    for i, m in enumerate(lengths):
+        values[i, :, : keys.shape[2] - m] = 0.0
+    return values
 
 
 class _SortedWeightedSum(torch.autograd.Function):
@@ -145,8 +173,10 @@ class _SortedWeightedSum(torch.autograd.Function):
 
     Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
     θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
-    ever flipped. Keeps for backward the sorted values and the sort positions in int16
-    (``sort_packed``): 1.5x the bytes of an fp32 input. The backward is one scatter.
+    ever flipped. Keeps for backward the sorted values and the sort positions in int16 (1.5x the
+    bytes of an fp32 input), or with ``packed`` the float64 keys of :func:`sort_packed` (2x),
+    weighted as they are: each is its value to within half a float32 ulp, summed in float64 (θ
+    is masked to 0 on the padding, whose keys are huge). The backward is one scatter.
 
     ``x`` may be wider than ``theta`` (``[B, N', D]``, N' >= N): elements past θ's width are
     padding of every set, never sorted, and their gradient is zero (no slice of ``x`` to undo in
@@ -154,53 +184,93 @@ class _SortedWeightedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
+    def forward(
+        ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False, keep_keys: bool = True
+    ) -> Tensor:
         pad = ~valid.transpose(1, 2)  # [B, 1, N]
         ctx.x_dtype, ctx.x_width = x.dtype, x.shape[1]
         x = x[:, : theta.shape[1]]  # a view
         b, n, d = x.shape
         cpu32 = x.device.type == "cpu" and theta.dtype == torch.float32
-        if packed and cpu32 and 0 < n <= 2**16 and b * d:
-            xs, idx = sort_packed(x, valid.sum(dim=1).squeeze(1).tolist())
+        pad_rev = pad.flip(-1)[:, 0]  # [B, N]: ascending positions holding padding
+        # [B, N]: weight of ascending position j; none on padding (its packed keys are huge)
+        theta_rev = theta.flip(-1).masked_fill(pad_rev, 0.0)
+        ctx.packed = False  # whether the float64 keys are kept (the backward's layout)
+        if packed and cpu32 and 0 < n <= 2**16 and b * d > 0:
+            lengths = valid.sum(dim=1).squeeze(1).tolist()
+            sorted_keys = sort_packed(x, lengths)
+            if keep_keys and x.dtype == torch.float32:
+                ctx.packed = True
+                ctx.save_for_backward(sorted_keys, theta_rev, pad_rev)
+                weights = theta_rev.to(torch.float64).unsqueeze(-1)
+                return torch.bmm(sorted_keys, weights).squeeze(-1).to(theta.dtype)
+            xs = packed_values(sorted_keys, lengths)  # unpacked: 1.5x fp32's bytes
+            idx = packed_positions(sorted_keys).to(_index_dtype(n))
         else:  # one pass: cast to θ's dtype and transpose into a fresh [B, D, N] buffer
             xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
             xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
             # Padding now sits in front, at positions < N - length; zero it (0 · -inf is NaN).
             xs.masked_fill_(pad.flip(-1), 0.0)
-        theta_rev = theta.flip(-1)  # [B, N]: weight of ascending position j
         ctx.save_for_backward(xs, idx, theta_rev)
         return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        xs, idx, theta_rev = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        if ctx.packed:
+            xs, theta_rev, pad_rev = ctx.saved_tensors
+            idx = None
+        else:
+            xs, idx, theta_rev = ctx.saved_tensors
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
             b, d, n = xs.shape
+            dtype = theta_rev.dtype
             grad_x = xs.new_empty(b, ctx.x_width, d, dtype=ctx.x_dtype)  # x's layout
             grad_x[:, n:] = 0.0  # past θ's width: padding
             step = _block_rows(b, n * d) if xs.device.type == "cpu" else b
             for b0 in range(0, b, step):  # on the CPU in cache-sized blocks, as sort_packed
                 rows = slice(b0, b0 + step)
-                per_pos = grad[rows].unsqueeze(-1) * theta_rev[rows].unsqueeze(1)  # [b, D, N]
-                # idx is a permutation per (b, d), so the scatter writes every entry.
-                per_x = torch.empty_like(per_pos).scatter_(2, idx[rows].long(), per_pos)
+                shape = (min(step, b - b0), d, n)
+                if xs.device.type == "cpu":
+                    per_pos, per_x, where = scratch(
+                        (shape, dtype), (shape, dtype), (shape, torch.int64)
+                    )
+                else:
+                    per_pos, per_x = torch.empty_like(xs[rows]), torch.empty_like(xs[rows])
+                    where = torch.empty(shape, dtype=torch.int64, device=xs.device)
+                if idx is None:
+                    packed_positions(xs[rows], out=where)
+                else:
+                    where.copy_(idx[rows])
+                # [b, D, N]: the gradient of each sorted position
+                torch.mul(grad[rows].unsqueeze(-1), theta_rev[rows].unsqueeze(1), out=per_pos)
+                # The positions are a permutation per (b, d), so the scatter writes every entry.
+                per_x.scatter_(2, where, per_pos)
                 grad_x[rows, :n].copy_(per_x.transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.bmm(grad.unsqueeze(1), xs).squeeze(1).flip(-1)  # [B, N]
-        return grad_x, grad_theta, None, None
+            grad_theta = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
+            if idx is None:  # the padding's keys are huge: its θ has no gradient
+                grad_theta = grad_theta.masked_fill_(pad_rev, 0.0).to(theta_rev.dtype)
+            grad_theta = grad_theta.flip(-1)
+        return grad_x, grad_theta, None, None, None
 
 
-def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
-    """GPO's pooling step. ``x [B, N', D]``, ``theta [B, N]`` (N <= N'; zero past each length),
+def sorted_weighted_sum(
+    x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False, keep_keys: bool = True
+) -> Tensor:
+    """GPO's pooling step. ``x [B, N', D]``, ``theta [B, N]`` (N <= N'),
     ``valid`` bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension
     sorted descending over the valid elements, weighted by ``theta`` per rank. Padding content
-    (elements past N included) never reaches the output or the gradients.
+    (elements past N included) never reaches the output or the gradients; θ past each length is
+    taken as 0.
 
     ``packed``: on the CPU in fp32, :func:`sort_packed` (one values-only sort; ties end up in
     another order than the default argsort's, so gradients among equal values differ).
+    ``keep_keys`` (with ``packed``, fp32 ``x``): keep the float64 sort keys for backward (2x the
+    input's bytes, no unpacking pass; the sum in float64, rounded to fp32), else values and
+    positions (1.5x; GPO's choice for features that came narrower than fp32: keys would be 4x).
     """
-    return _SortedWeightedSum.apply(x, theta, valid, packed)
+    return _SortedWeightedSum.apply(x, theta, valid, packed, keep_keys)
 
 
 @register_pooling("gpo")
@@ -410,7 +480,8 @@ class GPO(Pooling):
         every set) of a non-empty batch."""
         theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
         valid = mask.valid[:, :width].unsqueeze(-1)  # [B, width, 1]
-        pooled = sorted_weighted_sum(x, theta.to(x.dtype), valid, self.cpu_kernels)
+        keep = mask.features == torch.float32  # kept keys: 2x fp32 features, 4x bf16 ones
+        pooled = sorted_weighted_sum(x, theta.to(x.dtype), valid, self.cpu_kernels, keep)
         return pooled, theta, width
 
     def pool(self, x: Tensor, mask: SetMask) -> Tensor:
