@@ -28,7 +28,7 @@ def test_bigru_states_and_gradients_equal_nn_gru(dtype, steps):
 def test_scan_gradcheck():
     g = torch.Generator().manual_seed(1)
     for steps in (1, 5):
-        x = torch.randn(steps, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(steps, 3, 2 * 4, generator=g, dtype=torch.float64, requires_grad=True)
         w_ih, w_hh = (
             torch.randn(2, 9, k, generator=g, dtype=torch.float64, requires_grad=True)
             for k in (4, 3)

@@ -142,12 +142,13 @@ def sort_packed(x: Tensor, lengths: list[int]) -> Tensor:
     expect(0 < n <= 2**16, "sort_packed set width", "1..65536 elements", n)
     keys = torch.empty(b, d, n, dtype=torch.float64)
     pos = torch.arange(n, dtype=torch.int64)
+    valid = (pos < torch.tensor(lengths).unsqueeze(1)).unsqueeze(1)  # [B, 1, N]
+    pad = torch.tensor([_PAD_KEY], dtype=torch.float64)  # 1-D: the result is float64
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
         key = keys[b0 : b0 + step]
-        key.copy_(x[b0 : b0 + step].transpose(1, 2))  # transpose + widen in one pass
-        for i, m in enumerate(lengths[b0 : b0 + step]):  # padding is a tail: slices, no mask
-            key[i, :, m:] = _PAD_KEY
+        rows = slice(b0, b0 + step)  # transpose + widen + pad in one pass:
+        torch.where(valid[rows], x[rows].transpose(1, 2), pad, out=key)
         key.view(torch.int64).bitwise_or_(pos)
         sort_rows_(key.numpy().reshape(-1, n))  # as float64: ordered by value
     return keys
