@@ -7,7 +7,7 @@ the width whose weights are block-diagonal per gate, so each half of the state s
 direction (the same products and additions as ``nn.GRU``: the same numbers). Its forward is one
 ``torch.gru`` call recording nothing; the backward recomputes every step's gates at once from the
 states, then runs one loop of two ops per step (the GRU's analytic gradient as one product), and
-the weight gradients are single products. Everything stays in the wide layout ``[T, R, 2H]``.
+the weight gradients are one batched product per weight.
 """
 
 from __future__ import annotations
@@ -32,16 +32,6 @@ def _per_gate_block_diag(w: Tensor) -> Tensor:
     return out.view(6 * hid, 2 * k)
 
 
-def _diag_blocks(wide: Tensor) -> Tensor:
-    """The inverse of :func:`_per_gate_block_diag` (off-diagonal blocks dropped):
-    ``[3·2H, 2K]`` -> ``[2, 3H, K]``, ``[3·2H]`` -> ``[2, 3H]``."""
-    if wide.dim() == 1:
-        return wide.view(3, 2, -1).transpose(0, 1).reshape(2, -1)
-    hid, k = wide.shape[0] // 6, wide.shape[1] // 2
-    blocks = wide.view(3, 2, hid, 2, k)
-    return torch.stack([blocks[:, 0, :, 0], blocks[:, 1, :, 1]]).reshape(2, 3 * hid, k)
-
-
 class _GRUScan(torch.autograd.Function):
     """States of two independent GRUs run side by side: inputs ``x [T, R, 2D]`` (in step order,
     the first GRU's D features then the second's), ``w_ih [2, 3H, D]``, ``b_ih [2, 3H]``,
@@ -54,7 +44,7 @@ class _GRUScan(torch.autograd.Function):
         h0 = x.new_zeros(1, x.shape[1], params[1].shape[1])
         # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         states = torch.gru(x, h0, params, True, 1, 0.0, False, False, False)[0]  # [T, R, 2H]
-        ctx.save_for_backward(x, states, *params)
+        ctx.save_for_backward(x, states, w_ih, b_ih, w_hh, b_hh, params[1])
         return states
 
     @staticmethod
@@ -64,27 +54,37 @@ class _GRUScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, states, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors  # the wide forms
+        x, states, w_ih, b_ih, w_hh, b_hh, w_hh_wide = ctx.saved_tensors
         steps, r, h2 = states.shape
+        hid, rows = h2 // 2, steps * r
         prev = torch.cat([states.new_zeros(1, r, h2), states[:-1]])  # h_{t-1}
-        # The gates of every step at once, as the forward computed them ([T, R, 3·2H]).
-        gi = torch.addmm(b_ih, x.reshape(steps * r, -1), w_ih.t()).view(steps, r, 3 * h2)
-        gh = torch.addmm(b_hh, prev.view(steps * r, h2), w_hh.t()).view(steps, r, 3 * h2)
-        rz = torch.sigmoid(gi[..., : 2 * h2] + gh[..., : 2 * h2])
-        rg, z = rz[..., :h2], rz[..., h2:]
-        hn = gh[..., 2 * h2 :]
-        n = torch.tanh(torch.addcmul(gi[..., 2 * h2 :], rg, hn))
+
+        def per_gru(t: Tensor) -> Tensor:  # [T, R, 2K] -> [2, T·R, K], a view
+            return t.view(rows, 2, -1).transpose(0, 1)
+
+        def gates(inp: Tensor, w: Tensor, b: Tensor) -> Tensor:  # -> [T, R, 3, 2, H], a view
+            out = torch.baddbmm(b.unsqueeze(1), per_gru(inp), w.transpose(1, 2))  # [2, T·R, 3H]
+            return out.view(2, steps, r, 3, hid).permute(1, 2, 3, 0, 4)
+
+        # The gates of every step at once, as the forward computed them; [T, R, 2, H] each.
+        gi, gh = gates(x, w_ih, b_ih), gates(prev, w_hh, b_hh)
+        rz = torch.sigmoid(gi[:, :, :2] + gh[:, :, :2])
+        rg, z = rz[:, :, 0], rz[:, :, 1]
+        hn = gh[:, :, 2]
+        n = torch.tanh(torch.addcmul(gi[:, :, 2], rg, hn))
+        hp = prev.view(steps, r, 2, hid)
         # With dh the gradient of h_t, every pre-activation gradient is dh times a factor known
         # from the forward: da_n = dh (1 - z)(1 - n²), da_r = da_n · h_n · r(1 - r), d(h_n) =
         # da_n · r, da_z = dh (h_{t-1} - n) z(1 - z); and h_{t-1} gets dh · z directly. Per step
         # [da_r, d(h_n), da_z, dh·z, da_n] = dh · F_t, and dh_{t-1} = g_{t-1} + the first four
-        # times [W_hr; W_hn; W_hz; I] (one product).
+        # times [W_hr; W_hn; W_hz; I] (one product, in the wide layout).
         da_n = (1 - z) * (1 - n * n)
         factors = torch.stack(
-            [da_n * hn * rg * (1 - rg), da_n * rg, (prev - n) * z * (1 - z), z, da_n], dim=-2
-        )  # [T, R, 5, 2H]
+            [da_n * hn * rg * (1 - rg), da_n * rg, (hp - n) * z * (1 - z), z, da_n], dim=2
+        ).view(steps, r, 5, h2)
         eye = torch.eye(h2, dtype=w_hh.dtype, device=w_hh.device)
-        w_back = torch.cat([w_hh[:h2], w_hh[2 * h2 :], w_hh[h2 : 2 * h2], eye])  # [4·2H, 2H]
+        wide = w_hh_wide
+        w_back = torch.cat([wide[:h2], wide[2 * h2 :], wide[h2 : 2 * h2], eye])  # [4·2H, 2H]
         buf = torch.empty_like(factors)
         first4 = buf[..., :4, :].view(steps, r, 4 * h2)  # rows of 5·2H, the first 4·2H
         grads, fs, bufs, lhs = grad.unbind(0), factors.unbind(0), buf.unbind(0), first4.unbind(0)
@@ -93,16 +93,17 @@ class _GRUScan(torch.autograd.Function):
             torch.mul(dh.unsqueeze(-2), fs[t], out=bufs[t])
             if t:
                 dh = torch.addmm(grads[t - 1], lhs[t], w_back)
-        d_r, d_hn, d_z, _, d_n = buf.unbind(dim=2)
-        dgh = torch.cat([d_r, d_z, d_hn], dim=-1).view(steps * r, 3 * h2)  # the gates' order
-        dgi = torch.cat([d_r, d_z, d_n], dim=-1).view(steps * r, 3 * h2)
+        # Per GRU [2, T·R, 3H] in nn.GRU's gate order (r, z, n): one copy each.
+        d_r, d_hn, d_z, _, d_n = (g.view(rows, 2, hid).transpose(0, 1) for g in buf.unbind(2))
+        dgh = torch.stack([d_r, d_z, d_hn], dim=2).view(2, rows, 3 * hid)
+        dgi = torch.stack([d_r, d_z, d_n], dim=2).view(2, rows, 3 * hid)
         d_x = d_w_ih = None
         if ctx.needs_input_grad[0]:
-            d_x = torch.mm(dgi, w_ih).view(x.shape)  # zeros off the blocks: no crosstalk
+            d_x = torch.bmm(dgi, w_ih).transpose(0, 1).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            d_w_ih = _diag_blocks(torch.mm(dgi.t(), x.reshape(steps * r, -1)))
-        d_w_hh = _diag_blocks(torch.mm(dgh.t(), prev.view(steps * r, h2)))
-        return d_x, d_w_ih, _diag_blocks(dgi.sum(0)), d_w_hh, _diag_blocks(dgh.sum(0))
+            d_w_ih = torch.bmm(dgi.transpose(1, 2), per_gru(x))
+        d_w_hh = torch.bmm(dgh.transpose(1, 2), per_gru(prev))
+        return d_x, d_w_ih, dgi.sum(1), d_w_hh, dgh.sum(1)
 
 
 @torch.compiler.disable  # a C++ time loop and a Python one: run eagerly under model.compile=true
