@@ -104,8 +104,9 @@ _workspace = threading.local()
 def scratch(*parts: tuple[tuple[int, ...], torch.dtype]) -> list[Tensor]:
     """Uninitialised CPU tensors of the given (shape, dtype), carved from one buffer kept per
     thread and grown as needed: GPO's per-block temporaries are megabytes each, and a fresh one
-    is fresh pages (glibc hands large blocks back to the OS on free), thousands of page faults
-    per step. Valid until the thread's next call: for temporaries only, never saved or returned."""
+    is fresh pages to fault in on every step (glibc hands large blocks back to the OS on free).
+    The buffer stays allocated (one block's temporaries: 16 bytes per key of a block, see
+    ``_KEY_BLOCK``). Valid until the thread's next call: for temporaries only, never saved."""
     sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in parts]
     aligned = [-(-n // 64) * 64 for n in sizes]
     buf: Tensor | None = getattr(_workspace, "buf", None)
