@@ -3,6 +3,7 @@ resumable after an interruption, never clobbering finished files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -272,3 +273,19 @@ def test_extract_from_a_trained_checkpoint_uses_its_backbone(tmp_path: Path) -> 
     assert not (tmp_path / "a" / "dev_ims.npy").exists()
     meta = json.loads((written.parent / "features_meta.json").read_text())
     assert meta["weights"] == str(ckpt) and meta["splits"]["test"]["images"] == 40
+    assert meta["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    # Other weights saved under the same path are other settings: the folder (named for the
+    # path) takes no split made from them, and its finished file stays as it was.
+    before = written.read_bytes()
+    torch.manual_seed(321)
+    retrained = instantiate(cfg.model, _recursive_=False, _convert_="all", vocab=vocab)
+    torch.save(
+        {"hyper_parameters": dict(model.hparams) | {"vocab": vocab},
+         "state_dict": retrained.state_dict()},
+        ckpt,
+    )  # fmt: skip
+    replaced = compose_cfg("extract", "experiment=demo_grid", *common, f"extract.ckpt={ckpt}",
+        "extract.splits=[dev]")  # fmt: skip
+    with pytest.raises(GpoLitError, match=r"features_meta\.json: expected the settings"):
+        extract(replaced)
+    assert written.read_bytes() == before and not (written.parent / "dev_ims.npy").exists()

@@ -16,8 +16,8 @@ to train on with ``model/visual=vit_precomp``), ``{split}_caps.txt`` and ``{spli
 ``{split}_ims.partial.npy``, whose disk space is checked and allocated up front (a full disk is one
 line naming the file, the space needed and the space free, not a SIGBUS midway);
 ``{split}_ims.progress.json`` records the rows safely on disk, so a rerun after an interruption
-continues where it stopped (with the same settings only). A finished feature file is never
-overwritten.
+continues where it stopped (with the same settings only: a checkpoint counts by its bytes, so
+one replaced under the same path is refused). A finished feature file is never overwritten.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from gpo_lit.encoders.grid import GridEncoder
 from gpo_lit.encoders.vit import ViTEncoder
 from gpo_lit.errors import GpoLitError, expect, first_line, one_line
 from gpo_lit.feature_writer import extract_split, write_json
-from gpo_lit.files import require_folder
+from gpo_lit.files import require_folder, sha256_of
 
 log = logging.getLogger("gpo_lit.extract")
 
@@ -174,10 +174,13 @@ def extract(cfg: DictConfig, rank: int | None = None, world: int | None = None) 
     encoder = build_encoder(cfg)
     out_dir = Path(ex.out_dir) if ex.out_dir else default_out_dir(cfg, encoder)
     reader_cfg = config_dict(cfg.data.reader)
+    weights_file = str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")
     settings = {
         "backbone": encoder.backbone_name,
-        "weights": str(ex.ckpt or cfg.model.visual.get("checkpoint_path") or "")
+        "weights": weights_file
         or ("timm pretrained" if cfg.model.visual.get("pretrained") else "random init"),
+        # A file replaced under the same path is other weights: its bytes, not its name, decide.
+        **({"weights_sha256": sha256_of(weights_file)} if weights_file else {}),
         "out_index": cfg.model.visual.get("out_index"),
         # ViT token sets: which tokens, before or after the final norm
         **{k: cfg.model.visual[k] for k in ("prefix_tokens", "norm") if k in cfg.model.visual},
