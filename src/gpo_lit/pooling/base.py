@@ -33,7 +33,7 @@ class SetMask:
     valid: Tensor
     pad: Tensor
     host: Tensor | None
-    features: torch.dtype = torch.float32
+    features: torch.dtype
 
     def counts(self, dtype: torch.dtype) -> Tensor:
         """Set sizes ``[B, 1]`` in ``dtype`` (to divide sums by)."""

@@ -101,12 +101,15 @@ def _block_rows(rows: int, per_row: int) -> int:
 _workspace = threading.local()
 
 
-def scratch(*parts: tuple[tuple[int, ...], torch.dtype]) -> list[Tensor]:
-    """Uninitialised CPU tensors of the given (shape, dtype), carved from one buffer kept per
-    thread and grown as needed: GPO's per-block temporaries are megabytes each, and a fresh one
-    is fresh pages to fault in on every step (glibc hands large blocks back to the OS on free).
-    The buffer stays allocated (one block's temporaries: 16 bytes per key of a block, see
-    ``_KEY_BLOCK``). Valid until the thread's next call: for temporaries only, never saved."""
+def scratch(device: torch.device, *parts: tuple[tuple[int, ...], torch.dtype]) -> list[Tensor]:
+    """Uninitialised tensors of the given (shape, dtype) on ``device``. On the CPU carved from
+    one buffer kept per thread and grown as needed: GPO's per-block temporaries are megabytes
+    each, and a fresh one is fresh pages to fault in on every step (glibc hands large blocks back
+    to the OS on free). The buffer stays allocated (one block's temporaries: 16 bytes per key of
+    a block, see ``_KEY_BLOCK``). Valid until the thread's next call: for temporaries only, never
+    saved. Elsewhere fresh tensors (the device's allocator caches)."""
+    if device.type != "cpu":
+        return [torch.empty(shape, dtype=dt, device=device) for shape, dt in parts]
     sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in parts]
     aligned = [-(-n // 64) * 64 for n in sizes]
     buf: Tensor | None = getattr(_workspace, "buf", None)
@@ -218,9 +221,8 @@ class _SortedWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        if ctx.packed:
+        if ctx.packed:  # the keys carry the positions
             xs, theta_rev, pad_rev = ctx.saved_tensors
-            idx = None
         else:
             xs, idx, theta_rev = ctx.saved_tensors
         grad_x = grad_theta = None
@@ -233,14 +235,10 @@ class _SortedWeightedSum(torch.autograd.Function):
             for b0 in range(0, b, step):  # on the CPU in cache-sized blocks, as sort_packed
                 rows = slice(b0, b0 + step)
                 shape = (min(step, b - b0), d, n)
-                if xs.device.type == "cpu":
-                    per_pos, per_x, where = scratch(
-                        (shape, dtype), (shape, dtype), (shape, torch.int64)
-                    )
-                else:
-                    per_pos, per_x = torch.empty_like(xs[rows]), torch.empty_like(xs[rows])
-                    where = torch.empty(shape, dtype=torch.int64, device=xs.device)
-                if idx is None:
+                per_pos, per_x, where = scratch(
+                    xs.device, (shape, dtype), (shape, dtype), (shape, torch.int64)
+                )
+                if ctx.packed:
                     packed_positions(xs[rows], out=where)
                 else:
                     where.copy_(idx[rows])
@@ -251,7 +249,7 @@ class _SortedWeightedSum(torch.autograd.Function):
                 grad_x[rows, :n].copy_(per_x.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             grad_theta = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
-            if idx is None:  # the padding's keys are huge: its θ has no gradient
+            if ctx.packed:  # the padding's keys are huge: its θ has no gradient
                 grad_theta = grad_theta.masked_fill_(pad_rev, 0.0).to(theta_rev.dtype)
             grad_theta = grad_theta.flip(-1)
         return grad_x, grad_theta, None, None, None

@@ -83,8 +83,8 @@ class _GRUScan(torch.autograd.Function):
             [da_n * hn * rg * (1 - rg), da_n * rg, (hp - n) * z * (1 - z), z, da_n], dim=2
         ).view(steps, r, 5, h2)
         eye = torch.eye(h2, dtype=w_hh.dtype, device=w_hh.device)
-        wide = w_hh_wide
-        w_back = torch.cat([wide[:h2], wide[2 * h2 :], wide[h2 : 2 * h2], eye])  # [4·2H, 2H]
+        w_rnz = (w_hh_wide[:h2], w_hh_wide[2 * h2 :], w_hh_wide[h2 : 2 * h2])
+        w_back = torch.cat([*w_rnz, eye])  # [4·2H, 2H]
         buf = torch.empty_like(factors)
         first4 = buf[..., :4, :].view(steps, r, 4 * h2)  # rows of 5·2H, the first 4·2H
         grads, fs, bufs, lhs = grad.unbind(0), factors.unbind(0), buf.unbind(0), first4.unbind(0)
