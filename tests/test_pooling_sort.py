@@ -14,7 +14,7 @@ from gpo_lit.pooling.gpo import packed_positions, packed_values, sort_packed, so
 def test_sort_packed_values_positions_and_padding(n):
     # Ties (±0 and repeated values), denormals and values near float32's limits sort exactly;
     # the positions are a permutation that reproduces the sorted values; padding (any garbage)
-    # comes first as 0.
+    # stays after each set's prefix, as 0, at its own positions.
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, n, 2050, generator=g)
     lengths = [max(1, n - 1), n, (n + 1) // 2]
@@ -24,11 +24,12 @@ def test_sort_packed_values_positions_and_padding(n):
         x[2, 1], x[1, 1, :3], x[0, 0, :3] = -1e-40, 3e38, -3e38
         x[0, -1] = float("nan")  # padding of set 0
     pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]  # [B, 1, N]
-    xt = x.transpose(1, 2).masked_fill(pad, float("-inf"))
+    xt = x.transpose(1, 2).masked_fill(pad, float("inf"))
     keys = sort_packed(x, lengths)
     values, idx = packed_values(keys, lengths), packed_positions(keys)
     assert keys.dtype == torch.float64 and values.dtype == torch.float32
-    assert torch.equal(values, xt.sort(dim=-1).values.masked_fill(pad.flip(-1), 0.0))
+    assert torch.equal(values, xt.sort(dim=-1).values.masked_fill(pad, 0.0))
+    assert torch.equal(idx[pad.expand_as(idx)], torch.arange(n).expand_as(idx)[pad.expand_as(idx)])
     np.testing.assert_array_equal(
         np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
     )
@@ -36,22 +37,25 @@ def test_sort_packed_values_positions_and_padding(n):
     np.testing.assert_array_equal(picked, values.numpy())
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sort_rows_split_over_threads_equals_one_sort(threads, monkeypatch):
-    # The rows split into bands sorted by several threads give numpy's one sort, whatever the
-    # thread count (bands of unequal size included: 1001 rows over 2 or 3 threads).
-    from gpo_lit.pooling import gpo
+def test_sort_prefixes_sorts_each_set_over_its_own_prefix():
+    # Lengths 0, 1 and the full width among them: numpy's sort of each prefix; the rest of every
+    # row untouched, or set to the tail's entries.
+    from gpo_lit.pooling.gpo import sort_prefixes_
 
-    monkeypatch.setattr(gpo, "_PARALLEL_SORT_MIN", 64)
-    rows = np.random.default_rng(threads).standard_normal((1001, 37))
-    want = np.sort(rows, axis=-1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        gpo.sort_rows_(rows)
-    finally:
-        torch.set_num_threads(before)
-    np.testing.assert_array_equal(rows, want)
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((9, 111, 37))
+    lengths = [37, 0, 1, 20, 5, 37, 36, 2, 30]
+    want = keys.copy()
+    for i, m in enumerate(lengths):
+        want[i, :, :m] = np.sort(want[i, :, :m], axis=-1)
+    got = keys.copy()
+    sort_prefixes_(got, lengths)
+    np.testing.assert_array_equal(got, want)
+    tail = -np.arange(37.0) - 1
+    for i, m in enumerate(lengths):
+        want[i, :, m:] = tail[m:]
+    sort_prefixes_(keys, lengths, tail)
+    np.testing.assert_array_equal(keys, want)
 
 
 def test_sort_packed_positions_past_int16():

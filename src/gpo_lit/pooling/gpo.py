@@ -8,9 +8,7 @@ GRU (directions averaged) → bias-free linear score → softmax(score / tempera
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,30 +57,25 @@ def _sort_ascending_numpy_(xt: Tensor) -> tuple[Tensor, Tensor]:
     b, d, n = xt.shape
     idt = _index_dtype(n)
     idx = torch.empty(b, d, n, dtype=idt)
-    rows, where = xt.numpy().reshape(b * d, n), idx.numpy().reshape(b * d, n)
-    where[...] = np.argsort(rows, axis=-1)
-    sort_rows_(rows)
+    idx.numpy().reshape(b * d, n)[...] = np.argsort(xt.numpy().reshape(b * d, n), axis=-1)
+    xt.numpy().reshape(b * d, n).sort(axis=-1)
     return xt, idx
 
 
-_PARALLEL_SORT_MIN = 1 << 16  # keys below which one thread sorts them (a hand-off costs ~50 µs)
-_sort_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def sort_rows_(rows: np.ndarray) -> None:
-    """Sort the rows of a C-contiguous 2-D array in place (``rows.sort(axis=-1)``), split over
-    ``torch.get_num_threads()`` threads when there are enough keys: numpy's sort runs on one
-    thread and releases the GIL, so each thread sorts a contiguous band of rows (same result)."""
-    threads = torch.get_num_threads()
-    if threads < 2 or rows.size < _PARALLEL_SORT_MIN or rows.shape[0] < threads:
-        rows.sort(axis=-1)
-        return
-    global _sort_pool
-    if _sort_pool is None or _sort_pool[:2] != (os.getpid(), threads):  # none, resized or forked
-        _sort_pool = (os.getpid(), threads, ThreadPoolExecutor(threads, "gpo-sort"))
-    bands = np.array_split(rows, threads)  # views, one band of whole rows each
-    for done in [_sort_pool[2].submit(band.sort, axis=-1) for band in bands]:
-        done.result()
+def sort_prefixes_(keys: np.ndarray, lengths: list[int], tail: np.ndarray | None = None) -> None:
+    """Sort ``keys [S, R, N]`` (C-contiguous) in place along N over each set's first
+    ``lengths[s]`` entries: numpy sorts each set's rows in place (strided rows, no copy); the
+    rest of each row is untouched, or with ``tail [N]`` set to its entries. Only the valid
+    entries are sorted: at GPO's sizes many sets fit numpy's fastest row width (32) where the
+    padded rows do not. On the calling thread: numpy's sort is single-threaded, and bands of rows
+    sorted by other Python threads were slower in a GPO step, not faster (the intra-op workers
+    keep spinning on the other cores after each parallel op; bench/pooling_speed.py)."""
+    width = keys.shape[2]
+    for i, m in enumerate(lengths):
+        if m > 1:
+            keys[i, :, :m].sort(axis=-1)
+        if tail is not None and m < width:
+            keys[i, :, m:] = tail[m:]
 
 
 # Keys per block and intra-op thread: 4 MiB of float64, about twice a core's L2 here, so a
@@ -122,16 +115,17 @@ def scratch(device: torch.device, *parts: tuple[tuple[int, ...], torch.dtype]) -
     return out
 
 
-_PAD_KEY = -(2.0**1000)  # below every float32, finite, low bits zero: padding sorts first
+_PAD_KEY = -(2.0**1000)  # finite, far from every float32, low bits zero: never mistaken for a value
 _POS_BITS = (1 << 16) - 1  # a key's position bits (sets of at most 2^16 elements)
 
 
 @torch.compiler.disable
 def sort_packed(x: Tensor, lengths: list[int]) -> Tensor:
     """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
-    over its first ``lengths[b]`` elements, the padding first: ``[B, D, N]`` float64 keys, each
-    a value with the position it came from in its low bits (:func:`packed_positions`), the
-    padding ``_PAD_KEY`` with its position (:func:`packed_values` gives the float32 values).
+    over its first ``lengths[b]`` elements, the padding after them in place: ``[B, D, N]``
+    float64 keys, each a value with the position it came from in its low bits
+    (:func:`packed_positions`), the padding ``_PAD_KEY`` with its own position (so the positions
+    of a row are a permutation); :func:`packed_values` gives the float32 values.
 
     ONE values-only sort, no argsort: each value becomes a float64 key (exact, its low 29 mantissa
     bits zero) with its position written into those low bits, which moves it by less than half a
@@ -139,22 +133,22 @@ def sort_packed(x: Tensor, lengths: list[int]) -> Tensor:
     interchangeable) and carries the positions; rounding a key back to float32 gives the value
     exactly (positions < 2^16, below half the dropped bits). A numpy sort of short rows costs a
     fraction of an argsort, and the keys are what GPO keeps for backward (no unpacking pass);
-    the sort itself is split over torch's intra-op threads (:func:`sort_rows_`). A non-finite
-    valid value comes back NaN (inf with position bits is NaN).
+    only the valid prefixes are sorted (:func:`sort_prefixes_`). A non-finite valid value comes
+    back NaN (inf with position bits is NaN).
     """
     b, n, d = x.shape
     expect(0 < n <= 2**16, "sort_packed set width", "1..65536 elements", n)
     keys = torch.empty(b, d, n, dtype=torch.float64)
     pos = torch.arange(n, dtype=torch.int64)
-    valid = (pos < torch.tensor(lengths).unsqueeze(1)).unsqueeze(1)  # [B, 1, N]
-    pad = torch.tensor([_PAD_KEY], dtype=torch.float64)  # 1-D: the result is float64
+    # The padding's keys: _PAD_KEY with each position (garbage padding could be inf or NaN)
+    tail = (torch.tensor([_PAD_KEY], dtype=torch.float64).view(torch.int64) | pos).numpy()
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
         key = keys[b0 : b0 + step]
-        rows = slice(b0, b0 + step)  # transpose + widen + pad in one pass:
-        torch.where(valid[rows], x[rows].transpose(1, 2), pad, out=key)
+        key.copy_(x[b0 : b0 + step].transpose(1, 2))  # transpose + widen in one pass
         key.view(torch.int64).bitwise_or_(pos)
-        sort_rows_(key.numpy().reshape(-1, n))  # as float64: ordered by value
+        # As float64: ordered by value; the padding overwritten as each set is sorted
+        sort_prefixes_(key.numpy(), lengths[b0 : b0 + step], tail.view(np.float64))
     return keys
 
 
@@ -164,24 +158,23 @@ def packed_positions(keys: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def packed_values(keys: Tensor, lengths: list[int]) -> Tensor:
-    """The float32 values of :func:`sort_packed`'s keys ``[B, D, N]``, the padding (the first
-    ``N - lengths[b]`` of each row) as 0."""
-    values = keys.to(torch.float32)  # round to nearest: the value
-    for i, m in enumerate(lengths):
-        values[i, :, : keys.shape[2] - m] = 0.0
-    return values
+    """The float32 values of :func:`sort_packed`'s keys ``[B, D, N]``, the padding (entries at
+    or past ``lengths[b]`` of each row) as 0."""
+    pad = torch.arange(keys.shape[2]) >= torch.tensor(lengths).unsqueeze(1)  # [B, N]
+    return keys.to(torch.float32).masked_fill_(pad.unsqueeze(1), 0.0)  # round to nearest
 
 
 class _SortedWeightedSum(torch.autograd.Function):
-    """``out[b, d] = Σ_k theta[b, k] · sort_desc(x[b, valid, d])_k``; padding sorts last as 0.
+    """``out[b, d] = Σ_k theta[b, k] · sort_desc(x[b, valid, d])_k``; padding is weighted 0.
     Computed in ``theta``'s dtype whatever ``x``'s; the gradient for ``x`` comes back in x's dtype.
 
-    Sorts ascending in a ``[B, D, N]`` copy (contiguous along the sorted axis) and weights it with
-    θ reversed (rank k of n from the top = position N-1-k from the bottom), so no big tensor is
-    ever flipped. Keeps for backward the sorted values and the sort positions in int16 (1.5x the
-    bytes of an fp32 input), or with ``packed`` the float64 keys of :func:`sort_packed` (2x),
-    weighted as they are: each is its value to within half a float32 ulp, summed in float64 (θ
-    is masked to 0 on the padding, whose keys are huge). The backward is one scatter.
+    Sorts each set's valid prefix ascending in a ``[B, D, N]`` copy (contiguous along the sorted
+    axis, the padding after the prefix) and weights ascending position j of a set of n with
+    θ[n-1-j] (one gather of θ, so no big tensor is ever flipped). Keeps for backward the sorted
+    values and the sort positions in int16 (1.5x the bytes of an fp32 input), or with ``packed``
+    the float64 keys of :func:`sort_packed` (2x), weighted as they are: each is its value to
+    within half a float32 ulp, summed in float64 (θ is 0 on the padding, whose keys are huge).
+    The backward is one scatter.
 
     ``x`` may be wider than ``theta`` (``[B, N', D]``, N' >= N): elements past θ's width are
     padding of every set, never sorted, and their gradient is zero (no slice of ``x`` to undo in
@@ -192,43 +185,44 @@ class _SortedWeightedSum(torch.autograd.Function):
     def forward(
         ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False, keep_keys: bool = True
     ) -> Tensor:
-        pad = ~valid.transpose(1, 2)  # [B, 1, N]
         ctx.x_dtype, ctx.x_width = x.dtype, x.shape[1]
         x = x[:, : theta.shape[1]]  # a view
         b, n, d = x.shape
         cpu32 = x.device.type == "cpu" and theta.dtype == torch.float32
-        pad_rev = pad.flip(-1)[:, 0]  # [B, N]: ascending positions holding padding
-        # [B, N]: weight of ascending position j; none on padding (its packed keys are huge)
-        theta_rev = theta.flip(-1).masked_fill(pad_rev, 0.0)
+        pad = ~valid[..., 0]  # [B, N]: positions past each length, sorted or not
+        sizes = valid.sum(dim=1)  # [B, 1]
+        # [B, N]: ascending position j < n holds rank n-1-j from the top (0 past n, masked)
+        ranks = (sizes - 1 - torch.arange(n, device=x.device)).clamp_(min=0)
+        theta_asc = theta.gather(1, ranks).masked_fill_(pad, 0.0)  # none on padding
         ctx.packed = False  # whether the float64 keys are kept (the backward's layout)
         if packed and cpu32 and 0 < n <= 2**16 and b * d > 0:
-            lengths = valid.sum(dim=1).squeeze(1).tolist()
+            lengths = sizes.squeeze(1).tolist()
             sorted_keys = sort_packed(x, lengths)
             if keep_keys and x.dtype == torch.float32:
                 ctx.packed = True
-                ctx.save_for_backward(sorted_keys, theta_rev, pad_rev)
-                weights = theta_rev.to(torch.float64).unsqueeze(-1)
+                ctx.save_for_backward(sorted_keys, theta_asc, ranks, pad)
+                weights = theta_asc.to(torch.float64).unsqueeze(-1)
                 return torch.bmm(sorted_keys, weights).squeeze(-1).to(theta.dtype)
             xs = packed_values(sorted_keys, lengths)  # unpacked: 1.5x fp32's bytes
             idx = packed_positions(sorted_keys).to(_index_dtype(n))
         else:  # one pass: cast to θ's dtype and transpose into a fresh [B, D, N] buffer
             xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
-            xs, idx = sort_ascending_(xt.masked_fill_(pad, float("-inf")))
-            # Padding now sits in front, at positions < N - length; zero it (0 · -inf is NaN).
-            xs.masked_fill_(pad.flip(-1), 0.0)
-        ctx.save_for_backward(xs, idx, theta_rev)
-        return torch.bmm(xs, theta_rev.unsqueeze(-1)).squeeze(-1)
+            xs, idx = sort_ascending_(xt.masked_fill_(pad.unsqueeze(1), float("inf")))
+            # The padding now sits after each prefix, at positions >= n: zero it (0 · inf is NaN).
+            xs.masked_fill_(pad.unsqueeze(1), 0.0)
+        ctx.save_for_backward(xs, idx, theta_asc, ranks, pad)
+        return torch.bmm(xs, theta_asc.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         if ctx.packed:  # the keys carry the positions
-            xs, theta_rev, pad_rev = ctx.saved_tensors
+            xs, theta_asc, ranks, pad = ctx.saved_tensors
         else:
-            xs, idx, theta_rev = ctx.saved_tensors
+            xs, idx, theta_asc, ranks, pad = ctx.saved_tensors
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
             b, d, n = xs.shape
-            dtype = theta_rev.dtype
+            dtype = theta_asc.dtype
             grad_x = xs.new_empty(b, ctx.x_width, d, dtype=ctx.x_dtype)  # x's layout
             grad_x[:, n:] = 0.0  # past θ's width: padding
             step = _block_rows(b, n * d) if xs.device.type == "cpu" else b
@@ -243,15 +237,15 @@ class _SortedWeightedSum(torch.autograd.Function):
                 else:
                     where.copy_(idx[rows])
                 # [b, D, N]: the gradient of each sorted position
-                torch.mul(grad[rows].unsqueeze(-1), theta_rev[rows].unsqueeze(1), out=per_pos)
+                torch.mul(grad[rows].unsqueeze(-1), theta_asc[rows].unsqueeze(1), out=per_pos)
                 # The positions are a permutation per (b, d), so the scatter writes every entry.
                 per_x.scatter_(2, where, per_pos)
                 grad_x[rows, :n].copy_(per_x.transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            grad_theta = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
-            if ctx.packed:  # the padding's keys are huge: its θ has no gradient
-                grad_theta = grad_theta.masked_fill_(pad_rev, 0.0).to(theta_rev.dtype)
-            grad_theta = grad_theta.flip(-1)
+            per_asc = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
+            # Rank k of a set of n is ascending position n-1-k < n: the padding's entries (huge
+            # keys, maybe inf or NaN here) are never gathered; ranks past n have no gradient.
+            grad_theta = per_asc.gather(1, ranks).masked_fill_(pad, 0.0).to(theta_asc.dtype)
         return grad_x, grad_theta, None, None, None
 
 
