@@ -66,8 +66,8 @@ def sort_prefixes_(keys: np.ndarray, lengths: list[int], tail: np.ndarray | None
     """Sort ``keys [S, R, N]`` (C-contiguous) in place along N over each set's first
     ``lengths[s]`` entries: numpy sorts each set's rows in place (strided rows, no copy); the
     rest of each row is untouched, or with ``tail [N]`` set to its entries. Only the valid
-    entries are sorted: at GPO's sizes many sets fit numpy's fastest row width (32) where the
-    padded rows do not. On the calling thread: numpy's sort is single-threaded, and bands of rows
+    entries are sorted: numpy sorts rows of up to 32 keys much faster than wider ones, and at
+    GPO's sizes many sets fit where their padded rows do not. On the calling thread: numpy's sort is single-threaded, and bands of rows
     sorted by other Python threads were slower in a GPO step, not faster (the intra-op workers
     keep spinning on the other cores after each parallel op; bench/pooling_speed.py)."""
     width = keys.shape[2]
