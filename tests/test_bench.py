@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,15 @@ from helpers import ENV, LOAD_AVERAGE
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_bench(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """``bench/<script> args`` in its own process, its output captured."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow  # trains tiny models in a subprocess
 def test_gpu_train_step_tiny_on_cpu() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_train_step.py"), "--device", "cpu", "--tiny"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_bench("gpu_train_step.py", "--device", "cpu", "--tiny", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [
         ln.split("|")[1:-1]
@@ -42,13 +43,7 @@ def test_loader_speed_smoke() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as where:
-        res = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "loader_speed.py"), "--smoke", "--dir", where],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        res = run_bench("loader_speed.py", "--smoke", "--dir", where, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert list(Path(where).iterdir()) == []  # the feature file is gone
     rows = [
@@ -66,25 +61,13 @@ def test_loader_speed_smoke() -> None:
 
 
 def test_loader_speed_refuses_without_disk() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "loader_speed.py"), "--rows", "10000000000"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_bench("loader_speed.py", "--rows", "10000000000", timeout=120)
     assert res.returncode == 2
     assert res.stderr.startswith("error: --dir ") and "GB free" in res.stderr
 
 
 def test_pooling_speed_smoke() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "pooling_speed.py"), "--smoke"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_bench("pooling_speed.py", "--smoke", timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| 1 |")]
     assert len(rows) == 1, res.stdout
@@ -150,13 +133,7 @@ def test_native_worker_cpu_counts_intra_op_threads_only() -> None:
 
 @pytest.mark.slow  # one short training run in a subprocess (~30 s on a loaded 2-core machine)
 def test_train_throughput_smoke() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--smoke"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = run_bench("train_throughput.py", "--smoke", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("ours:"))
     assert float(line.split()[1]) > 0  # steps/s measured
@@ -168,13 +145,7 @@ def test_train_throughput_smoke() -> None:
 
 def test_train_throughput_refuses_a_folder_that_is_not_their_code(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("")
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--authors", str(tmp_path)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_bench("train_throughput.py", "--authors", str(tmp_path), timeout=120)
     assert res.returncode == 2
     assert res.stderr.startswith(f"error: --authors {tmp_path}: expected a checkout")
     assert len(res.stderr.strip().splitlines()) == 1
@@ -204,8 +175,29 @@ def test_train_throughput_patches_match_the_released_bigru_code(tmp_path: Path) 
     vse = (code / "lib/vse.py").read_text()
     assert "torch.Tensor(lengths).cuda() if torch.cuda.is_available()" in vse
     assert "import cv2" not in (code / "lib/datasets/image_caption.py").read_text()
-    assert (code / "tensorboard_logger.py").is_file() and (code / "driver.py").is_file()
-    assert (work / "data/precomp/train_ims.npy").is_symlink()
+    assert "img_embs[list(ids)] = " in (code / "lib/evaluation.py").read_text()
+    for driver in ("driver.py", "full_driver.py", "tensorboard_logger.py"):
+        assert (code / driver).is_file()
+    for split in ("train", "dev", "test"):
+        assert (work / f"data/precomp/{split}_ims.npy").is_symlink()
+
+
+@pytest.mark.slow  # one short whole recipe (1 epoch, tiny demo) in a subprocess
+def test_train_throughput_to_end_reports_each_seeds_test_rsum() -> None:
+    res = run_bench(
+        "train_throughput.py", "--smoke", "--to-end", "0", "trainer.max_epochs=1", timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    seed = re.search(r"^OURS +seed 0: test rsum ([0-9.]+) \(load average", res.stdout, re.M)
+    assert seed is not None, res.stdout
+    assert 0 < float(seed[1]) <= 600
+    assert f"ours: test rsum {float(seed[1]):.2f} over seeds [0]" in res.stdout
+
+
+def test_train_throughput_refuses_seeds_that_are_not_numbers() -> None:
+    res = run_bench("train_throughput.py", "--to-end", "0,one", timeout=120)
+    assert res.returncode == 2
+    assert "--to-end: expected seeds such as 0,1,2, found '0,one'" in res.stderr
 
 
 @pytest.mark.slow  # the prepared GPU run in its CPU form (~20 s: a tiny training step included)
