@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.pooling.gpo import packed_positions, packed_values, sort_packed, sorted_weighted_sum
+from gpo_lit.pooling.gpo import (
+    _block_rows,
+    packed_positions,
+    packed_values,
+    sort_packed,
+    sorted_weighted_sum,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 36, 257])
@@ -35,6 +41,25 @@ def test_sort_packed_values_positions_and_padding(n):
     )
     picked = np.take_along_axis(xt.masked_fill(pad, 0.0).numpy(), idx.long().numpy(), -1)
     np.testing.assert_array_equal(picked, values.numpy())
+
+
+def test_sort_packed_of_a_strided_view_over_several_blocks():
+    # A view of wider sets (how GPO passes x past theta's width), D = 1024 (rows a power of two
+    # apart, the case the staged copy is for), enough sets for several blocks: the same values
+    # and positions as a sort of the transposed view.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 39, 1024, generator=g)[:, :36]
+    lengths = torch.randint(1, 37, (40,), generator=g).tolist()
+    assert _block_rows(40, 36 * 1024) < 40  # more than one block at any thread count here
+    keys = sort_packed(x, lengths)
+    pad = torch.arange(36)[None, None, :] >= torch.tensor(lengths)[:, None, None]
+    xt = x.transpose(1, 2).masked_fill(pad, float("inf"))
+    expected = xt.sort(dim=-1)
+    assert torch.equal(packed_values(keys, lengths), expected.values.masked_fill(pad, 0.0))
+    idx = packed_positions(keys)
+    valid = ~pad.expand_as(idx)
+    picked = x.transpose(1, 2).gather(2, idx)
+    assert torch.equal(picked[valid], expected.values[valid])
 
 
 def test_sort_prefixes_sorts_each_set_over_its_own_prefix():
