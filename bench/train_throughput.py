@@ -173,8 +173,7 @@ img_embs = np.array([img_embs[i] for i in range(0, len(img_embs), 5)])
 sims = evaluation.compute_sim(img_embs, cap_embs)
 r = evaluation.i2t(img_embs.shape[0], sims)
 ri = evaluation.t2i(img_embs.shape[0], sims)
-json.dump({"rsum": r[0] + r[1] + r[2] + ri[0] + ri[1] + ri[2], "epoch": stored["epoch"]},
-          open(out, "w"))
+json.dump({"rsum": r[0] + r[1] + r[2] + ri[0] + ri[1] + ri[2]}, open(out, "w"))
 """
 
 
