@@ -1,4 +1,5 @@
-"""GPO's packed-key sort (``gpo_lit.pooling.gpo.sort_packed``) against ``torch.sort``."""
+"""GPO's packed-key sort (``gpo_lit.pooling.gpo.sort_packed``) against a brute-force stable sort
+and ``torch.sort``."""
 
 from __future__ import annotations
 
@@ -7,59 +8,61 @@ import pytest
 import torch
 
 from gpo_lit.errors import GpoLitError
-from gpo_lit.pooling.gpo import (
-    _block_rows,
-    packed_positions,
-    packed_values,
-    sort_packed,
-    sorted_weighted_sum,
-)
+from gpo_lit.pooling.gpo import _block_rows, sort_packed, sorted_weighted_sum
+
+
+def _stable_reference(xt: np.ndarray, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: each row's valid prefix sorted by (value, -0.0 before +0.0, position), the
+    padding after it as 0 at its own positions."""
+    values, positions = np.zeros_like(xt), np.zeros(xt.shape, dtype=np.int64)
+    n = xt.shape[2]
+    for b, m in enumerate(lengths):
+        for d in range(xt.shape[1]):
+            row = xt[b, d, :m]
+            order = sorted(range(m), key=lambda j: (row[j], not np.signbit(row[j]), j))
+            positions[b, d] = order + list(range(m, n))
+            values[b, d, :m] = row[order]
+    return values, positions
 
 
 @pytest.mark.parametrize("n", [1, 2, 36, 257])
 def test_sort_packed_values_positions_and_padding(n):
-    # Ties (±0 and repeated values), denormals and values near float32's limits sort exactly;
-    # the positions are a permutation that reproduces the sorted values; padding (any garbage)
-    # stays after each set's prefix, as 0, at its own positions.
+    # Ties (±0 and repeated values), denormals, infinities and values near float32's limits
+    # come back exactly, ties by position (a stable sort); padding (any garbage) stays after
+    # each set's prefix, as +0.0, at its own positions.
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(3, n, 2050, generator=g)
+    x = torch.randn(3, n, 70, generator=g)
     lengths = [max(1, n - 1), n, (n + 1) // 2]
     x[1, :, :5], x[1, :, 5:9] = 0.0, -0.0
+    x[1, ::2, 9:12] = 1.25  # repeated values
     x[2, 0] = 1e-40
     if n > 1:
         x[2, 1], x[1, 1, :3], x[0, 0, :3] = -1e-40, 3e38, -3e38
+        x[1, 0, 20], x[1, 1, 21] = float("inf"), -float("inf")
         x[0, -1] = float("nan")  # padding of set 0
-    pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]  # [B, 1, N]
-    xt = x.transpose(1, 2).masked_fill(pad, float("inf"))
-    keys = sort_packed(x, lengths)
-    values, idx = packed_values(keys, lengths), packed_positions(keys)
-    assert keys.dtype == torch.float64 and values.dtype == torch.float32
-    assert torch.equal(values, xt.sort(dim=-1).values.masked_fill(pad, 0.0))
-    assert torch.equal(idx[pad.expand_as(idx)], torch.arange(n).expand_as(idx)[pad.expand_as(idx)])
-    np.testing.assert_array_equal(
-        np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
-    )
-    picked = np.take_along_axis(xt.masked_fill(pad, 0.0).numpy(), idx.long().numpy(), -1)
-    np.testing.assert_array_equal(picked, values.numpy())
+    values, idx = sort_packed(x, lengths)
+    assert values.dtype == torch.float32 and idx.dtype == torch.int16
+    want_values, want_idx = _stable_reference(x.transpose(1, 2).numpy(), lengths)
+    np.testing.assert_array_equal(values.numpy(), want_values)
+    np.testing.assert_array_equal(np.signbit(values.numpy()), np.signbit(want_values))
+    np.testing.assert_array_equal(idx.numpy(), want_idx)
 
 
 def test_sort_packed_of_a_strided_view_over_several_blocks():
     # A view of wider sets (how GPO passes x past theta's width), D = 1024 (rows a power of two
     # apart, the case the staged copy is for), enough sets for several blocks: the same values
-    # and positions as a sort of the transposed view.
+    # and positions as a stable sort of the transposed view (no zeros to order by sign here).
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 39, 1024, generator=g)[:, :36]
+    x[::3, :, ::7] = 0.5  # ties
     lengths = torch.randint(1, 37, (40,), generator=g).tolist()
     assert _block_rows(40, 36 * 1024) < 40  # more than one block at any thread count here
-    keys = sort_packed(x, lengths)
+    values, idx = sort_packed(x, lengths)
     pad = torch.arange(36)[None, None, :] >= torch.tensor(lengths)[:, None, None]
     xt = x.transpose(1, 2).masked_fill(pad, float("inf"))
-    expected = xt.sort(dim=-1)
-    assert torch.equal(packed_values(keys, lengths), expected.values.masked_fill(pad, 0.0))
-    idx = packed_positions(keys)
-    valid = ~pad.expand_as(idx)
-    picked = x.transpose(1, 2).gather(2, idx)
-    assert torch.equal(picked[valid], expected.values[valid])
+    expected = xt.sort(dim=-1, stable=True)
+    assert torch.equal(values, expected.values.masked_fill(pad, 0.0))
+    assert torch.equal(idx.long(), expected.indices)
 
 
 def test_sort_prefixes_sorts_each_set_over_its_own_prefix():
@@ -84,22 +87,18 @@ def test_sort_prefixes_sorts_each_set_over_its_own_prefix():
 
 
 def test_sort_packed_positions_past_int16():
-    # Sets wider than 32768: the key's low 16 bits hold the position, the bits above it the
-    # value's mantissa, which must not leak into the position.
+    # Sets wider than 32768: int32 positions, from the key's low half, untouched by the value in
+    # its high half.
     g = torch.Generator().manual_seed(5)
     n = 40_000
-    x = (torch.randperm(2 * n * 3, generator=g).float() / 7).view(2, n, 3)  # no ties
+    x = (torch.randperm(2 * n * 3, generator=g).float() / 7 - n).view(2, n, 3)  # no ties
     lengths = [n, n - 7]
-    keys = sort_packed(x, lengths)
-    values, idx = packed_values(keys, lengths), packed_positions(keys)
+    values, idx = sort_packed(x, lengths)
+    assert idx.dtype == torch.int32
     pad = torch.arange(n)[None, None, :] >= torch.tensor(lengths)[:, None, None]
-    xt = x.transpose(1, 2).masked_fill(pad, 0.0)
-    np.testing.assert_array_equal(
-        np.sort(idx.numpy(), axis=-1), np.broadcast_to(np.arange(n), idx.shape)
-    )
-    np.testing.assert_array_equal(
-        np.take_along_axis(xt.numpy(), idx.long().numpy(), -1), values.numpy()
-    )
+    expected = x.transpose(1, 2).masked_fill(pad, float("inf")).sort(dim=-1)
+    assert torch.equal(values, expected.values.masked_fill(pad, 0.0))
+    assert torch.equal(idx.long(), expected.indices)
     # Through GPO's pooling step: the packed sort's gradient equals the argsort path's.
     valid = (~pad).transpose(1, 2)  # [B, N, 1]
     theta = torch.rand(2, n, generator=g).masked_fill(pad[:, 0], 0.0)
@@ -109,16 +108,19 @@ def test_sort_packed_positions_past_int16():
         sorted_weighted_sum(xg, theta, valid, packed).sum().backward()
         grads.append(xg.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_sort_packed_refuses_what_it_cannot_pack():
+    with pytest.raises(GpoLitError, match="sort_packed features"):
+        sort_packed(torch.zeros(1, 2, 3, dtype=torch.float64), [2])
     with pytest.raises(GpoLitError, match="sort_packed set width"):
-        sort_packed(torch.zeros(1, 2**16 + 1, 1), [1])
+        sort_packed(torch.zeros(1, 1, 1).expand(1, 2**31 + 1, 1), [1])  # a view: no memory
 
 
-def test_kept_keys_equal_unpacked_values_and_keep_padding_out():
-    # The packed step keeps the float64 keys (value + position bits) and weighs them as they are;
-    # against the unpacked values + positions: the same x gradient bit for bit, the output and
-    # θ's gradient to float32 rounding, against a float64 reference. θ that is NOT zero on the
-    # padding, garbage padding and a gradient of 1e30 (times a key of -2^1000 that would be
-    # inf, then 0 · inf = NaN in a softmax backward): the padding reaches nothing.
+def test_packed_step_equals_the_argsort_step_and_keeps_padding_out():
+    # The packed sort against the argsort path (no ties): the same x gradient bit for bit, the
+    # output and θ's gradient to float32 rounding, against a float64 reference. θ that is NOT
+    # zero on the padding, garbage padding and a gradient of 1e30: the padding reaches nothing.
     g = torch.Generator().manual_seed(7)
     b, n, d = 6, 11, 300
     lengths = torch.tensor([11, 1, 4, 7, 11, 2])
@@ -127,9 +129,9 @@ def test_kept_keys_equal_unpacked_values_and_keep_padding_out():
     theta = torch.rand(b, n, generator=g)  # nonzero everywhere, padding included
     gout = torch.randn(b, d, generator=g) * 1e30
     runs = []
-    for keep in (True, False):
+    for packed in (True, False):
         xg, tg = x.clone().requires_grad_(True), theta.clone().requires_grad_(True)
-        out = sorted_weighted_sum(xg, tg, valid, True, keep)
+        out = sorted_weighted_sum(xg, tg, valid, packed)
         out.backward(gout)
         runs.append((out, xg.grad, tg.grad))
     (o1, gx1, gt1), (o2, gx2, gt2) = runs

@@ -78,7 +78,7 @@ def sort_prefixes_(keys: np.ndarray, lengths: list[int], tail: np.ndarray | None
             keys[i, :, m:] = tail[m:]
 
 
-# Keys per block and intra-op thread: 4 MiB of float64, about twice a core's L2 here, so a
+# Keys per block and intra-op thread: 4 MiB of int64, about twice a core's L2 here, so a
 # block's passes (pack, sort, unpack; backward: weigh, scatter, transpose) mostly hit cache,
 # where 32 MiB blocks went to memory on every pass (bench/pooling_speed.py).
 _KEY_BLOCK = 1 << 19
@@ -115,59 +115,71 @@ def scratch(device: torch.device, *parts: tuple[tuple[int, ...], torch.dtype]) -
     return out
 
 
-_PAD_KEY = -(2.0**1000)  # finite, far from every float32, low bits zero: never mistaken for a value
-_POS_BITS = (1 << 16) - 1  # a key's position bits (sets of at most 2^16 elements)
+_SIGN_FREE = 0x7FFFFFFF  # an int32's bits below its sign
 _STAGE_PAD = 16  # elements added to each staged row of sort_packed (64 bytes in float32)
 
 
-@torch.compiler.disable
-def sort_packed(x: Tensor, lengths: list[int]) -> Tensor:
-    """``x [B, N, D]`` (float32 or narrower, on the CPU) sorted ascending along N per (b, d)
-    over its first ``lengths[b]`` elements, the padding after them in place: ``[B, D, N]``
-    float64 keys, each a value with the position it came from in its low bits
-    (:func:`packed_positions`), the padding ``_PAD_KEY`` with its own position (so the positions
-    of a row are a permutation); :func:`packed_values` gives the float32 values.
+def _flip_negatives_(bits: Tensor, spare: Tensor) -> Tensor:
+    """Float32 bit patterns (int32) <-> integers in the same order as the floats, in place: a
+    negative float's bits below the sign are flipped (larger magnitudes become smaller integers).
+    Its own inverse. ``spare``: a temporary of the same shape."""
+    torch.bitwise_right_shift(bits, 31, out=spare)  # -1 where negative (arithmetic), else 0
+    return bits.bitwise_xor_(spare.bitwise_and_(_SIGN_FREE))
 
-    ONE values-only sort, no argsort: each value becomes a float64 key (exact, its low 29 mantissa
-    bits zero) with its position written into those low bits, which moves it by less than half a
-    float32 ulp: sorting the keys sorts the values (ties in some order: equal values are
-    interchangeable) and carries the positions; rounding a key back to float32 gives the value
-    exactly (positions < 2^16, below half the dropped bits). A numpy sort of short rows costs a
-    fraction of an argsort, and the keys are what GPO keeps for backward (no unpacking pass);
-    only the valid prefixes are sorted (:func:`sort_prefixes_`). A non-finite valid value comes
-    back NaN (inf with position bits is NaN).
+
+@torch.compiler.disable
+def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """``x [B, N, D]`` float32 on the CPU, each (b, d) sorted ascending over its first
+    ``lengths[b]`` elements: the values ``[B, D, N]`` float32 (the padding after them 0) and the
+    positions they came from ``[B, D, N]`` in ``_index_dtype(N)`` (the padding's its own, so the
+    positions of a row are a permutation).
+
+    ONE values-only sort, no argsort: each value becomes an int64 key, its float32 bits as an
+    integer in the floats' order (:func:`_flip_negatives_`) in the high half, its position in
+    the low half; sorting the keys sorts the values (equal values by position, as a stable
+    sort; -0.0 before +0.0) and carries the positions, and both come back exactly, NaN and inf
+    included. Numpy sorts many short rows of int64 several times faster than an argsort and
+    faster than float64 (no NaN handling); only the valid prefixes are sorted
+    (:func:`sort_prefixes_`), on the calling thread. In cache-sized blocks (``_KEY_BLOCK``).
     """
     b, n, d = x.shape
-    expect(0 < n <= 2**16, "sort_packed set width", "1..65536 elements", n)
-    keys = torch.empty(b, d, n, dtype=torch.float64)
-    pos = torch.arange(n, dtype=torch.int64)
-    # The padding's keys: _PAD_KEY with each position (garbage padding could be inf or NaN)
-    tail = (torch.tensor([_PAD_KEY], dtype=torch.float64).view(torch.int64) | pos).numpy()
+    expect(0 < n <= 2**31, "sort_packed set width", "1..2^31 elements", n)
+    expect(x.dtype == torch.float32, "sort_packed features", "float32", x.dtype)
+    idt = _index_dtype(n)
+    values = torch.empty(b, d, n, dtype=torch.float32)
+    positions = torch.empty(b, d, n, dtype=idt)
+    pos = torch.arange(n, dtype=torch.int64)  # also the padding's keys: value +0.0, own position
+    per_key = 8 // pos.new_empty(0, dtype=idt).element_size()  # index-dtype slots per key
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
-        key = keys[b0 : b0 + step]
-        # Transposed reads step along N by x's row stride; a power-of-two stride (D = 1024: 4 KiB)
+        rows = min(step, b - b0)
+        staged, spare, key = scratch(
+            x.device,
+            ((rows, n, d + _STAGE_PAD), torch.int32),
+            ((rows, n, d + _STAGE_PAD), torch.int32),
+            ((rows, d, n), torch.int64),
+        )
+        # Transposed reads step along N by a row stride; a power-of-two stride (D = 1024: 4 KiB)
         # maps every row to the same cache sets. Staged first into rows one cache line longer.
-        (staged,) = scratch(x.device, ((key.shape[0], n, d + _STAGE_PAD), x.dtype))
-        staged = staged[..., :d]
-        staged.copy_(x[b0 : b0 + step])
-        key.copy_(staged.transpose(1, 2))  # transpose + widen in one pass
-        key.view(torch.int64).bitwise_or_(pos)
-        # As float64: ordered by value; the padding overwritten as each set is sorted
-        sort_prefixes_(key.numpy(), lengths[b0 : b0 + step], tail.view(np.float64))
-    return keys
+        bits = staged[..., :d]
+        bits.view(torch.float32).copy_(x[b0 : b0 + step])
+        _flip_negatives_(bits, spare[..., :d])
+        key.copy_(bits.transpose(1, 2))  # transpose + widen (sign-extended) in one pass
+        key.bitwise_left_shift_(32).bitwise_or_(pos)
+        sort_prefixes_(key.numpy(), lengths[b0 : b0 + step], pos.numpy())
+        halves = key.view(torch.int32)  # little-endian: low half, then high half of each key
+        out = values[b0 : b0 + step].view(torch.int32)
+        spare_out = spare.view(-1)[: out.numel()].view(out.shape)
+        _flip_negatives_(out.copy_(halves[..., 1::2]), spare_out)
+        positions[b0 : b0 + step].copy_(key.view(idt)[..., ::per_key])
+    return values, positions
 
 
-def packed_positions(keys: Tensor, out: Tensor | None = None) -> Tensor:
-    """The positions carried by :func:`sort_packed`'s keys: int64, same shape (into ``out``)."""
-    return torch.bitwise_and(keys.view(torch.int64), _POS_BITS, out=out)
-
-
-def packed_values(keys: Tensor, lengths: list[int]) -> Tensor:
-    """The float32 values of :func:`sort_packed`'s keys ``[B, D, N]``, the padding (entries at
-    or past ``lengths[b]`` of each row) as 0."""
-    pad = torch.arange(keys.shape[2]) >= torch.tensor(lengths).unsqueeze(1)  # [B, N]
-    return keys.to(torch.float32).masked_fill_(pad.unsqueeze(1), 0.0)  # round to nearest
+def _weigh(xs: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_j weights[b, j] · xs[b, d, j]``: ``xs [B, D, N]``, ``weights [B, N]`` -> ``[B, D]``.
+    As a row times ``xs``'s transpose (a transposed operand, no copy): the BLAS's matrix-vector
+    path for ``xs @ weights`` was several times slower on the CPU (bench/pooling_speed.py)."""
+    return torch.bmm(weights.unsqueeze(1), xs.transpose(1, 2)).squeeze(1)
 
 
 class _SortedWeightedSum(torch.autograd.Function):
@@ -177,10 +189,8 @@ class _SortedWeightedSum(torch.autograd.Function):
     Sorts each set's valid prefix ascending in a ``[B, D, N]`` copy (contiguous along the sorted
     axis, the padding after the prefix) and weights ascending position j of a set of n with
     θ[n-1-j] (one gather of θ, so no big tensor is ever flipped). Keeps for backward the sorted
-    values and the sort positions in int16 (1.5x the bytes of an fp32 input), or with ``packed``
-    the float64 keys of :func:`sort_packed` (2x), weighted as they are: each is its value to
-    within half a float32 ulp, summed in float64 (θ is 0 on the padding, whose keys are huge).
-    The backward is one scatter.
+    values and the sort positions in int16 (1.5x the bytes of an fp32 input). The backward is one
+    scatter.
 
     ``x`` may be wider than ``theta`` (``[B, N', D]``, N' >= N): elements past θ's width are
     padding of every set, never sorted, and their gradient is zero (no slice of ``x`` to undo in
@@ -188,43 +198,29 @@ class _SortedWeightedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False, keep_keys: bool = True
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
         ctx.x_dtype, ctx.x_width = x.dtype, x.shape[1]
         x = x[:, : theta.shape[1]]  # a view
         b, n, d = x.shape
-        cpu32 = x.device.type == "cpu" and theta.dtype == torch.float32
         pad = ~valid[..., 0]  # [B, N]: positions past each length, sorted or not
         sizes = valid.sum(dim=1)  # [B, 1]
         # [B, N]: ascending position j < n holds rank n-1-j from the top (0 past n, masked)
         ranks = (sizes - 1 - torch.arange(n, device=x.device)).clamp_(min=0)
         theta_asc = theta.gather(1, ranks).masked_fill_(pad, 0.0)  # none on padding
-        ctx.packed = False  # whether the float64 keys are kept (the backward's layout)
-        if packed and cpu32 and 0 < n <= 2**16 and b * d > 0:
-            lengths = sizes.squeeze(1).tolist()
-            sorted_keys = sort_packed(x, lengths)
-            if keep_keys and x.dtype == torch.float32:
-                ctx.packed = True
-                ctx.save_for_backward(sorted_keys, theta_asc, ranks, pad)
-                weights = theta_asc.to(torch.float64).unsqueeze(-1)
-                return torch.bmm(sorted_keys, weights).squeeze(-1).to(theta.dtype)
-            xs = packed_values(sorted_keys, lengths)  # unpacked: 1.5x fp32's bytes
-            idx = packed_positions(sorted_keys).to(_index_dtype(n))
+        cpu32 = x.device.type == "cpu" and x.dtype == theta.dtype == torch.float32
+        if packed and cpu32 and b * d > 0:
+            xs, idx = sort_packed(x, sizes.squeeze(1).tolist())
         else:  # one pass: cast to θ's dtype and transpose into a fresh [B, D, N] buffer
             xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
             xs, idx = sort_ascending_(xt.masked_fill_(pad.unsqueeze(1), float("inf")))
             # The padding now sits after each prefix, at positions >= n: zero it (0 · inf is NaN).
             xs.masked_fill_(pad.unsqueeze(1), 0.0)
         ctx.save_for_backward(xs, idx, theta_asc, ranks, pad)
-        return torch.bmm(xs, theta_asc.unsqueeze(-1)).squeeze(-1)
+        return _weigh(xs, theta_asc)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        if ctx.packed:  # the keys carry the positions
-            xs, theta_asc, ranks, pad = ctx.saved_tensors
-        else:
-            xs, idx, theta_asc, ranks, pad = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        xs, idx, theta_asc, ranks, pad = ctx.saved_tensors
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
             b, d, n = xs.shape
@@ -238,10 +234,7 @@ class _SortedWeightedSum(torch.autograd.Function):
                 per_pos, per_x, where = scratch(
                     xs.device, (shape, dtype), (shape, dtype), (shape, torch.int64)
                 )
-                if ctx.packed:
-                    packed_positions(xs[rows], out=where)
-                else:
-                    where.copy_(idx[rows])
+                where.copy_(idx[rows])
                 # [b, D, N]: the gradient of each sorted position
                 torch.mul(grad[rows].unsqueeze(-1), theta_asc[rows].unsqueeze(1), out=per_pos)
                 # The positions are a permutation per (b, d), so the scatter writes every entry.
@@ -249,28 +242,24 @@ class _SortedWeightedSum(torch.autograd.Function):
                 grad_x[rows, :n].copy_(per_x.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             per_asc = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
-            # Rank k of a set of n is ascending position n-1-k < n: the padding's entries (huge
-            # keys, maybe inf or NaN here) are never gathered; ranks past n have no gradient.
+            # Rank k of a set of n is ascending position n-1-k < n (the padding, zero here, is
+            # never gathered); ranks past n have no gradient.
             grad_theta = per_asc.gather(1, ranks).masked_fill_(pad, 0.0).to(theta_asc.dtype)
-        return grad_x, grad_theta, None, None, None
+        return grad_x, grad_theta, None, None
 
 
-def sorted_weighted_sum(
-    x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False, keep_keys: bool = True
-) -> Tensor:
+def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor, packed: bool = False) -> Tensor:
     """GPO's pooling step. ``x [B, N', D]``, ``theta [B, N]`` (N <= N'),
     ``valid`` bool ``[B, N, 1]`` (a prefix per set: ``valid_mask``) -> ``[B, D]``: each dimension
     sorted descending over the valid elements, weighted by ``theta`` per rank. Padding content
     (elements past N included) never reaches the output or the gradients; θ past each length is
     taken as 0.
 
-    ``packed``: on the CPU in fp32, :func:`sort_packed` (one values-only sort; ties end up in
-    another order than the default argsort's, so gradients among equal values differ).
-    ``keep_keys`` (with ``packed``, fp32 ``x``): keep the float64 sort keys for backward (2x the
-    input's bytes, no unpacking pass; the sum in float64, rounded to fp32), else values and
-    positions (1.5x; GPO's choice for features that came narrower than fp32: keys would be 4x).
+    ``packed``: on the CPU in fp32, :func:`sort_packed` (one values-only sort; ties by position,
+    where the default argsort leaves them in another order, so gradients among equal values may
+    differ); else an argsort.
     """
-    return _SortedWeightedSum.apply(x, theta, valid, packed, keep_keys)
+    return _SortedWeightedSum.apply(x, theta, valid, packed)
 
 
 @register_pooling("gpo")
@@ -480,8 +469,7 @@ class GPO(Pooling):
         every set) of a non-empty batch."""
         theta, width = self._batch_theta(mask.lengths, mask.host, x.shape[1], x.device)
         valid = mask.valid[:, :width].unsqueeze(-1)  # [B, width, 1]
-        keep = mask.features == torch.float32  # kept keys: 2x fp32 features, 4x bf16 ones
-        pooled = sorted_weighted_sum(x, theta.to(x.dtype), valid, self.cpu_kernels, keep)
+        pooled = sorted_weighted_sum(x, theta.to(x.dtype), valid, self.cpu_kernels)
         return pooled, theta, width
 
     def pool(self, x: Tensor, mask: SetMask) -> Tensor:
