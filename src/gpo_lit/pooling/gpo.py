@@ -231,15 +231,12 @@ class _SortedWeightedSum(torch.autograd.Function):
             for b0 in range(0, b, step):  # on the CPU in cache-sized blocks, as sort_packed
                 rows = slice(b0, b0 + step)
                 shape = (min(step, b - b0), d, n)
-                per_pos, per_x, where = scratch(
-                    xs.device, (shape, dtype), (shape, dtype), (shape, torch.int64)
-                )
+                per_x, where = scratch(xs.device, (shape, dtype), (shape, torch.int64))
                 where.copy_(idx[rows])
-                # [b, D, N]: the gradient of each sorted position
-                torch.mul(grad[rows].unsqueeze(-1), theta_asc[rows].unsqueeze(1), out=per_pos)
+                # Each element's θ, then times the output's gradient on the way into x's layout.
                 # The positions are a permutation per (b, d), so the scatter writes every entry.
-                per_x.scatter_(2, where, per_pos)
-                grad_x[rows, :n].copy_(per_x.transpose(1, 2))
+                per_x.scatter_(2, where, theta_asc[rows].unsqueeze(1).expand(shape))
+                torch.mul(per_x.transpose(1, 2), grad[rows].unsqueeze(1), out=grad_x[rows, :n])
         if ctx.needs_input_grad[1]:
             per_asc = torch.bmm(grad.to(xs.dtype).unsqueeze(1), xs).squeeze(1)  # [B, N]
             # Rank k of a set of n is ascending position n-1-k < n (the padding, zero here, is
