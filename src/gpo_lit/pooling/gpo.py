@@ -119,12 +119,12 @@ _SIGN_FREE = 0x7FFFFFFF  # an int32's bits below its sign
 _STAGE_PAD = 16  # elements added to each staged row of sort_packed (64 bytes in float32)
 
 
-def _flip_negatives_(bits: Tensor, spare: Tensor) -> Tensor:
-    """Float32 bit patterns (int32) <-> integers in the same order as the floats, in place: a
-    negative float's bits below the sign are flipped (larger magnitudes become smaller integers).
-    Its own inverse. ``spare``: a temporary of the same shape."""
+def _flip_negatives(bits: Tensor, spare: Tensor, out: Tensor) -> Tensor:
+    """Float32 bit patterns (int32) <-> integers in the same order as the floats, into ``out``
+    (may be ``bits``): a negative float's bits below the sign are flipped (larger magnitudes
+    become smaller integers). Its own inverse. ``spare``: a temporary of the same shape."""
     torch.bitwise_right_shift(bits, 31, out=spare)  # -1 where negative (arithmetic), else 0
-    return bits.bitwise_xor_(spare.bitwise_and_(_SIGN_FREE))
+    return torch.bitwise_xor(bits, spare.bitwise_and_(_SIGN_FREE), out=out)
 
 
 @torch.compiler.disable
@@ -135,7 +135,7 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     positions of a row are a permutation).
 
     ONE values-only sort, no argsort: each value becomes an int64 key, its float32 bits as an
-    integer in the floats' order (:func:`_flip_negatives_`) in the high half, its position in
+    integer in the floats' order (:func:`_flip_negatives`) in the high half, its position in
     the low half; sorting the keys sorts the values (equal values by position, as a stable
     sort; -0.0 before +0.0) and carries the positions, and both come back exactly, NaN and inf
     included. Numpy sorts many short rows of int64 several times faster than an argsort and
@@ -162,15 +162,14 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
         # Transposed reads step along N by a row stride; a power-of-two stride (D = 1024: 4 KiB)
         # maps every row to the same cache sets. Staged first into rows one cache line longer.
         bits = staged[..., :d]
-        bits.view(torch.float32).copy_(x[b0 : b0 + step])
-        _flip_negatives_(bits, spare[..., :d])
+        _flip_negatives(x[b0 : b0 + step].view(torch.int32), spare[..., :d], out=bits)
         key.copy_(bits.transpose(1, 2))  # transpose + widen (sign-extended) in one pass
         key.bitwise_left_shift_(32).bitwise_or_(pos)
         sort_prefixes_(key.numpy(), lengths[b0 : b0 + step], pos.numpy())
         halves = key.view(torch.int32)  # little-endian: low half, then high half of each key
         out = values[b0 : b0 + step].view(torch.int32)
         spare_out = spare.view(-1)[: out.numel()].view(out.shape)
-        _flip_negatives_(out.copy_(halves[..., 1::2]), spare_out)
+        _flip_negatives(out.copy_(halves[..., 1::2]), spare_out, out=out)
         positions[b0 : b0 + step].copy_(key.view(idt)[..., ::per_key])
     return values, positions
 
