@@ -3,6 +3,8 @@ and ``torch.sort``."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -110,11 +112,21 @@ def test_sort_packed_positions_past_int16():
     assert torch.equal(grads[0], grads[1])
 
 
-def test_sort_packed_refuses_what_it_cannot_pack():
+def test_sort_packed_refuses_what_it_cannot_pack(monkeypatch):
     with pytest.raises(GpoLitError, match="sort_packed features"):
         sort_packed(torch.zeros(1, 2, 3, dtype=torch.float64), [2])
     with pytest.raises(GpoLitError, match="sort_packed set width"):
         sort_packed(torch.zeros(1, 1, 1).expand(1, 2**31 + 1, 1), [1])  # a view: no memory
+    # Its keys are read back through int32 / int16 views (little-endian halves): on a big-endian
+    # CPU it refuses, and GPO's pooling step takes the argsort path, with the same result.
+    g = torch.Generator().manual_seed(2)
+    x, theta = torch.randn(3, 5, 4, generator=g), torch.rand(3, 5, generator=g)
+    valid = torch.ones(3, 5, 1, dtype=torch.bool)
+    want = sorted_weighted_sum(x, theta, valid, False)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    with pytest.raises(GpoLitError, match="sort_packed byte order"):
+        sort_packed(x, [5, 5, 5])
+    assert torch.equal(sorted_weighted_sum(x, theta, valid, True), want)
 
 
 def test_packed_step_equals_the_argsort_step_and_keeps_padding_out():

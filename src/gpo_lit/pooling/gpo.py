@@ -8,6 +8,7 @@ GRU (directions averaged) → bias-free linear score → softmax(score / tempera
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import numpy as np
@@ -145,6 +146,7 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     b, n, d = x.shape
     expect(0 < n <= 2**31, "sort_packed set width", "1..2^31 elements", n)
     expect(x.dtype == torch.float32, "sort_packed features", "float32", x.dtype)
+    expect(sys.byteorder == "little", "sort_packed byte order", "little-endian", sys.byteorder)
     idt = _index_dtype(n)
     values = torch.empty(b, d, n, dtype=torch.float32)
     positions = torch.empty(b, d, n, dtype=idt)
@@ -207,7 +209,7 @@ class _SortedWeightedSum(torch.autograd.Function):
         ranks = (sizes - 1 - torch.arange(n, device=x.device)).clamp_(min=0)
         theta_asc = theta.gather(1, ranks).masked_fill_(pad, 0.0)  # none on padding
         cpu32 = x.device.type == "cpu" and x.dtype == theta.dtype == torch.float32
-        if packed and cpu32 and b * d > 0:
+        if packed and cpu32 and b * d > 0 and sys.byteorder == "little":  # sort_packed's views
             xs, idx = sort_packed(x, sizes.squeeze(1).tolist())
         else:  # one pass: cast to θ's dtype and transpose into a fresh [B, D, N] buffer
             xt = x.transpose(1, 2).to(theta.dtype, memory_format=torch.contiguous_format, copy=True)
@@ -251,9 +253,9 @@ def sorted_weighted_sum(x: Tensor, theta: Tensor, valid: Tensor, packed: bool = 
     (elements past N included) never reaches the output or the gradients; θ past each length is
     taken as 0.
 
-    ``packed``: on the CPU in fp32, :func:`sort_packed` (one values-only sort; ties by position,
-    where the default argsort leaves them in another order, so gradients among equal values may
-    differ); else an argsort.
+    ``packed``: on a little-endian CPU in fp32, :func:`sort_packed` (one values-only sort; ties by
+    position, where the default argsort leaves them in another order, so gradients among equal
+    values may differ); else an argsort.
     """
     return _SortedWeightedSum.apply(x, theta, valid, packed)
 
