@@ -1,10 +1,11 @@
 """Test-wide settings: offline, one BLAS/torch thread per process (the CI machine has 2 cores
-and several tests start subprocesses), non-interactive plotting; and the fixtures several test
+and several tests start subprocesses), non-interactive plotting, Ctrl-C not ignored; and the fixtures several test
 modules share (what they share as plain functions is in ``helpers.py``)."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no network, ever (set before any test module imports)
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -22,6 +23,11 @@ from gpo_lit.data.formats.images import ImageSplit  # noqa: E402
 from gpo_lit.encoders.grid import GridEncoder  # noqa: E402
 
 torch.set_num_threads(1)
+
+# A shell starts a background job (`cmd &`, no job control) with SIGINT ignored, and every process
+# it starts inherits that: the Ctrl-C tests need the runs they start to get KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection
