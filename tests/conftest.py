@@ -1,6 +1,6 @@
 """Test-wide settings: offline, one BLAS/torch thread per process (the CI machine has 2 cores
-and several tests start subprocesses), non-interactive plotting, Ctrl-C not ignored; and the fixtures several test
-modules share (what they share as plain functions is in ``helpers.py``)."""
+and several tests start subprocesses), non-interactive plotting, Ctrl-C not ignored; and the
+fixtures several test modules share (what they share as plain functions is in ``helpers.py``)."""
 
 from __future__ import annotations
 

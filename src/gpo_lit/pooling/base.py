@@ -25,15 +25,13 @@ class SetMask:
 
     lengths: int64 ``[B]`` on the features' device; valid: bool ``[B, N]``; pad: bool
     ``[B, N, 1]`` (``~valid``, broadcasts over D); host: the caller's lengths when they were on the
-    CPU (read without a device sync), else None; features: the caller's feature dtype (``pool``
-    may see them cast to fp32).
+    CPU (read without a device sync), else None.
     """
 
     lengths: Tensor
     valid: Tensor
     pad: Tensor
     host: Tensor | None
-    features: torch.dtype
 
     def counts(self, dtype: torch.dtype) -> Tensor:
         """Set sizes ``[B, 1]`` in ``dtype`` (to divide sums by)."""
@@ -69,7 +67,7 @@ class Pooling(nn.Module):
         host = self._host_lengths(lengths)
         lengths = check_inputs(x, lengths, f"{self.name} pooling")
         valid = valid_mask(lengths, x.shape[1])
-        mask = SetMask(lengths, valid, ~valid.unsqueeze(-1), host, x.dtype)
+        mask = SetMask(lengths, valid, ~valid.unsqueeze(-1), host)
         # fp32 = False: autocast left as the caller set it.
         off = torch.autocast(device_type=x.device.type, enabled=False)
         with off if self.fp32 else contextlib.nullcontext():

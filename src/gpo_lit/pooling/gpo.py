@@ -104,7 +104,7 @@ def scratch(device: torch.device, *parts: tuple[tuple[int, ...], torch.dtype]) -
     saved. Elsewhere fresh tensors (the device's allocator caches)."""
     if device.type != "cpu":
         return [torch.empty(shape, dtype=dt, device=device) for shape, dt in parts]
-    sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in parts]
+    sizes = [math.prod(shape) * dt.itemsize for shape, dt in parts]
     aligned = [-(-n // 64) * 64 for n in sizes]
     buf: Tensor | None = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < sum(aligned):
@@ -151,7 +151,7 @@ def sort_packed(x: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor]:
     values = torch.empty(b, d, n, dtype=torch.float32)
     positions = torch.empty(b, d, n, dtype=idt)
     pos = torch.arange(n, dtype=torch.int64)  # also the padding's keys: value +0.0, own position
-    per_key = 8 // pos.new_empty(0, dtype=idt).element_size()  # index-dtype slots per key
+    per_key = 8 // idt.itemsize  # index-dtype slots per key
     step = _block_rows(b, n * d)
     for b0 in range(0, b, step):
         rows = min(step, b - b0)
